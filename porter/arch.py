@@ -1,0 +1,276 @@
+"""The base of every architecture plugin: what a plugin states, and what porter derives from it.
+
+A plugin subclasses :class:`Architecture` (or another plugin's class, stating only what changes)
+and sets class attributes:
+
+- ``model_type``, ``family``, ``gguf_arch`` (llama.cpp's architecture name), ``features``;
+- ``tensors``: the renaming table, GGUF name -> transformers parameter name, ``{L}`` for the
+  layer index (entries whose source the checkpoint lacks, such as absent biases, are skipped);
+- ``knobs``: the block-template choices (norm kind, activation, rope layout, biases, ...).
+
+Methods exist for the odd cases: :meth:`transform` for real weight transforms (permuting q/k
+rows, folding gemma's ``1 + w``), :meth:`spec_hparams` and :meth:`gguf_kv` for extra values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+
+from porter import __version__
+from porter.convert.plan import ConversionPlan, TensorPlan
+from porter.introspect import ModelInfo
+from porter.rope import ggml_rope_args
+from porter.spec import SPEC_VERSION, Spec, check
+
+# Block-template knobs every decoder understands, with their defaults.
+DEFAULT_KNOBS: dict[str, Any] = {
+    "norm": "rms",  # "rms" | "layer"
+    "norm_bias": False,  # LayerNorm with bias
+    "fused_qkv": False,  # one attn_qkv weight, sliced into q, k, v
+    "qkv_bias": False,
+    "q_bias": False, "k_bias": False, "v_bias": False, "o_bias": False,
+    "qk_norm": False,  # per-head norm of q and k (qwen3)
+    "rope": True,
+    "rope_freq_factors": False,  # a rope_freqs.weight tensor (llama3 / longrope)
+    "rope_when": None,  # per-layer "$hparam[L]" switch (smollm3's no-rope layers)
+    "mask": "kq_mask",  # or "$attn_mask[L]" choosing per layer (sliding window)
+    "attn_softcap": False,
+    "alibi": False,
+    "mlp": "gated",  # "gated" (act(gate) * up) | "plain" (act(up))
+    "act": "silu",  # spec op name: silu | gelu_erf | gelu_tanh | relu
+    "mlp_bias": False,
+    "parallel": False,  # attention and MLP read the same input
+    # transformers module paths for node-by-node parity ({L} = layer)
+    "hf_embed": "model.embed_tokens",
+    "hf_layers": "model.layers",
+    "hf_attn_norm": "input_layernorm",
+    "hf_attn": "self_attn",
+    "hf_qkv": True,  # q/k/v projections comparable (false when weights are permuted)
+    "hf_ffn_norm": "post_attention_layernorm",
+    "hf_mlp": "mlp",
+    "hf_final_norm": "model.norm",
+    "hf_lm_head": "lm_head",
+}
+
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu_erf", "gelu_tanh": "gelu_tanh", "relu": "relu"}
+
+
+def permute_for_normal_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorder q/k projection rows so that ggml's normal (adjacent-pair) rope equals
+    transformers' rotate-half rope; llama.cpp stores llama-family q/k weights this way."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class Architecture:
+    model_type: ClassVar[str]
+    family: ClassVar[str]
+    gguf_arch: ClassVar[str]
+    template: ClassVar[str] = "decoder.j2"
+    features: ClassVar[tuple[str, ...]] = ()
+    tensors: ClassVar[dict[str, str]] = {}
+    knobs: ClassVar[dict[str, Any]] = {}
+    # tensors the checkpoint may hold that porter deliberately does not use
+    ignored_tensors: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
+
+    def __init__(self, info: ModelInfo):
+        self.info = info
+        self.hp = info.hparams
+
+    # -- what the plugin chooses ---------------------------------------------------------------
+    def resolved_knobs(self) -> dict[str, Any]:
+        """Template knobs: defaults, then each class's ``knobs`` from the base down, then
+        :meth:`configure` for choices that depend on the checkpoint."""
+        k = dict(DEFAULT_KNOBS)
+        for cls in reversed(type(self).__mro__):
+            k.update(cls.__dict__.get("knobs", {}))
+        k["act"] = ACTIVATIONS.get(self.hp.hidden_act, self.hp.hidden_act)
+        k["tied"] = self.tied
+        k["output_weight"] = "token_embd.weight" if self.tied else "output.weight"
+        self.configure(k)
+        return k
+
+    def configure(self, k: dict[str, Any]) -> None:
+        """Adjust knobs to the checkpoint (biases present, qk-norm, ...). Override and extend."""
+        k["q_bias"] = k["k_bias"] = k["v_bias"] = self.has("blk.0.attn_q.bias") or k["q_bias"]
+        k["o_bias"] = self.has("blk.0.attn_output.bias") or k["o_bias"]
+        k["qk_norm"] = self.has("blk.0.attn_q_norm.weight") or k["qk_norm"]
+        k["mlp_bias"] = self.has("blk.0.ffn_down.bias") or k["mlp_bias"]
+
+    @property
+    def tied(self) -> bool:
+        return self.hp.tie_word_embeddings or self.source_name("output.weight") is None
+
+    def rope_args(self):
+        return ggml_rope_args(self.hp.rope or {"rope_type": "default", "rope_theta": 10000.0},
+                              self.hp.head_dim, self.hp.partial_rotary_factor,
+                              self.hp.max_position_embeddings)
+
+    def spec_hparams(self) -> dict[str, Any]:
+        hp = self.hp
+        n_embd_q = hp.num_heads * hp.head_dim
+        n_embd_kv = hp.num_kv_heads * hp.head_dim
+        values: dict[str, Any] = {
+            "n_layer": hp.num_layers, "n_embd": hp.hidden_size, "n_vocab": hp.vocab_size,
+            "n_ff": hp.intermediate_size, "n_head": hp.num_heads, "n_head_kv": hp.num_kv_heads,
+            "head_dim": hp.head_dim, "n_embd_q": n_embd_q, "n_embd_kv": n_embd_kv,
+            "n_embd_q_k": n_embd_q + n_embd_kv, "norm_eps": hp.norm_eps,
+            "attn_scale": 1.0 / math.sqrt(hp.head_dim),
+        }
+        if self.resolved_knobs_cache.get("rope"):
+            r = self.rope_args()
+            values.update({
+                "rope_n_dims": r.n_dims, "rope_mode": self.rope_mode, "rope_freq_base": r.freq_base,
+                "rope_freq_scale": r.freq_scale, "rope_ext_factor": r.ext_factor,
+                "rope_attn_factor": r.attn_factor, "rope_beta_fast": r.beta_fast,
+                "rope_beta_slow": r.beta_slow, "rope_n_ctx_orig": r.n_ctx_orig,
+            })
+        return values
+
+    rope_mode: ClassVar[int] = 2  # neox (transformers' rotate_half); llama.cpp's llama uses 0 on permuted q/k
+
+    def gguf_kv(self) -> dict[str, Any]:
+        """llama.cpp's architecture keys. Override to add architecture-specific ones."""
+        hp, a = self.hp, self.gguf_arch
+        kv: dict[str, Any] = {
+            f"{a}.context_length": hp.max_position_embeddings or 2048,
+            f"{a}.embedding_length": hp.hidden_size,
+            f"{a}.block_count": hp.num_layers,
+            f"{a}.attention.head_count": hp.num_heads,
+            f"{a}.attention.head_count_kv": hp.num_kv_heads,
+            f"{a}.vocab_size": hp.vocab_size,
+        }
+        if hp.intermediate_size:
+            kv[f"{a}.feed_forward_length"] = hp.intermediate_size
+        if hp.head_dim * hp.num_heads != hp.hidden_size:
+            kv[f"{a}.attention.key_length"] = hp.head_dim
+            kv[f"{a}.attention.value_length"] = hp.head_dim
+        eps_key = "layer_norm_rms_epsilon" if self.resolved_knobs_cache["norm"] == "rms" else "layer_norm_epsilon"
+        kv[f"{a}.attention.{eps_key}"] = float(hp.norm_eps)
+        if self.resolved_knobs_cache.get("rope"):
+            r = self.rope_args()
+            kv[f"{a}.rope.dimension_count"] = r.n_dims
+            kv[f"{a}.rope.freq_base"] = float(r.freq_base)
+            rope = hp.rope or {}
+            rtype = rope.get("rope_type", "default")
+            if rtype == "linear":
+                kv[f"{a}.rope.scaling.type"] = "linear"
+                kv[f"{a}.rope.scaling.factor"] = float(rope["factor"])
+            elif rtype == "yarn":
+                kv[f"{a}.rope.scaling.type"] = "yarn"
+                kv[f"{a}.rope.scaling.factor"] = float(rope["factor"])
+                kv[f"{a}.rope.scaling.original_context_length"] = int(r.n_ctx_orig)
+        return kv
+
+    def transform(self, gguf_name: str, arrays: list[np.ndarray]) -> np.ndarray:
+        """Real transforms of source tensors into the GGUF tensor (default: identity)."""
+        return arrays[0]
+
+    # -- derived -------------------------------------------------------------------------------
+    @property
+    def resolved_knobs_cache(self) -> dict[str, Any]:
+        if not hasattr(self, "_knobs"):
+            self._knobs = self.resolved_knobs()
+        return self._knobs
+
+    def layer_names(self, pattern: str) -> list[str]:
+        if "{L}" in pattern:
+            return [pattern.format(L=i) for i in range(self.hp.num_layers)]
+        return [pattern]
+
+    def source_name(self, gguf_name: str) -> str | None:
+        """The checkpoint parameter a GGUF tensor comes from, or None if absent."""
+        pattern = gguf_name
+        layer = None
+        import re
+
+        m = re.match(r"^blk\.(\d+)\.(.+)$", gguf_name)
+        if m:
+            layer, pattern = m.group(1), "blk.{L}." + m.group(2)
+        src = self.tensors.get(pattern)
+        if src is None:
+            return None
+        src = src.format(L=layer) if layer is not None else src
+        return src if src in self.info.parameters else None
+
+    def has(self, gguf_name: str) -> bool:
+        return self.source_name(gguf_name) is not None
+
+    def tensor_plans(self) -> list[TensorPlan]:
+        plans = []
+        for pattern, _src in self.tensors.items():
+            for name in self.layer_names(pattern):
+                src = self.source_name(name)
+                if src is None:
+                    continue
+                shape = self.info.parameters[src]
+                plans.append(TensorPlan(
+                    gguf_name=name, sources=[src],
+                    transform=(lambda arrays, n=name: self.transform(n, arrays)),
+                    keep_f32=len(shape) == 1 or name.endswith("_norm.weight"),
+                ))
+        if self.resolved_knobs_cache.get("rope_freq_factors"):
+            factors = self.rope_args().freq_factors
+            plans.append(TensorPlan(gguf_name="rope_freqs.weight", sources=[],
+                                    transform=lambda _a, f=factors: np.asarray(f, np.float32), keep_f32=True))
+        return plans
+
+    def weight_shapes(self) -> dict[str, list[int]]:
+        shapes = {}
+        for pattern in self.tensors:
+            src = self.source_name(pattern.format(L=0) if "{L}" in pattern else pattern)
+            if src is not None:
+                shapes[pattern] = list(self.info.parameters[src])
+        if self.resolved_knobs_cache.get("rope_freq_factors"):
+            shapes["rope_freqs.weight"] = [self.rope_args().n_dims // 2]
+        return shapes
+
+    def spec(self) -> Spec:
+        from porter.render import render_graph
+
+        knobs = self.resolved_knobs_cache
+        hparams = self.spec_hparams()
+        graph = render_graph(self.template, knobs, hparams)
+        used = {src for item in graph["graph"] for n in (item.get("body") or [item]) for src in n["inputs"]}
+        shapes = self.weight_shapes()
+        weights = [{"name": n, "shape": s, "layered": "{L}" in n} for n, s in shapes.items()
+                   if n in used]
+        missing = sorted(u for u in used if "." in u and u not in shapes)
+        if missing:
+            from porter.errors import ModelError
+
+            raise ModelError(f"{self.model_type}: the graph needs tensors the checkpoint lacks: {', '.join(missing)}")
+        input_kinds = [i for i in ("tokens", "positions", "token_types", "kq_mask", "kq_mask_swa", "out_ids") if i in used
+                       or any(isinstance(v, list) and i in v for v in hparams.values())]
+        spec = Spec(
+            version=SPEC_VERSION, architecture=self.model_type,
+            produced_by={"plugin": type(self).__module__, "class": type(self).__qualname__,
+                         "template": self.template, "porter": __version__},
+            causal=True, hparams=hparams,
+            inputs=[{"name": i, "kind": i} for i in input_kinds],
+            weights=weights, graph=graph["graph"], outputs=graph["outputs"],
+        )
+        return check(spec)
+
+    def conversion_plan(self) -> ConversionPlan:
+        return ConversionPlan(gguf_arch=self.gguf_arch, kv=self.gguf_kv(), tensors=self.tensor_plans(),
+                              spec_json=self.spec().to_json(), name=self.info.config.get("_name_or_path", "") or self.model_type)
+
+    # -- tests ---------------------------------------------------------------------------------
+    tiny: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def tiny_config(cls, **overrides):
+        """A tiny random-model config of this architecture (every size field shrunk)."""
+        from transformers import AutoConfig
+
+        fields = {"vocab_size": 97, "hidden_size": 64, "intermediate_size": 112, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                  "max_position_embeddings": 256, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                  "tie_word_embeddings": False}
+        for cls_ in reversed(cls.__mro__):
+            fields.update(cls_.__dict__.get("tiny", {}))
+        fields.update(overrides)
+        return AutoConfig.for_model(cls.model_type, **fields)

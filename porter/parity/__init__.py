@@ -1,0 +1,1 @@
+"""Parity: the same inputs through transformers and the ggml runtime, compared."""

@@ -1,0 +1,70 @@
+"""End-to-end logits parity between a transformers checkpoint and a porter GGUF."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from porter.parity.metrics import kl_divergence, max_abs, nmse, top1_agreement
+
+
+@dataclass
+class PromptParity:
+    prompt: str
+    n_tokens: int
+    nmse_all: float  # logits NMSE over every prompt position
+    nmse_last: float  # logits NMSE at the last position
+    max_abs: float
+    top1: float  # argmax agreement over positions
+    kl: float
+    greedy_hf: list[int]
+    greedy_porter: list[int]
+
+    @property
+    def greedy_match(self) -> bool:
+        return self.greedy_hf == self.greedy_porter
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["greedy_match"] = self.greedy_match
+        return d
+
+
+def load_reference(model_dir: str | Path):
+    """The transformers model in float32, eval mode, and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(model_dir) if (Path(model_dir) / "tokenizer.json").exists() else None
+    return model, tok
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def compare_prompt(hf_model, porter_model, ids: list[int], n_greedy: int = 32, prompt: str = "") -> PromptParity:
+    ref = hf_logits(hf_model, ids)
+    got = porter_model.logits(ids)
+    greedy_hf = hf_greedy(hf_model, ids, n_greedy) if n_greedy else []
+    greedy_porter = list(porter_model.generate_ids(ids, n_greedy)) if n_greedy else []
+    return PromptParity(prompt=prompt, n_tokens=len(ids), nmse_all=nmse(ref, got), nmse_last=nmse(ref[-1], got[-1]),
+                        max_abs=max_abs(ref, got), top1=top1_agreement(ref, got), kl=kl_divergence(ref, got),
+                        greedy_hf=greedy_hf, greedy_porter=greedy_porter)

@@ -1,0 +1,1 @@
+"""porter's pytest plugin and helpers for parity suites (entry point ``pytest11``)."""

@@ -1,0 +1,32 @@
+"""Tiny random checkpoints of any plugin's architecture, for parity tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def tiny_checkpoint(arch_cls, directory: Path, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random transformers model of ``arch_cls`` (safetensors, float32) into ``directory``.
+
+    Random weights are scaled up from transformers' init (std 0.02) so that activations and
+    logits have realistic magnitudes and differences between implementations show.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = arch_cls.tiny_config(**overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            else:  # norm weights near 1
+                p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.1)
+    model.eval()
+    directory = Path(directory)
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory

