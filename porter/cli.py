@@ -54,6 +54,9 @@ def _attach_optional_commands() -> None:
     except ImportError:  # pragma: no cover - during development
         return
     main.add_command(inspect_cmd)
+    from porter.parity.cli import parity as parity_cmd
+
+    main.add_command(parity_cmd)
 
 
 _attach_optional_commands()

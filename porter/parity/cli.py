@@ -1,0 +1,112 @@
+"""`porter parity`: a readable per-layer table, a JSON report and a picture of error by layer."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from porter.errors import PorterError
+
+DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog because"
+
+
+def plot(report, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    roles: dict[str, list[tuple[int, float]]] = {}
+    for n in report.nodes:
+        if n.layer is not None:
+            roles.setdefault(n.role, []).append((n.layer, max(n.nmse, 1e-20)))
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for role, pts in roles.items():
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o", ms=3, label=role)
+    ax.axhline(report.tolerance, color="red", ls="--", lw=1, label=f"gate {report.tolerance:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("NMSE vs transformers")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+@click.command("parity")
+@click.argument("model_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--arch", "model_type", help="Instead of a checkpoint: a tiny random model of this model_type.")
+@click.option("-t", "--outtype", default="f32", show_default=True, help="GGUF weight type to test.")
+@click.option("-p", "--prompt", "prompts", multiple=True, help="Prompt(s) to compare on (repeatable).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full report as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG of error by layer.")
+@click.option("-q", "--quiet", is_flag=True, help="Only the summary line.")
+def parity(model_dir, model_type, outtype, prompts, json_path, plot_path, quiet):
+    """Compare porter with transformers node by node (exit status 1 when over tolerance).
+
+    Every graph node that corresponds to a transformers module output (embeddings, norms,
+    attention, MLP, each layer, logits) is compared by NMSE, max-abs error and cosine; the
+    first node over the tolerance for the weight type is reported with its layer and role.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    import porter
+    from porter.parity.harness import run_parity
+    from porter.parity.logits import load_reference
+    from porter.pipeline import convert
+
+    if (model_dir is None) == (model_type is None):
+        raise PorterError("give either a checkpoint folder or --arch MODEL_TYPE")
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="porter-parity-") as tmp:
+        tmp = Path(tmp)
+        if model_type:
+            from porter.plugins import architectures
+            from porter.testing.models import tiny_checkpoint
+
+            archs = architectures()
+            if model_type not in archs:
+                raise PorterError(f"no plugin ports {model_type!r}; known: {', '.join(archs)}")
+            model_dir = tiny_checkpoint(archs[model_type], tmp / "ckpt")
+        convert(model_dir, tmp / "model.gguf", outtype, progress=False)
+        hf, tok = load_reference(model_dir)
+        prompts = list(prompts) or [DEFAULT_PROMPT]
+        reports = []
+        with porter.load(tmp / "model.gguf", n_ctx=512) as m:
+            for p in prompts:
+                ids = tok(p)["input_ids"] if tok is not None else list(range(1, 17))
+                reports.append(run_parity(hf, m, ids, outtype))
+    report = max(reports, key=lambda r: r.logits["nmse"])  # the worst prompt is shown
+    if not quiet:
+        table = Table(title=f"parity of {model_dir} ({outtype}, {report.n_tokens} tokens, worst prompt)")
+        for col in ("node", "transformers module", "NMSE", "max |err|", "cosine", ""):
+            table.add_column(col)
+        for n in report.nodes:
+            table.add_row(n.node, n.hf_module, f"{n.nmse:.2e}", f"{n.max_abs:.2e}", f"{n.cosine:.8f}",
+                          "[green]ok" if n.ok else "[red]over")
+        console.print(table)
+    lg = report.logits
+    console.print(f"logits: NMSE {lg['nmse']:.3e} (gate {report.tolerance:g}), top-1 agreement {lg['top1']:.1%}, "
+                  f"KL {lg['kl']:.2e}")
+    first = report.first_divergence
+    if first:
+        console.print(f"[red]first diverging node: {first.node} (layer {first.layer}, role {first.role}, "
+                      f"transformers {first.hf_module}) NMSE {first.nmse:.3e}")
+    if json_path:
+        json_path.write_text(json.dumps({"model": str(model_dir), "prompts": prompts,
+                                         "reports": [r.as_dict() for r in reports]}, indent=1))
+        console.print(f"JSON report: {json_path}")
+    if plot_path:
+        plot(report, plot_path, f"porter vs transformers: {Path(str(model_dir)).name} ({outtype})")
+        console.print(f"picture: {plot_path}")
+    passed = all(r.passed for r in reports)
+    console.print("[green]PASS" if passed else "[red]FAIL")
+    sys.exit(0 if passed else 1)

@@ -1,0 +1,125 @@
+"""Node-by-node parity: the same token ids through transformers and the ggml runtime.
+
+Every spec node that names a transformers module (``hf``) is captured on both sides: the
+module's output through a forward hook, the node's tensor read back from ggml. Rows come in
+graph order, so the first row over tolerance is where the port starts to diverge.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from porter.parity.metrics import TOLERANCES, cosine, kl_divergence, max_abs, nmse, top1_agreement
+
+
+@dataclass
+class NodeParity:
+    node: str
+    hf_module: str
+    layer: int | None
+    role: str
+    nmse: float
+    max_abs: float
+    cosine: float
+    ok: bool
+
+
+@dataclass
+class ParityReport:
+    outtype: str
+    tolerance: float
+    n_tokens: int
+    nodes: list[NodeParity] = field(default_factory=list)
+    logits: dict = field(default_factory=dict)
+
+    @property
+    def first_divergence(self) -> NodeParity | None:
+        return next((n for n in self.nodes if not n.ok), None)
+
+    @property
+    def passed(self) -> bool:
+        return self.first_divergence is None and self.logits.get("ok", False)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        first = self.first_divergence
+        d["first_divergence"] = first.node if first else None
+        d["passed"] = self.passed
+        return d
+
+
+def _split(node_name: str) -> tuple[str, int | None]:
+    m = re.match(r"^(.*)-(\d+)$", node_name)
+    return (m.group(1), int(m.group(2))) if m else (node_name, None)
+
+
+def hf_targets(spec) -> list[tuple[str, str]]:
+    """(node name, transformers module path) for every node that declares one, in graph order."""
+    from porter.spec import Repeat
+
+    out = []
+    n_layer = int(spec.hparams.get("n_layer", 0))
+    for item in spec.graph:
+        if isinstance(item, Repeat):
+            for layer in range(n_layer):
+                out.extend((n.name.format(L=layer), n.hf.format(L=layer)) for n in item.body if n.hf)
+        elif item.hf:
+            out.append((item.name, item.hf))
+    return out
+
+
+def capture_transformers(model, ids: list[int], modules: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Outputs of the named modules (batch dimension dropped) and the logits."""
+    import torch
+
+    captured: dict[str, np.ndarray] = {}
+    handles = []
+    named = dict(model.named_modules())
+    for path in modules:
+        mod = named.get(path)
+        if mod is None:
+            continue
+
+        def hook(_m, _inp, out, path=path):
+            t = out[0] if isinstance(out, (tuple, list)) else out
+            captured[path] = t.detach().float().numpy()[0]
+
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+    finally:
+        for h in handles:
+            h.remove()
+    return captured, logits
+
+
+def run_parity(hf_model, porter_model, ids: list[int], outtype: str = "f32") -> ParityReport:
+    """Compare every mapped node and the logits; tolerance from TOLERANCES[outtype]."""
+    tol = TOLERANCES.get(outtype, TOLERANCES["q8_0"])
+    targets = hf_targets(porter_model.spec)
+    hf_out, ref_logits = capture_transformers(hf_model, ids, [m for _, m in targets])
+    porter_model.reset()
+    logits, nodes = porter_model.forward(ids, use_cache=False, all_logits=True, capture=[n for n, _ in targets])
+    report = ParityReport(outtype=outtype, tolerance=tol["nmse"], n_tokens=len(ids))
+    for node, module in targets:
+        if module not in hf_out or node not in nodes:
+            continue
+        ref = hf_out[module]
+        got = nodes[node].reshape(ref.shape) if nodes[node].size == ref.size else nodes[node]
+        if got.shape != ref.shape:
+            role, layer = _split(node)
+            report.nodes.append(NodeParity(node, module, layer, role, float("inf"), float("inf"), 0.0, False))
+            continue
+        role, layer = _split(node)
+        e = nmse(ref, got)
+        report.nodes.append(NodeParity(node, module, layer, role, e, max_abs(ref, got), cosine(ref, got), e <= tol["nmse"]))
+    e = nmse(ref_logits, logits)
+    top1 = top1_agreement(ref_logits, logits)
+    report.logits = {"nmse": e, "max_abs": max_abs(ref_logits, logits), "top1": top1,
+                     "kl": kl_divergence(ref_logits, logits), "ok": e <= tol["nmse"] and top1 >= tol["top1"]}
+    porter_model.reset()
+    return report
