@@ -121,7 +121,26 @@ class Spec(_Strict):
 
     # -- serialization ---------------------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(exclude_defaults=False), indent=1, sort_keys=False) + "\n"
+        """Canonical text: one line per node, weight and input, so diffs read node by node."""
+        data = self.model_dump(exclude_none=True)
+        one = lambda x: json.dumps(x, separators=(", ", ": "))  # noqa: E731
+        lines = ["{"]
+        for key in ("format", "version", "architecture", "produced_by", "causal", "hparams"):
+            lines.append(f' "{key}": {json.dumps(data[key], indent=2).replace(chr(10), chr(10) + " ") if key in ("produced_by", "hparams") else one(data[key])},')
+        for key in ("inputs", "weights"):
+            lines.append(f' "{key}": [\n' + ",\n".join("  " + one(x) for x in data[key]) + "\n ],")
+        items = []
+        for item in data["graph"]:
+            if "repeat" in item:
+                head = {k: v for k, v in item.items() if k != "body"}
+                body = ",\n".join("    " + one(n) for n in item["body"])
+                items.append("  " + one(head)[:-1] + ', "body": [\n' + body + "\n  ]}")
+            else:
+                items.append("  " + one(item))
+        lines.append(' "graph": [\n' + ",\n".join(items) + "\n ],")
+        lines.append(f' "outputs": {one(data["outputs"])}')
+        lines.append("}")
+        return "\n".join(lines) + "\n"
 
     @property
     def layer_loop(self) -> Repeat | None:
