@@ -43,6 +43,20 @@ class Llama(Architecture):
         "blk.{L}.ffn_down.bias": "model.layers.{L}.mlp.down_proj.bias",
     }
 
+    # what parity properties explore beyond the shared shape space
+    space = {
+        "attention_bias": [False, True],
+        "mlp_bias": [False, True],
+        "rope_parameters": [
+            {"rope_type": "default", "rope_theta": 10000.0},
+            {"rope_type": "default", "rope_theta": 500000.0},
+            {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+            {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+             "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+            {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32},
+        ],
+    }
+
     def transform(self, gguf_name: str, arrays: list[np.ndarray]) -> np.ndarray:
         w = arrays[0]
         if self.rope_mode == 0:
@@ -51,11 +65,6 @@ class Llama(Architecture):
             if gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
                 return permute_for_normal_rope(w, self.hp.num_kv_heads)
         return w
-
-    def configure(self, k):
-        super().configure(k)
-        rope = self.hp.rope or {}
-        k["rope_freq_factors"] = rope.get("rope_type") in ("llama3", "longrope")
 
 
 @hookimpl

@@ -12,6 +12,7 @@ class Mistral(Llama):
     gguf_arch = "llama"  # llama.cpp converts Mistral checkpoints to its llama architecture
     features = Llama.features + ("sliding_window",)
     tiny = {"sliding_window": None}
+    space = {"sliding_window": [None, 2, 5, 16]}
 
     def configure(self, k):
         super().configure(k)

@@ -14,6 +14,9 @@ class Qwen2(Llama):
     rope_mode = 2  # llama.cpp's qwen2 uses neox rope on unpermuted weights
     knobs = {"hf_qkv": True}
     tiny = {"use_sliding_window": False}
+    space = {"rope_parameters": [
+        {"rope_type": "default", "rope_theta": 1000000.0},
+        {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 32}]}
 
 
 @hookimpl

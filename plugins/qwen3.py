@@ -12,6 +12,7 @@ class Qwen3(Qwen2):
     gguf_arch = "qwen3"
     features = ("rmsnorm", "rope", "gqa", "swiglu", "qk_norm")
     knobs = {"qk_norm": True}
+    space = {"attention_bias": [False, True]}
 
 
 @hookimpl

@@ -34,7 +34,7 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "q_bias": False, "k_bias": False, "v_bias": False, "o_bias": False,
     "qk_norm": False,  # per-head norm of q and k (qwen3)
     "rope": True,
-    "rope_freq_factors": False,  # a rope_freqs.weight tensor (llama3 / longrope)
+    "rope_freq_factors": False,  # per-pair frequency factors (rope_freqs.weight); set from the rope config
     "rope_when": None,  # per-layer "$hparam[L]" switch (smollm3's no-rope layers)
     "mask": "kq_mask",  # or "$attn_mask[L]" choosing per layer (sliding window)
     "attn_softcap": False,
@@ -43,6 +43,21 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "act": "silu",  # spec op name: silu | gelu_erf | gelu_tanh | relu
     "mlp_bias": False,
     "parallel": False,  # attention and MLP read the same input
+    "parallel_ffn_norm": False,  # ... each through its own norm (gpt_neox, falcon's new layout)
+    "attn_pre_norm": True, "ffn_pre_norm": True,  # olmo2 turns these off
+    "attn_post_norm": False, "ffn_post_norm": False,  # norms on sublayer outputs (gemma2, olmo2)
+    "post_norm": False,  # bert: norm after each residual add, no pre-norms
+    "qk_norm_eps": None,  # default: $norm_eps
+    "rope_per_layer": False,  # rope attributes are per-layer lists (gemma3 local/global)
+    "fused_gate_up": False,  # ffn_up holds [gate; up] (phi3)
+    "moe_norm_topk": False,  # renormalize the chosen experts' probabilities
+    "embd_scale": False, "pos_embd": False, "type_embd": False, "embd_norm": False,
+    "residual_scale": False,  # granite's residual_multiplier
+    "lm_head": True,  # false for encoders: the output is the final hidden state
+    "final_norm": True,
+    "output_bias": False,
+    "logit_scale": False,  # logits *= $logit_scale (granite 1/logits_scaling, cohere logit_scale)
+    "final_softcap": False,  # gemma2 final logit soft-capping
     # transformers module paths for node-by-node parity ({L} = layer)
     "hf_embed": "model.embed_tokens",
     "hf_layers": "model.layers",
@@ -53,6 +68,10 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "hf_mlp": "mlp",
     "hf_final_norm": "model.norm",
     "hf_lm_head": "lm_head",
+    "hf_attn_post_norm": "post_attention_layernorm",
+    "hf_ffn_post_norm": "post_feedforward_layernorm",
+    "hf_embd_norm": None,
+    "hf_final_hidden": None,
 }
 
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu_erf", "gelu_tanh": "gelu_tanh", "relu": "relu"}
@@ -69,6 +88,7 @@ class Architecture:
     family: ClassVar[str]
     gguf_arch: ClassVar[str]
     template: ClassVar[str] = "decoder.j2"
+    causal: ClassVar[bool] = True  # False for encoders (bidirectional attention, no KV cache)
     features: ClassVar[tuple[str, ...]] = ()
     tensors: ClassVar[dict[str, str]] = {}
     knobs: ClassVar[dict[str, Any]] = {}
@@ -88,7 +108,7 @@ class Architecture:
             k.update(cls.__dict__.get("knobs", {}))
         k["act"] = ACTIVATIONS.get(self.hp.hidden_act, self.hp.hidden_act)
         k["tied"] = self.tied
-        k["output_weight"] = "token_embd.weight" if self.tied else "output.weight"
+        k["output_weight"] = "token_embd" if self.tied else "output"  # the linear macro adds .weight
         self.configure(k)
         return k
 
@@ -98,6 +118,16 @@ class Architecture:
         k["o_bias"] = self.has("blk.0.attn_output.bias") or k["o_bias"]
         k["qk_norm"] = self.has("blk.0.attn_q_norm.weight") or k["qk_norm"]
         k["mlp_bias"] = self.has("blk.0.ffn_down.bias") or k["mlp_bias"]
+        if k["rope"] and not k["rope_per_layer"]:
+            k["rope_freq_factors"] = self.rope_args().freq_factors is not None
+
+    # rope types whose frequency factors llama.cpp stores as a rope_freqs.weight tensor; other
+    # types' factors travel inline in the spec, so stock llama.cpp sees only its own yarn keys
+    ROPE_FACTORS_IN_GGUF: ClassVar[tuple[str, ...]] = ("llama3", "longrope")
+
+    @property
+    def rope_factors_in_gguf(self) -> bool:
+        return (self.hp.rope or {}).get("rope_type") in self.ROPE_FACTORS_IN_GGUF
 
     @property
     def tied(self) -> bool:
@@ -211,7 +241,7 @@ class Architecture:
                     transform=(lambda arrays, n=name: self.transform(n, arrays)),
                     keep_f32=len(shape) == 1 or name.endswith("_norm.weight"),
                 ))
-        if self.resolved_knobs_cache.get("rope_freq_factors"):
+        if self.resolved_knobs_cache.get("rope_freq_factors") and self.rope_factors_in_gguf:
             factors = self.rope_args().freq_factors
             plans.append(TensorPlan(gguf_name="rope_freqs.weight", sources=[],
                                     transform=lambda _a, f=factors: np.asarray(f, np.float32), keep_f32=True))
@@ -237,6 +267,10 @@ class Architecture:
         shapes = self.weight_shapes()
         weights = [{"name": n, "shape": s, "layered": "{L}" in n} for n, s in shapes.items()
                    if n in used]
+        if knobs.get("rope_freq_factors") and not self.rope_factors_in_gguf:
+            factors = [float(x) for x in self.rope_args().freq_factors]
+            weights = [w for w in weights if w["name"] != "rope_freqs.weight"]
+            weights.append({"name": "rope_freqs.weight", "shape": [len(factors)], "data": factors})
         missing = sorted(u for u in used if "." in u and u not in shapes)
         if missing:
             from porter.errors import ModelError
@@ -248,7 +282,7 @@ class Architecture:
             version=SPEC_VERSION, architecture=self.model_type,
             produced_by={"plugin": type(self).__module__, "class": type(self).__qualname__,
                          "template": self.template, "porter": __version__},
-            causal=True, hparams=hparams,
+            causal=self.causal, hparams=hparams,
             inputs=[{"name": i, "kind": i} for i in input_kinds],
             weights=weights, graph=graph["graph"], outputs=graph["outputs"],
         )
@@ -260,6 +294,16 @@ class Architecture:
 
     # -- tests ---------------------------------------------------------------------------------
     tiny: ClassVar[dict[str, Any]] = {}
+    # config field -> list of values parity properties draw from, merged along the class
+    # hierarchy (answers porter_config_space); plain data, so plugins need no hypothesis import
+    space: ClassVar[dict[str, list]] = {}
+
+    @classmethod
+    def config_space(cls) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for cls_ in reversed(cls.__mro__):
+            merged.update(cls_.__dict__.get("space", {}))
+        return merged
 
     @classmethod
     def tiny_config(cls, **overrides):

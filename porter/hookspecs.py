@@ -36,7 +36,9 @@ def porter_claim(info):
 def porter_config_space(model_type):
     """Return the configuration space of ``model_type`` for parity properties, or ``None``.
 
-    The answer is a dict mapping transformers config field names to hypothesis strategies
-    (fields not mentioned keep the tiny defaults of ``Architecture.tiny_config``). Only the
-    plugin that provides ``model_type`` should answer.
+    The answer is a dict mapping transformers config field names to the values to draw from
+    (a list, or a hypothesis strategy); fields not mentioned keep the tiny defaults of
+    ``Architecture.tiny_config``, and the shared shape space (sizes, heads, layers, vocabulary,
+    tied embeddings, rope theta) is drawn by porter. porter answers for every Architecture from
+    its ``space`` attribute; a plugin answers only to add to the space of its own model types.
     """

@@ -8,17 +8,18 @@ from pathlib import Path
 from porter.errors import ModelError
 
 
-def architecture(source, *, trust_remote_code: bool = False):
-    """Introspect a checkpoint folder (or model_type) and return its plugin's Architecture."""
+def architecture(source, *, trust_remote_code: bool = False, arch_cls=None):
+    """Introspect a checkpoint folder (or model_type) and return its plugin's Architecture
+    (or ``arch_cls``'s, to port with a specific class)."""
     from porter.introspect import introspect
     from porter.plugins import architecture_for
 
     info = introspect(source, trust_remote_code=trust_remote_code)
-    return architecture_for(info)(info)
+    return (arch_cls or architecture_for(info))(info)
 
 
 def convert(model_dir: str | Path, out: str | Path, outtype: str = "f32", *, force: bool = False,
-            progress: bool = True, trust_remote_code: bool = False):
+            progress: bool = True, trust_remote_code: bool = False, arch_cls=None):
     """Write a GGUF for a transformers checkpoint folder; returns the writer's report."""
     from porter.convert.tokenizer import tokenizer_kv
     from porter.convert.writer import write_gguf
@@ -26,7 +27,7 @@ def convert(model_dir: str | Path, out: str | Path, outtype: str = "f32", *, for
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelError(f"{model_dir}: not a folder; pass a transformers checkpoint folder (config.json, *.safetensors)")
-    arch = architecture(model_dir, trust_remote_code=trust_remote_code)
+    arch = architecture(model_dir, trust_remote_code=trust_remote_code, arch_cls=arch_cls)
     plan = arch.conversion_plan()
     if (model_dir / "tokenizer.json").exists():
         plan.kv.update(tokenizer_kv(model_dir))

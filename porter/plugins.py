@@ -19,6 +19,7 @@ def manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager("porter")
     pm.add_hookspecs(hookspecs)
     pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    pm.register(_BuiltinHooks(), name="porter.builtin")
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
@@ -59,3 +60,21 @@ def architecture_for(info) -> type:
         f"{', '.join(info.architectures) or '?'}). Ported types: {known}. "
         "Install a plugin that provides it, or try the traced path when it exists."
     )
+
+
+class _BuiltinHooks:
+    """Defaults every architecture gets: its ``space`` attribute answers porter_config_space."""
+
+    @hookimpl
+    def porter_config_space(self, model_type):
+        cls = architectures().get(model_type)
+        return cls.config_space() if cls is not None else None
+
+
+def config_space(model_type: str) -> dict:
+    """The merged configuration space (field -> hypothesis strategy) plugins declare for a model_type."""
+    merged: dict = {}
+    for answer in reversed(manager().hook.porter_config_space(model_type=model_type)):
+        if answer:
+            merged.update(answer)
+    return merged

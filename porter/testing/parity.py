@@ -1,0 +1,96 @@
+"""``assert_parity``: port a (tiny) model and compare it with transformers node by node."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from porter.parity.harness import ParityReport, run_parity
+from porter.parity.metrics import TOLERANCES, nmse
+
+
+class PortedPair:
+    """A transformers model and its porter port, from one checkpoint."""
+
+    def __init__(self, checkpoint: Path, gguf: Path, outtype: str, n_ctx: int = 128):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        import porter
+
+        self.checkpoint, self.gguf, self.outtype = checkpoint, gguf, outtype
+        self.hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        self.porter = porter.load(gguf, n_threads=None, n_ctx=n_ctx)
+
+    def close(self):
+        self.porter.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def port_tiny(arch, overrides: dict | None = None, directory: Path | None = None, outtype: str = "f32",
+              seed: int = 0, n_ctx: int = 128) -> PortedPair:
+    """Build a tiny random checkpoint of ``arch`` (a model_type or an Architecture class),
+    convert it with that class, and load both sides."""
+    from porter.pipeline import convert
+    from porter.plugins import architectures
+    from porter.testing.models import tiny_checkpoint
+
+    cls = architectures()[arch] if isinstance(arch, str) else arch
+    directory = Path(directory or tempfile.mkdtemp(prefix="porter-tiny-"))
+    ckpt = tiny_checkpoint(cls, directory / "ckpt", seed=seed, **(overrides or {}))
+    gguf = directory / f"model.{outtype}.gguf"
+    convert(ckpt, gguf, outtype, progress=False, force=True, arch_cls=cls)
+    return PortedPair(ckpt, gguf, outtype, n_ctx=n_ctx)
+
+
+def format_failure(report: ParityReport, context: str = "") -> str:
+    first = report.first_divergence
+    lines = [f"parity failed{' for ' + context if context else ''} ({report.outtype}, gate NMSE {report.tolerance:g}, "
+             f"{report.n_tokens} tokens)"]
+    if first is not None:
+        lines.append(f"first diverging node: {first.node} (layer {first.layer}, role {first.role}, "
+                     f"transformers module {first.hf_module}): NMSE {first.nmse:.3e}, max |err| {first.max_abs:.3e}")
+    lg = report.logits
+    lines.append(f"logits: NMSE {lg.get('nmse', float('nan')):.3e}, top-1 {lg.get('top1', 0):.1%}")
+    lines.append("nodes (graph order):")
+    for n in report.nodes[:40]:
+        lines.append(f"  {'ok  ' if n.ok else 'OVER'} {n.node:24s} {n.nmse:.2e}  {n.hf_module}")
+    return "\n".join(lines)
+
+
+def assert_parity(pair: PortedPair, ids, *, context: str = "") -> ParityReport:
+    """Assert node-by-node and logits parity for token ids; the message names the first
+    diverging node."""
+    report = run_parity(pair.hf, pair.porter, list(ids), pair.outtype)
+    if not report.passed:
+        raise AssertionError(format_failure(report, context))
+    return report
+
+
+def assert_cache_consistent(pair: PortedPair, ids, split: int, *, context: str = "") -> float:
+    """Prefill of all ids == prefill of ids[:split] then one decode step per remaining id,
+    and both equal transformers. Returns the NMSE against transformers."""
+    from porter.parity.logits import hf_logits
+
+    m = pair.porter
+    ids = list(ids)
+    m.reset()
+    full = m.forward(ids, all_logits=True)
+    m.reset()
+    rows = [m.forward(ids[:split], all_logits=True)]
+    rows += [m.forward([t]) for t in ids[split:]]
+    stepped = np.concatenate(rows)
+    m.reset()
+    gate = TOLERANCES.get(pair.outtype, TOLERANCES["q8_0"])["nmse"]
+    self_err = nmse(full, stepped)
+    assert self_err <= gate, f"{context}: prefill {len(ids)} vs prefill {split} + decode: NMSE {self_err:.3e}"
+    ref_err = nmse(hf_logits(pair.hf, ids), stepped)
+    assert ref_err <= gate, f"{context}: cached decode vs transformers: NMSE {ref_err:.3e}"
+    return ref_err
