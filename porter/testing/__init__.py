@@ -1,1 +1,11 @@
-"""porter's pytest plugin and helpers for parity suites (entry point ``pytest11``)."""
+"""Parity testing for porter ports, usable from any pytest suite.
+
+    from porter.testing import assert_parity, assert_cache_consistent, configs
+
+The pytest plugin (``porter.testing.plugin``) loads automatically once porter is installed.
+"""
+
+from porter.testing.parity import PortedPair, assert_cache_consistent, assert_parity, port_tiny
+from porter.testing.strategies import configs, shapes
+
+__all__ = ["PortedPair", "assert_cache_consistent", "assert_parity", "configs", "port_tiny", "shapes"]

@@ -1,0 +1,78 @@
+"""The harness can fail: ports broken on purpose are caught, and the first diverging node is named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from porter.parity.harness import run_parity
+from porter.plugins import architectures
+from porter.testing.parity import assert_parity, port_tiny
+
+pytestmark = pytest.mark.parity
+Llama = architectures()["llama"]
+Qwen2 = architectures()["qwen2"]
+Qwen3 = architectures()["qwen3"]
+IDS = [3, 17, 42, 5, 88, 61, 9, 23, 70, 11, 2, 36]
+
+
+class WrongRopeLayout(Llama):
+    """q/k rows permuted for adjacent-pair rope, but rotated as halves."""
+
+    def spec_hparams(self):
+        values = super().spec_hparams()
+        values["rope_mode"] = 2
+        return values
+
+
+class DroppedBias(Qwen2):
+    """Forgets the q/k/v projection biases."""
+
+    def configure(self, k):
+        super().configure(k)
+        k["q_bias"] = k["k_bias"] = k["v_bias"] = False
+
+
+class WrongEpsilon(Llama):
+    def spec_hparams(self):
+        values = super().spec_hparams()
+        values["norm_eps"] = 0.5
+        return values
+
+
+class SwappedHeads(Qwen3):
+    """Swaps the first two query heads while converting."""
+
+    def transform(self, gguf_name, arrays):
+        w = super().transform(gguf_name, arrays)
+        if gguf_name.endswith("attn_q.weight"):
+            d = self.hp.head_dim
+            w = w.copy()
+            w[:d], w[d:2 * d] = arrays[0][d:2 * d], arrays[0][:d]
+        return w
+
+
+@pytest.mark.parametrize("broken, first_node", [
+    (WrongRopeLayout, "attn_out-0"),
+    (DroppedBias, "Qcur-0"),
+    (WrongEpsilon, "attn_norm-0"),
+    (SwappedHeads, "Qcur-0"),
+])
+def test_broken_port_fails_at_the_right_node(broken, first_node, tmp_path):
+    with port_tiny(broken, {"num_attention_heads": 4, "num_key_value_heads": 2}, tmp_path) as pair:
+        report = run_parity(pair.hf, pair.porter, IDS, "f32")
+        assert not report.passed
+        first = report.first_divergence
+        assert first is not None and first.node == first_node, (
+            f"{broken.__name__}: first divergence {first and first.node}, expected {first_node}")
+        assert first.layer == 0
+        with pytest.raises(AssertionError, match=f"first diverging node: {first_node}"):
+            assert_parity(pair, IDS)
+
+
+def test_the_unbroken_parents_pass(tmp_path):
+    for i, cls in enumerate((Llama, Qwen2, Qwen3)):
+        with port_tiny(cls, {"num_attention_heads": 4, "num_key_value_heads": 2}, tmp_path / str(i)) as pair:
+            report = assert_parity(pair, IDS)
+            assert report.logits["nmse"] < 1e-10
+            assert np.isfinite(report.logits["kl"])
