@@ -7,6 +7,7 @@ tensor struct fields are read directly and a mismatch would read garbage.
 
 from __future__ import annotations
 
+import logging
 import os
 from importlib import metadata
 from pathlib import Path
@@ -57,3 +58,21 @@ def _load():
 ffi, lib = _load()
 GGML_VERSION = ffi.string(lib.ggml_version()).decode()
 GGML_COMMIT = ffi.string(lib.ggml_commit()).decode()
+
+# ggml's own messages go to Python logging ("porter.ggml"): warnings and errors show, its
+# informational chatter (e.g. one line per repacked tensor) only at debug level.
+_log = logging.getLogger("porter.ggml")
+_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR, 5: logging.DEBUG}
+
+
+@ffi.callback("void(enum ggml_log_level, const char *, void *)")
+def _ggml_log(level, text, _user):  # pragma: no cover - called from C
+    try:
+        message = ffi.string(text).decode(errors="replace").rstrip()
+        if message:
+            _log.log(_LEVELS.get(int(level), logging.INFO), message)
+    except Exception:
+        pass
+
+
+lib.ggml_log_set(_ggml_log, ffi.NULL)  # the module keeps _ggml_log alive for the process

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from porter.errors import ModelError
+from porter.runtime import repack
 from porter.runtime._lib import ffi, lib
 from porter.runtime.core import Backend, Buffer, Context, get_data, set_data, tensor_name
 from porter.runtime.graph import GraphBuilder, KVCache
@@ -85,7 +87,7 @@ class Model:
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, *, n_threads: int | None = None, n_ctx: int | None = None,
-             cache_type: str = "f32") -> "Model":
+             cache_type: str = "f32", use_repack: bool = True) -> "Model":
         from gguf import GGUFReader
 
         path = Path(path)
@@ -111,6 +113,8 @@ class Model:
             "eos_token_id": _field_value(reader, "tokenizer.ggml.eos_token_id"),
             "add_bos_token": _field_value(reader, "tokenizer.ggml.add_bos_token"),
             "file_type": _field_value(reader, "general.file_type"),
+            "pooling": _field_value(reader, "porter.pooling"),  # encoders: mean | cls | last | none
+            "normalize": _field_value(reader, "porter.normalize"),
         }
         expected = {w: None for w in spec.weight_names()}
         backend = Backend(n_threads)
@@ -120,15 +124,25 @@ class Model:
             raise ModelError(f"{path}: tensors the graph needs are missing: {', '.join(missing[:8])}"
                              f"{' ...' if len(missing) > 8 else ''}")
         inline = {w.name: np.asarray(w.data, dtype=np.float32) for w in spec.weights if w.data is not None}
-        ctx = Context(len(expected) + len(inline))
+        # quantized matrices that ggml can repack go to the CPU_REPACK buffer (faster products)
+        patterns = repack.matmul_only_weights(spec) if use_repack else set()
+        to_repack = set()
+        for name in expected:
+            rt = by_name[name]
+            pattern = re.sub(r"^blk\.\d+\.", "blk.{L}.", name)
+            if pattern in patterns and len(rt.shape) == 2 and repack.supports(int(rt.tensor_type), int(rt.shape[0]), int(rt.shape[1])):
+                to_repack.add(name)
+        ctx = Context(len(expected) - len(to_repack) + len(inline))
+        rctx = Context(max(1, len(to_repack)))
         weights = {}
         for name in expected:
             rt = by_name[name]
             ne = [int(x) for x in rt.shape]
-            weights[name] = ctx.new_tensor(GGMLType(int(rt.tensor_type)), ne, name)
+            weights[name] = (rctx if name in to_repack else ctx).new_tensor(GGMLType(int(rt.tensor_type)), ne, name)
         for name, values in inline.items():
             weights[name] = ctx.new_tensor(GGMLType.F32, [values.size], name)
         buffer = Buffer(ctx, backend.buffer_type)
+        rbuffer = Buffer(rctx, repack.repack_buffer_type()) if to_repack else None
         for name, values in inline.items():
             set_data(weights[name], values)
         for name in expected:
@@ -139,7 +153,10 @@ class Model:
                 raise ModelError(f"{path}: tensor {name} holds {data.nbytes} bytes, expected {nbytes} (truncated file?)")
             lib.ggml_backend_tensor_set(t, ffi.from_buffer(np.ascontiguousarray(data)), 0, nbytes)
         del reader
-        return cls(spec, backend, ctx, buffer, weights, metadata, path, n_ctx, GGMLType.parse(cache_type))
+        model = cls(spec, backend, ctx, buffer, weights, metadata, path, n_ctx, GGMLType.parse(cache_type))
+        model._repack = (rctx, rbuffer)
+        model.repacked = sorted(to_repack)
+        return model
 
     # -- tokenizer -------------------------------------------------------------------------------
     @property
@@ -233,7 +250,7 @@ class Model:
     def _masks(self, positions: np.ndarray, n_kv: int, n_valid: int) -> dict[str, np.ndarray]:
         kv_pos = np.arange(n_kv)[None, :]
         q = positions[:, None]
-        visible = kv_pos < n_valid
+        visible = np.broadcast_to(kv_pos < n_valid, (len(positions), n_kv))
         if self.spec.causal:
             visible = visible & (kv_pos <= q)
         masks = {"kq_mask": visible}
@@ -243,7 +260,8 @@ class Model:
         return {k: np.where(v, 0.0, -np.inf).astype(np.float16) for k, v in masks.items()}
 
     def forward(self, tokens: Sequence[int], *, use_cache: bool = True, all_logits: bool = False,
-                capture: Sequence[str] = ()) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
+                capture: Sequence[str] = (), token_types: Sequence[int] | None = None,
+                ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
         """Run tokens through the model; with the cache they continue the conversation.
 
         Returns logits (n_out, n_vocab) for the last token (or every token with all_logits);
@@ -268,19 +286,57 @@ class Model:
         out_ids = np.arange(n, dtype=np.int32) if all_logits else np.array([n - 1], dtype=np.int32)
         g = self._graph(n, n_kv, out_ids.size, use_cache, tuple(capture))
         feeds = {"tokens": tokens, "positions": positions, "out_ids": out_ids,
-                 "token_types": np.zeros(n, dtype=np.int32), "kv_slots": positions.astype(np.int64)}
+                 "token_types": np.zeros(n, dtype=np.int32) if token_types is None else np.asarray(token_types, np.int32),
+                 "kv_slots": positions.astype(np.int64)}
         feeds.update(self._masks(positions, n_kv, start + n))
         for name, t in g.inputs.items():
             set_data(t, np.ascontiguousarray(feeds[name]))
         self.backend.compute(g.graph)
         if use_cache:
             self.kv.n_past = start + n
-        logits = get_data(g.outputs["result_output"]).reshape(out_ids.size, -1) if "result_output" in g.outputs else None
+        if "result_output" in g.outputs:
+            logits = get_data(g.outputs["result_output"]).reshape(out_ids.size, -1)
+        elif "result_embd" in g.outputs:  # encoders: final hidden states of every token
+            logits = get_data(g.outputs["result_embd"]).reshape(n, -1)
+        else:
+            logits = None
         if capture:
             captured = {name: get_data(t) for name, t in g.outputs.items() if name in capture}
             g.close()
             return logits, captured
         return logits
+
+    def embed(self, inputs, *, pooling: str | None = None, normalize: bool | None = None) -> np.ndarray:
+        """Sentence embeddings from an encoder: one row per text (or list of token ids).
+
+        Each input runs alone through the model without the KV cache; its final hidden states
+        are pooled as the GGUF says (sentence-transformers' choice, stored at conversion:
+        ``porter.pooling`` mean | cls | last, mean when none is given) and L2-normalized when
+        ``porter.normalize`` is set. Texts are tokenized with their token type ids.
+        """
+        if self.spec.causal:
+            raise ModelError("embed needs an encoder model (this graph is a causal LM)")
+        single = isinstance(inputs, str) or (len(inputs) > 0 and isinstance(inputs[0], (int, np.integer)))
+        items = [inputs] if single else list(inputs)
+        pooling = pooling or self.metadata.get("pooling") or "mean"
+        pooling = "mean" if pooling == "none" else pooling
+        normalize = bool(self.metadata.get("normalize")) if normalize is None else normalize
+        rows = []
+        for item in items:
+            if isinstance(item, str):
+                enc = self.tokenizer.encode(item)
+                ids, types = enc.ids[:self.n_ctx], enc.type_ids[:self.n_ctx]
+            else:
+                ids, types = list(item), None
+            h = self.forward(ids, use_cache=False, token_types=types)
+            v = {"mean": lambda: h.mean(axis=0), "cls": lambda: h[0], "last": lambda: h[-1]}.get(pooling)
+            if v is None:
+                raise ModelError(f"unknown pooling {pooling!r} (mean, cls or last)")
+            v = np.asarray(v(), dtype=np.float32)
+            if normalize:
+                v = v / max(float(np.linalg.norm(v)), 1e-12)
+            rows.append(v)
+        return np.stack(rows)
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits of every position for a fresh sequence (no cache state is kept)."""
@@ -343,6 +399,11 @@ class Model:
             self._kv = None
         self._weight_buffer.close()
         self._weight_ctx.close()
+        rctx, rbuffer = getattr(self, "_repack", (None, None))
+        if rbuffer is not None:
+            rbuffer.close()
+        if rctx is not None:
+            rctx.close()
         self.backend.close()
 
     def __enter__(self):

@@ -1,0 +1,69 @@
+"""ggml's CPU repack buffer: quantized matrices re-laid out for faster products (Q4_0, Q4_K, ...).
+
+Only the ``CPU_REPACK`` extra buffer type is ever used (never AMX: its kernels crash on some
+machines that report AMX). A weight goes there only if every use of it is as the matrix of a
+``mul_mat`` and ggml's CPU device confirms it supports that product from a repacked buffer;
+the check asks ggml itself, the way llama.cpp chooses weight buffers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from porter.runtime._lib import ffi, lib
+from porter.runtime.core import Context
+from porter.runtime.types import GGMLType
+
+REPACK_NAME = "CPU_REPACK"
+
+
+@functools.lru_cache(maxsize=1)
+def _device_and_repack_buft():
+    reg = lib.ggml_backend_cpu_reg()
+    dev = lib.ggml_backend_reg_dev_get(reg, 0)
+    fn = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
+    if fn == ffi.NULL:
+        return dev, None
+    bufts = ffi.cast("ggml_backend_dev_get_extra_bufts_t", fn)(dev)
+    i = 0
+    while bufts[i] != ffi.NULL:
+        if ffi.string(lib.ggml_backend_buft_name(bufts[i])).decode() == REPACK_NAME:
+            return dev, bufts[i]
+        i += 1
+    return dev, None
+
+
+def repack_buffer_type():
+    return _device_and_repack_buft()[1]
+
+
+@functools.lru_cache(maxsize=256)
+def supports(gtype: int, ne0: int, ne1: int) -> bool:
+    """Does ggml's CPU device run mul_mat with a (gtype, [ne0, ne1]) matrix held repacked?"""
+    dev, buft = _device_and_repack_buft()
+    if buft is None or GGMLType(gtype) in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+        return False
+    ctx = Context(4)
+    dummy = lib.ggml_backend_buft_alloc_buffer(buft, 0)
+    try:
+        w = ctx.new_tensor(GGMLType(gtype), [ne0, ne1])
+        x = ctx.new_tensor(GGMLType.F32, [ne0, 16])
+        op = lib.ggml_mul_mat(ctx.ptr, w, x)
+        w.buffer = dummy
+        return bool(lib.ggml_backend_dev_supports_op(dev, op))
+    finally:
+        if dummy != ffi.NULL:
+            lib.ggml_backend_buffer_free(dummy)
+        ctx.close()
+
+
+def matmul_only_weights(spec) -> set[str]:
+    """Weight names (layer patterns) used only as the matrix operand of mul_mat."""
+    from porter.spec import Repeat
+
+    uses: dict[str, set[tuple[str, int]]] = {}
+    for item in spec.graph:
+        for node in (item.body if isinstance(item, Repeat) else [item]):
+            for pos, src in enumerate(node.inputs):
+                uses.setdefault(src, set()).add((node.op, pos))
+    return {w.name for w in spec.weights if uses.get(w.name) == {("mul_mat", 0)}}
