@@ -32,13 +32,31 @@ class PromptParity:
         return d
 
 
+def reference_class(model_type: str):
+    """The transformers Auto class porter compares with: AutoModel for encoders (whose output
+    is the final hidden state), AutoModelForCausalLM otherwise."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from porter.plugins import architectures
+
+    arch = architectures().get(model_type)
+    return AutoModel if arch is not None and not arch.causal else AutoModelForCausalLM
+
+
+def model_output(out):
+    """The logits, or for an encoder the final hidden state, of a transformers forward."""
+    logits = getattr(out, "logits", None)
+    return out.last_hidden_state if logits is None else logits
+
+
 def load_reference(model_dir: str | Path):
     """The transformers model in float32, eval mode, and its tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    auto = reference_class(AutoConfig.from_pretrained(model_dir).model_type)
+    model = auto.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     tok = AutoTokenizer.from_pretrained(model_dir) if (Path(model_dir) / "tokenizer.json").exists() else None
     return model, tok
@@ -48,16 +66,22 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        return model(torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+        return model_output(model(torch.tensor([ids]), use_cache=False))[0].float().numpy()
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Plain argmax decoding with transformers' KV cache: no logits processors (generate()
+    would, e.g., suppress EOS under min_new_tokens), so both sides do the same thing."""
     import torch
 
+    out: list[int] = []
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        step = model(torch.tensor([ids]), use_cache=True)
+        for _ in range(n):
+            tok = int(step.logits[0, -1].argmax())
+            out.append(tok)
+            step = model(torch.tensor([[tok]]), past_key_values=step.past_key_values, use_cache=True)
+    return out
 
 
 def compare_prompt(hf_model, porter_model, ids: list[int], n_greedy: int = 32, prompt: str = "") -> PromptParity:

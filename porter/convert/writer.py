@@ -1,0 +1,618 @@
+"""Writing a GGUF from a checkpoint and a :class:`~porter.convert.plan.ConversionPlan`, streaming.
+
+Memory: every tensor's GGUF shape and storage type are worked out before any weight is read (the
+shapes from the safetensors headers; a transform is run once on zero-cost stand-ins, see
+``plan.py``), so the GGUF header, metadata and tensor table are written first and the tensors then
+follow one at a time: read (plain reads, no memory map), converted to float32, checked for
+NaN/Inf, transformed, converted to the storage type, written, dropped. Peak memory is the Python
+process plus a few copies of the largest tensor, not the model.
+
+Storage types, following llama.cpp:
+
+- ``keep_f32`` tensors, 1-D tensors and ``*_norm.weight`` stay F32 whatever ``outtype`` says
+  (``convert_hf_to_gguf.py``: "except 1d tensors").
+- A row length that is not a multiple of the type's block size falls back as ``llama-quantize``
+  does: Q4_K -> Q5_0, Q6_K -> Q8_0, and any other type (or a fallback that still does not fit)
+  -> F16 (``convert_hf_to_gguf.py`` falls back to F16 for Q8_0). SmolLM2's 576-wide rows, for
+  instance, are not multiples of the 256 of the K-quants. Each fallback is listed in the report.
+- Unless ``pure=True``: with a type below 8 bits (q4_0, q4_1, q5_0, q5_1, q4_k), the output
+  projection (``output.weight``, or ``token_embd.weight`` when the embeddings are tied and there
+  is no ``output.weight``) is stored as Q6_K, or Q8_0 when its rows do not fit Q6_K, as
+  ``llama-quantize`` does for every such file type. Beyond that, porter's q4_k is uniform (it
+  does not raise attn_v/ffn_down of some layers to Q5_K/Q6_K as llama.cpp's Q4_K_M/S do) and is
+  labelled ``MOSTLY_Q4_K_S``, its nearest llama.cpp file type.
+- F16 cannot hold magnitudes above 65504: such values are clamped, with a warning in the report.
+
+Quantization goes through ``porter.runtime.quant.quantize_into`` (ggml's block layout: gguf-py's
+quantizers for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and BF16, bit-identical to ggml, and
+``ggml_quantize_chunk`` for the K-quants); if that module is missing, the same two directly.
+
+Safety: the file is written under a temporary name in the output directory and renamed into place
+at the end; on any error or interrupt the temporary file is removed and an existing output is left
+untouched. An existing output is refused unless ``force``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import math
+import os
+import re
+import resource
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGML_QUANT_VERSION,
+    GGMLQuantizationType as QT,
+    GGUFValueType as VT,
+    GGUFWriter,
+    LlamaFileType,
+)
+from gguf.gguf_writer import WriterState
+
+from porter.convert.checkpoint import Checkpoint
+from porter.convert.plan import GRAPH_SPEC_KEY, ConversionPlan, TensorPlan
+from porter.errors import ModelError, PorterError
+
+# outtype -> (storage type of ordinary weights, llama.cpp file type recorded in general.file_type)
+OUTTYPES: dict[str, tuple[QT, LlamaFileType]] = {
+    "f32": (QT.F32, LlamaFileType.ALL_F32),
+    "f16": (QT.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": (QT.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": (QT.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (QT.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+    "q4_1": (QT.Q4_1, LlamaFileType.MOSTLY_Q4_1),
+    "q5_0": (QT.Q5_0, LlamaFileType.MOSTLY_Q5_0),
+    "q5_1": (QT.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+    "q4_k": (QT.Q4_K, LlamaFileType.MOSTLY_Q4_K_S),
+    "q6_k": (QT.Q6_K, LlamaFileType.MOSTLY_Q6_K),
+}
+# llama-quantize's substitutes when a row does not fit a K-quant's 256-element super-block.
+_ROW_FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
+# Types whose output projection llama-quantize raises to Q6_K (or Q8_0).
+_LOW_BIT = {QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K}
+# Checkpoint entries that are buffers, not weights, and are never needed.
+IGNORABLE_TENSORS = (
+    re.compile(r"(^|\.)rotary_emb\.inv_freq$"),
+    re.compile(r"(^|\.)position_ids$"),
+    re.compile(r"(^|\.)attn\.(masked_)?bias$"),
+    re.compile(r"(^|\.)num_batches_tracked$"),
+)
+F16_MAX = float(np.finfo(np.float16).max)
+# Rows are read, converted and quantized in blocks of about this many elements (4 MiB as float32).
+CHUNK_ELEMENTS = 2**20
+
+
+@dataclass
+class TypeChange:
+    tensor: str
+    wanted: str
+    used: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.tensor}: {self.wanted} -> {self.used} ({self.reason})"
+
+
+@dataclass
+class WriteReport:
+    out: Path
+    outtype: str
+    file_type: int  # llama.cpp's LlamaFileType
+    n_tensors: int
+    bytes_written: int
+    seconds: float
+    peak_rss: int  # bytes, process high-water mark at the end
+    peak_rss_delta: int  # bytes the high-water mark rose during the conversion (0: set earlier)
+    tensor_types: dict[str, str] = field(default_factory=dict)
+    fallbacks: list[TypeChange] = field(default_factory=list)  # row length does not fit the type
+    mixed: list[TypeChange] = field(default_factory=list)  # deliberate llama.cpp-style upgrades
+    unused_tensors: list[str] = field(default_factory=list)  # in the checkpoint, not in the plan
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [
+            f"wrote {self.out} ({self.bytes_written / 2**20:.1f} MiB, {self.n_tensors} tensors, "
+            f"{self.outtype}) in {self.seconds:.1f} s, peak memory {self.peak_rss / 2**20:.0f} MiB"
+        ]
+        lines += [f"fallback: {c}" for c in self.fallbacks]
+        lines += [f"mixed: {c}" for c in self.mixed]
+        if self.unused_tensors:
+            lines.append(f"unused checkpoint tensors: {', '.join(self.unused_tensors)}")
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Item:
+    plan: TensorPlan
+    shape: tuple[int, ...]
+    qtype: QT
+    nbytes: int
+    rename: bool  # the data is the single source's, unchanged: read it a block of rows at a time
+
+
+# ----------------------------------------------------------------------------- metadata values
+def _scalar_type(value: Any) -> VT:
+    if isinstance(value, (bool, np.bool_)):
+        return VT.BOOL
+    if isinstance(value, (int, np.integer)):
+        v = int(value)
+        if v < 0:
+            return VT.INT32 if v >= -(2**31) else VT.INT64
+        return VT.UINT32 if v < 2**32 else VT.UINT64
+    if isinstance(value, (float, np.floating)):
+        return VT.FLOAT32
+    if isinstance(value, str):
+        return VT.STRING
+    raise TypeError(f"unsupported value {value!r} of type {type(value).__name__}")
+
+
+def _array_type(values: Sequence[Any]) -> VT:
+    kinds = {_scalar_type(v) for v in values}
+    if kinds <= {VT.BOOL}:
+        return VT.BOOL
+    if kinds <= {VT.UINT32, VT.INT32, VT.UINT64, VT.INT64}:
+        lo, hi = min(int(v) for v in values), max(int(v) for v in values)
+        return VT.INT32 if -(2**31) <= lo and hi < 2**31 else VT.INT64
+    if kinds <= {VT.UINT32, VT.INT32, VT.UINT64, VT.INT64, VT.FLOAT32}:
+        return VT.FLOAT32
+    if kinds == {VT.STRING}:
+        return VT.STRING
+    raise TypeError(f"an array mixes element types {sorted(k.name for k in kinds)}")
+
+
+_PY = {VT.BOOL: bool, VT.STRING: str, VT.FLOAT32: float, VT.FLOAT64: float}
+
+
+def _coerce(value: Any, vtype: VT) -> Any:
+    conv = _PY.get(vtype, int)
+    return value if isinstance(value, (bytes, str)) and vtype == VT.STRING else conv(value)
+
+
+def kv_entry(key: str, value: Any) -> tuple[Any, VT, VT | None] | None:
+    """(value, type, element type) for GGUFWriter.add_key_value; None for an empty array."""
+    explicit: Any = None
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], (VT, tuple)):
+        value, explicit = value
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    try:
+        if isinstance(value, (bytes, bytearray)):
+            value, explicit = list(value), explicit or VT.UINT8
+        if isinstance(value, (list, tuple)):
+            if not value:
+                return None
+            sub: VT
+            if isinstance(explicit, tuple):
+                sub = explicit[1]
+            elif explicit is not None and explicit != VT.ARRAY:
+                sub = explicit
+            else:
+                sub = _array_type(value)
+            return [_coerce(v, sub) for v in value], VT.ARRAY, sub
+        vtype = explicit if explicit is not None else _scalar_type(value)
+        return _coerce(value, vtype), vtype, None
+    except (TypeError, ValueError) as exc:
+        raise PorterError(f"metadata key {key!r}: cannot store {value!r:.80} ({exc})") from None
+
+
+# ----------------------------------------------------------------------------- tensor types
+def _block(qtype: QT) -> int:
+    return GGML_QUANT_SIZES[qtype][0]
+
+
+def nbytes_of(shape: Sequence[int], qtype: QT) -> int:
+    block, size = GGML_QUANT_SIZES[qtype]
+    rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    n = shape[-1] if shape else 1
+    return rows * (n // block) * size
+
+
+def choose_type(
+    name: str, shape: tuple[int, ...], keep_f32: bool, default: QT, *, is_output: bool, pure: bool
+) -> tuple[QT, TypeChange | None, TypeChange | None]:
+    """(storage type, mixed-precision change or None, row fallback or None) for one tensor."""
+    if keep_f32 or len(shape) <= 1 or name.endswith("_norm.weight"):
+        return QT.F32, None, None
+    n = shape[-1]
+    wanted = default
+    mixed = None
+    if is_output and not pure and default in _LOW_BIT:
+        wanted = QT.Q6_K if n % _block(QT.Q6_K) == 0 else QT.Q8_0
+        mixed = TypeChange(name, default.name, wanted.name, "output projection kept at higher precision, as llama-quantize does")
+    qtype = wanted
+    if n % _block(qtype) != 0:
+        qtype = _ROW_FALLBACK.get(qtype, QT.F16)
+        if n % _block(qtype) != 0:
+            qtype = QT.F16
+    fallback = None
+    if qtype != wanted:
+        fallback = TypeChange(
+            name, wanted.name, qtype.name,
+            f"row length {n} is not a multiple of {wanted.name}'s block size {_block(wanted)}",
+        )
+    return qtype, mixed, fallback
+
+
+def _runtime_quant():
+    try:
+        from porter.runtime import quant
+    except ImportError:
+        return None
+    return quant if hasattr(quant, "quantize_into") else None
+
+
+def _quantize(arr: np.ndarray, qtype: QT) -> np.ndarray:
+    """float32 rows -> the bytes (as an array) ggml stores for ``qtype``."""
+    if qtype == QT.F32:
+        return arr
+    if qtype == QT.F16:
+        return arr.astype(np.float16)
+    rows = arr.reshape(-1, arr.shape[-1]) if arr.ndim != 2 else arr
+    quant = _runtime_quant()
+    if quant is not None:
+        from porter.runtime.types import GGMLType
+
+        out = np.empty(nbytes_of(rows.shape, qtype), dtype=np.uint8)
+        try:
+            # values were checked already (with the checkpoint tensor's name in the message)
+            quant.quantize_into(rows, GGMLType(int(qtype)), out, check_finite=False)
+            return out
+        except (PorterError, NotImplementedError, TypeError, ValueError):
+            pass  # a type or signature it does not handle: porter's own fallbacks below
+    if qtype in (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K):
+        return _ggml_quantize(rows, qtype)
+    import gguf.quants
+
+    return gguf.quants.quantize(rows, qtype)
+
+
+def _ggml_quantize(rows: np.ndarray, qtype: QT) -> np.ndarray:
+    from porter.runtime._lib import ffi, lib
+
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    nrows, n = rows.shape
+    out = np.empty(nbytes_of(rows.shape, qtype), dtype=np.uint8)
+    written = lib.ggml_quantize_chunk(
+        int(qtype), ffi.from_buffer("float[]", rows), ffi.from_buffer(out), 0, nrows, n, ffi.NULL
+    )
+    if written != out.nbytes:
+        raise PorterError(f"ggml quantized {written} bytes, expected {out.nbytes}")
+    return out
+
+
+# ----------------------------------------------------------------------------- helpers
+def _maxrss() -> int:
+    """The process's peak resident memory in bytes.
+
+    Linux's VmHWM when available: ``getrusage``'s ``ru_maxrss`` also counts the memory of the
+    parent a process was forked or vforked from (it survives ``exec``), so a small process started
+    by a big one would report the big one's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _check_finite(arr: np.ndarray, what: str) -> None:
+    # A float64 sum cannot overflow for float32 inputs and carries any NaN/Inf through.
+    if np.isfinite(np.add.reduce(arr, axis=None, dtype=np.float64)):
+        return
+    n_nan = int(np.count_nonzero(np.isnan(arr)))
+    n_inf = int(np.count_nonzero(np.isinf(arr)))
+    raise ModelError(
+        f"{what} contains {n_nan} NaN and {n_inf} infinite values; the checkpoint is damaged "
+        "(or was saved after a diverged training step) and cannot be converted"
+    )
+
+
+def _is_ignorable(name: str) -> bool:
+    return any(p.search(name) for p in IGNORABLE_TENSORS)
+
+
+def _probe(t: TensorPlan, ckpt: Checkpoint) -> tuple[tuple[int, ...], bool]:
+    """(the shape ``t`` produces, whether it is a plain rename), if possible without reading weights.
+
+    The transform runs on read-only zero-stride stand-ins of the sources' shapes; one that returns
+    its single input unchanged is a rename (plugins often route every tensor through one transform
+    method that is the identity for most of them), which can then be read a block at a time.
+    """
+    if t.transform is None:
+        return ckpt.shape(t.sources[0]), True
+    stand_ins = [np.broadcast_to(np.float32(0), ckpt.shape(s)) for s in t.sources]
+    try:
+        result = t.transform(stand_ins)
+        return tuple(int(d) for d in np.shape(result)), len(stand_ins) == 1 and result is stand_ins[0]
+    except Exception:  # noqa: BLE001 - e.g. an in-place op on a read-only stand-in: use real data
+        pass
+    try:
+        result = t.transform([ckpt.read_f32(s) for s in t.sources])
+    except Exception as exc:
+        raise PorterError(f"the transform for tensor {t.gguf_name!r} failed: {exc!r}") from exc
+    return tuple(int(d) for d in np.shape(result)), False
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description:<32}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+# ----------------------------------------------------------------------------- the writer
+def write_gguf(
+    model_dir: Path,
+    plan: ConversionPlan,
+    out: Path,
+    outtype: str,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    tokenizer: bool | None = None,
+    pure: bool = False,
+) -> WriteReport:
+    """Write the GGUF that ``plan`` describes for the checkpoint in ``model_dir`` to ``out``.
+
+    ``outtype``: one of ``OUTTYPES`` (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q6_k).
+    ``tokenizer``: add :func:`porter.convert.tokenizer.tokenizer_kv` keys (plan keys win on a
+    clash); ``None`` adds them when ``model_dir`` has a ``tokenizer.json`` and the plan does not
+    already set ``tokenizer.ggml.model``. ``pure``: no llama.cpp-style output-tensor upgrade.
+    """
+    t0 = time.perf_counter()
+    rss0 = _maxrss()
+    model_dir, out = Path(model_dir), Path(out)
+    key = outtype.lower().strip()
+    if key not in OUTTYPES:
+        raise PorterError(f"unknown output type {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    default_type, file_type = OUTTYPES[key]
+    if out.is_dir():
+        raise PorterError(f"{out} is a directory; give a file name for the GGUF")
+    if out.exists() and not force:
+        raise PorterError(f"{out} already exists; pass --force to overwrite it")
+
+    names = plan.tensor_names()
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise PorterError(f"the conversion plan writes these tensors more than once: {dupes}")
+
+    ckpt = Checkpoint(model_dir)
+    try:
+        return _write(ckpt, model_dir, plan, out, key, default_type, file_type, force, progress, tokenizer, pure, t0, rss0)
+    finally:
+        ckpt.close()
+
+
+def _write(
+    ckpt: Checkpoint, model_dir: Path, plan: ConversionPlan, out: Path, outtype: str, default_type: QT,
+    file_type: LlamaFileType, force: bool, progress: bool, tokenizer: bool | None, pure: bool,
+    t0: float, rss0: int,
+) -> WriteReport:
+    missing = sorted({s for t in plan.tensors for s in t.sources if s not in ckpt})
+    if missing:
+        shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise ModelError(
+            f"the checkpoint in {model_dir} lacks {len(missing)} tensor(s) the conversion plan needs: "
+            f"{shown}"
+        )
+    report = WriteReport(out, outtype, int(file_type), len(plan.tensors), 0, 0.0, 0, 0)
+    used = plan.source_names()
+    report.unused_tensors = sorted(n for n in ckpt.names() if n not in used and not _is_ignorable(n))
+
+    # Shapes and types of everything, before reading any weight.
+    names = set(plan.tensor_names())
+    output_name = "output.weight" if "output.weight" in names else "token_embd.weight"
+    items: list[_Item] = []
+    for t in plan.tensors:
+        shape, rename = _probe(t, ckpt)
+        if not shape or any(d <= 0 for d in shape):
+            raise PorterError(f"tensor {t.gguf_name!r} would have the empty shape {shape}")
+        qtype, mixed, fallback = choose_type(
+            t.gguf_name, shape, t.keep_f32, default_type, is_output=t.gguf_name == output_name, pure=pure
+        )
+        if mixed:
+            report.mixed.append(mixed)
+        if fallback:
+            report.fallbacks.append(fallback)
+        items.append(_Item(t, shape, qtype, nbytes_of(shape, qtype), rename))
+        report.tensor_types[t.gguf_name] = qtype.name
+
+    # Metadata.
+    kv: dict[str, Any] = {
+        "general.type": "model",
+        "general.name": plan.name or model_dir.name,
+        "general.file_type": (int(file_type), VT.UINT32),
+    }
+    if tokenizer or (tokenizer is None and (model_dir / "tokenizer.json").is_file()
+                     and "tokenizer.ggml.model" not in plan.kv):
+        from porter.convert.tokenizer import tokenizer_kv
+
+        kv.update(tokenizer_kv(model_dir))
+    kv.update(plan.kv)
+    if plan.spec_json:
+        kv[GRAPH_SPEC_KEY] = plan.spec_json
+    kv["general.quantization_version"] = (GGML_QUANT_VERSION, VT.UINT32)
+    kv.pop("general.architecture", None)  # GGUFWriter writes it from plan.gguf_arch
+
+    writer = GGUFWriter(path=None, arch=plan.gguf_arch)
+    for k, v in kv.items():
+        entry = kv_entry(k, v)
+        if entry is None:
+            report.warnings.append(f"metadata key {k!r} is an empty array; GGUF cannot store it, skipped")
+            continue
+        writer.add_key_value(k, entry[0], entry[1], sub_type=entry[2])
+    for item in items:
+        writer.add_tensor_info(
+            item.plan.gguf_name, item.shape, np.dtype(np.float32), item.nbytes, raw_dtype=item.qtype
+        )
+
+    # A hidden temporary name next to the output (same filesystem, so the final rename is atomic),
+    # created with the permissions the umask gives ordinary files.
+    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except OSError as exc:
+        raise PorterError(f"cannot write in {out.parent}: {exc}") from exc
+    try:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.kv_data = [{}]  # the metadata is on disk: let the tokenizer's tables go
+        kv.clear()
+        _release_memory()
+        writer.write_ti_data_to_file()
+        total = sum(i.nbytes for i in items)
+        with _progress(progress) as bar:
+            task = bar.add_task(f"{out.name} ({outtype})", total=total)
+            for item in items:
+                bar.update(task, description=item.plan.gguf_name)
+                _write_tensor(writer, item, _tensor_chunks(item, ckpt, report), lambda n: bar.advance(task, n))
+                _trim()
+            bar.update(task, description=f"{out.name} ({outtype})")
+        assert writer.fout is not None
+        for f in writer.fout:
+            f.flush()
+            os.fsync(f.fileno())
+        writer.close()
+        if out.exists() and not force:
+            raise PorterError(f"{out} appeared while converting; pass --force to overwrite it")
+        os.replace(tmp, out)
+    except BaseException as exc:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise PorterError(f"writing {out} failed: {exc}") from exc
+        raise
+
+    report.bytes_written = out.stat().st_size
+    report.seconds = time.perf_counter() - t0
+    report.peak_rss = _maxrss()
+    report.peak_rss_delta = max(0, report.peak_rss - rss0)
+    return report
+
+
+def _malloc_trim() -> Callable[[], None]:
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return lambda: None
+    trim.argtypes = [ctypes.c_size_t]
+    return lambda: trim(0) and None
+
+
+_trim = _malloc_trim()
+
+
+def _release_memory() -> None:
+    """Hand freed heap back to the system, so it does not add to the peak of what follows.
+
+    (glibc keeps freed medium-sized blocks, such as numpy's temporaries while quantizing, in the
+    process; after a few tensors that is tens of MiB of resident memory nothing uses.)
+    """
+    gc.collect()
+    _trim()
+
+
+def _tensor_chunks(item: _Item, ckpt: Checkpoint, report: WriteReport) -> Iterator[np.ndarray]:
+    """The tensor's stored bytes, as arrays to write one after the other, a block of rows at a time.
+
+    ggml's types all quantize row by row, so blocks of whole rows quantize independently. A plain
+    rename is also read a block at a time; a transform needs its whole sources.
+    """
+    t = item.plan
+    n = item.shape[-1]
+    n_rows = math.prod(item.shape[:-1])
+    step = max(1, CHUNK_ELEMENTS // n)
+    clamped: list[float] = []
+    if item.rename:
+        source = t.sources[0]
+        blocks = (
+            (ckpt.read_rows_f32(source, r, min(r + step, n_rows)), f"checkpoint tensor {source!r} (for {t.gguf_name})")
+            for r in range(0, n_rows, step)
+        )
+    else:
+        arrays = []
+        for s in t.sources:
+            a = ckpt.read_f32(s)
+            _check_finite(a, f"checkpoint tensor {s!r} (for {t.gguf_name})")
+            arrays.append(a)
+            del a
+        try:
+            whole = t.transform(arrays)  # type: ignore[misc]
+        except Exception as exc:
+            raise PorterError(f"the transform for tensor {t.gguf_name!r} failed: {exc!r}") from exc
+        del arrays
+        whole = np.ascontiguousarray(whole, dtype=np.float32)
+        if whole.shape != item.shape:
+            raise PorterError(
+                f"the transform for tensor {t.gguf_name!r} returned shape {whole.shape} on real data "
+                f"but {item.shape} on stand-ins of the same shapes; transforms must not depend on values"
+            )
+        rows = whole.reshape(n_rows, n)
+        what = f"tensor {t.gguf_name!r} after its transform"
+        blocks = ((rows[r : r + step], what) for r in range(0, n_rows, step))
+    for block, what in blocks:
+        _check_finite(block, what)
+        if item.qtype == QT.F16:
+            lo, hi = float(block.min()), float(block.max())
+            if lo < -F16_MAX or hi > F16_MAX:
+                clamped += [lo, hi]
+                block = np.clip(block, -F16_MAX, F16_MAX)
+        yield _quantize(block, item.qtype)
+        del block
+    if clamped:
+        report.warnings.append(
+            f"{t.gguf_name}: values in [{min(clamped):g}, {max(clamped):g}] exceed F16's range and "
+            f"were clamped to ±{F16_MAX:g}"
+        )
+
+
+def _write_tensor(writer: GGUFWriter, item: _Item, chunks: Iterable[np.ndarray], advance: Callable[[int], None]) -> None:
+    """GGUFWriter.write_tensor_data, for a tensor that arrives in pieces."""
+    assert writer.fout is not None and len(writer.fout) == 1
+    fout = writer.fout[0]
+    name = next(iter(writer.tensors[0]))
+    if name != item.plan.gguf_name:
+        raise PorterError(f"internal error: writing {item.plan.gguf_name} where {name} is due")
+    info = writer.tensors[0].pop(name)
+    writer.write_padding(fout, fout.tell())
+    written = 0
+    for chunk in chunks:
+        chunk.tofile(fout)
+        written += chunk.nbytes
+        advance(chunk.nbytes)
+    if written != info.nbytes:
+        raise PorterError(f"internal error: {name} as {item.qtype.name} is {written} bytes, expected {info.nbytes}")
+    writer.write_padding(fout, written)
+    writer.state = WriterState.WEIGHTS
+
+
+__all__ = ["OUTTYPES", "TypeChange", "WriteReport", "choose_type", "kv_entry", "write_gguf"]
