@@ -1,4 +1,4 @@
-"""porter's command line: inspect | convert | run | parity | generate | plugins | examples | demo."""
+"""porter's command line: inspect | convert | run | embed | parity | generate | plugins | examples | demo."""
 
 from __future__ import annotations
 
@@ -110,6 +110,30 @@ def run(model, prompt, n_predict, chat, temp, top_k, top_p, seed, threads, ctx_s
         click.secho(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tokens/s | "
                     f"generation: {stats.generated_tokens} tokens, {stats.generate_tps:.1f} tokens/s "
                     f"| {m.backend.n_threads} threads", fg="bright_black", err=True)
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the embeddings as a JSON list of lists.")
+@click.option("-n", "--show", default=8, show_default=True, help="Values shown per embedding.")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores).")
+def embed(model, texts, as_json, show, threads):
+    """Sentence embeddings of TEXTS from an encoder GGUF (bert), pooled as the checkpoint says."""
+    import json
+
+    import numpy as np
+
+    import porter
+
+    with porter.load(model, n_threads=threads) as m:
+        vectors = m.embed(list(texts))
+    if as_json:
+        click.echo(json.dumps([[float(x) for x in v] for v in vectors]))
+        return
+    for text, v in zip(texts, vectors):
+        head = " ".join(f"{x:+.4f}" for x in v[:show])
+        click.echo(f"{text!r}: [{head}{' ...' if v.size > show else ''}] dim {v.size}, norm {np.linalg.norm(v):.4f}")
 
 
 @main.command()

@@ -85,12 +85,14 @@ def capture_transformers(model, ids: list[int], modules: list[str]) -> tuple[dic
 
         def hook(_m, _inp, out, path=path):
             t = out[0] if isinstance(out, (tuple, list)) else out
-            captured[path] = t.detach().float().numpy()[0]
+            captured[path] = t.detach().float().numpy()[0].copy()  # later in-place ops (falcon: mlp_output += attn) must not change it
 
         handles.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            logits = model(torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+            from porter.parity.logits import model_output
+
+            logits = model_output(model(torch.tensor([ids]), use_cache=False))[0].float().numpy()
     finally:
         for h in handles:
             h.remove()

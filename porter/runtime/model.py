@@ -324,8 +324,9 @@ class Model:
         rows = []
         for item in items:
             if isinstance(item, str):
-                enc = self.tokenizer.encode(item)
-                ids, types = enc.ids[:self.n_ctx], enc.type_ids[:self.n_ctx]
+                enc = self.tokenizer.encode(item)  # tokenizer.json may pad: keep attended tokens
+                keep = [i for i, a in enumerate(enc.attention_mask) if a][:self.n_ctx]
+                ids, types = [enc.ids[i] for i in keep], [enc.type_ids[i] for i in keep]
             else:
                 ids, types = list(item), None
             h = self.forward(ids, use_cache=False, token_types=types)

@@ -12,11 +12,12 @@ def tiny_checkpoint(arch_cls, directory: Path, seed: int = 0, **overrides) -> Pa
     logits have realistic magnitudes and differences between implementations show.
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
     config = arch_cls.tiny_config(**overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    auto = AutoModelForCausalLM if arch_cls.causal else AutoModel  # encoders: the bare model
+    model = auto.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         g = torch.Generator().manual_seed(seed)
         for name, p in model.named_parameters():
