@@ -1,10 +1,103 @@
-"""falcon: not ported yet (placeholder so the entry point resolves; fill in an Architecture)."""
+"""Falcon (rotary variants): LayerNorm with bias, one fused query_key_value, plain GELU MLP.
+
+- falcon-7b layout (``multi_query``): one K and one V head; attention and MLP in parallel on one
+  norm (``input_layernorm``), or sequential when ``parallel_attn`` is false (then
+  ``post_attention_layernorm`` feeds the MLP).
+- ``new_decoder_architecture`` (falcon-40b/180b): grouped fused qkv, ``ln_attn`` and ``ln_mlp``
+  (llama.cpp's ``attn_norm`` and ``attn_norm_2``) feeding attention and MLP in parallel, or one
+  norm when ``num_ln_in_parallel_attn`` is 1.
+
+The fused qkv holds per kv group [q heads of the group, k, v] (multi-head: [q, k, v] per head);
+llama.cpp's converter reorders it to [all q; all k; all v] and porter does the same.
+ALiBi variants (``alibi: true``, falcon-rw) are not ported: they are refused at conversion.
+"""
 
 from __future__ import annotations
 
+from plugins.gpt_neox import FusedQKV, unfuse_per_head
+from porter.errors import ModelError
 from porter.plugins import hookimpl
+
+H = "transformer.h.{L}"
+
+
+class Falcon(FusedQKV):
+    model_type = "falcon"
+    family = "falcon"
+    gguf_arch = "falcon"
+    features = ("layernorm", "rope", "mqa", "gqa", "fused_qkv", "parallel_block", "gelu")
+    knobs = {"norm": "layer", "norm_bias": True, "fused_qkv": True, "mlp": "plain", "ffn_norm_w": "attn_norm_2",
+             "hf_embed": "transformer.word_embeddings", "hf_layers": "transformer.h",
+             "hf_attn": "self_attention", "hf_final_norm": "transformer.ln_f"}
+    tensors = {
+        "token_embd.weight": "transformer.word_embeddings.weight",
+        "output_norm.weight": "transformer.ln_f.weight",
+        "output_norm.bias": "transformer.ln_f.bias",
+        "output.weight": "lm_head.weight",
+        "blk.{L}.attn_norm.weight": H + ".input_layernorm.weight",
+        "blk.{L}.attn_norm.bias": H + ".input_layernorm.bias",
+        "blk.{L}.attn_norm_2.weight": H + ".ln_mlp.weight",
+        "blk.{L}.attn_norm_2.bias": H + ".ln_mlp.bias",
+        "blk.{L}.ffn_norm.weight": H + ".post_attention_layernorm.weight",
+        "blk.{L}.ffn_norm.bias": H + ".post_attention_layernorm.bias",
+        "blk.{L}.attn_qkv.weight": H + ".self_attention.query_key_value.weight",
+        "blk.{L}.attn_qkv.bias": H + ".self_attention.query_key_value.bias",
+        "blk.{L}.attn_output.weight": H + ".self_attention.dense.weight",
+        "blk.{L}.attn_output.bias": H + ".self_attention.dense.bias",
+        "blk.{L}.ffn_up.weight": H + ".mlp.dense_h_to_4h.weight",
+        "blk.{L}.ffn_up.bias": H + ".mlp.dense_h_to_4h.bias",
+        "blk.{L}.ffn_down.weight": H + ".mlp.dense_4h_to_h.weight",
+        "blk.{L}.ffn_down.bias": H + ".mlp.dense_4h_to_h.bias",
+    }
+    # the new architecture's two-norm layout names its attention norm ln_attn
+    alternatives = {"blk.{L}.attn_norm.weight": H + ".ln_attn.weight", "blk.{L}.attn_norm.bias": H + ".ln_attn.bias"}
+    tiny = {"activation": "gelu", "alibi": False, "bias": False}
+    space = {"new_decoder_architecture": [False, True], "multi_query": [True, False],
+             "parallel_attn": [True, False], "num_ln_in_parallel_attn": [None, 1], "bias": [False, True]}
+
+    def source_name(self, gguf_name):
+        src = super().source_name(gguf_name)
+        m = gguf_name.split(".")
+        pattern = ".".join(["blk", "{L}", *m[2:]]) if m[0] == "blk" else gguf_name
+        if src is None and pattern in self.alternatives:
+            alt = self.alternatives[pattern].format(L=m[1])
+            src = alt if alt in self.info.parameters else None
+        return src
+
+    def configure(self, k):
+        if self.hp.extra.get("alibi"):
+            raise ModelError("falcon: ALiBi variants (alibi: true) are not ported yet; only rotary Falcon models")
+        super().configure(k)
+        two_norms = self.has("blk.0.attn_norm_2.weight")
+        k["hf_attn_norm"] = "ln_attn" if two_norms else "input_layernorm"
+        k["parallel"] = not self.has("blk.0.ffn_norm.weight")
+        k["parallel_ffn_norm"] = two_norms
+        k["hf_ffn_norm"] = "ln_mlp" if two_norms else "post_attention_layernorm"
+        k["o_bias"] = self.has("blk.0.attn_output.bias")
+
+    def transform(self, gguf_name, arrays):
+        if ".attn_qkv." in gguf_name:
+            hp = self.hp
+            return unfuse_per_head(arrays[0], hp.num_kv_heads, hp.num_heads, hp.head_dim)
+        return arrays[0]
+
+    @classmethod
+    def tiny_config(cls, **overrides):
+        from transformers import AutoConfig
+
+        fields = {"vocab_size": 97, "hidden_size": 64, "ffn_hidden_size": 112, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_kv_heads": 2, "max_position_embeddings": 256,
+                  "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False,
+                  "new_decoder_architecture": True, **cls.tiny}
+        names = {"intermediate_size": "ffn_hidden_size", "num_key_value_heads": "num_kv_heads"}
+        fields.update({names.get(k, k): v for k, v in overrides.items() if k != "head_dim"})
+        if fields["new_decoder_architecture"]:
+            fields["parallel_attn"] = True  # the new layout is always parallel
+        else:  # one K/V head (multi_query) or multi-head: the old layout has no groups
+            fields["num_kv_heads"] = 1 if fields.get("multi_query", True) else fields["num_attention_heads"]
+        return AutoConfig.for_model(cls.model_type, **fields)
 
 
 @hookimpl
 def porter_architectures():
-    return []
+    return [Falcon]

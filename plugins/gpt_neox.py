@@ -1,10 +1,112 @@
-"""gpt_neox: not ported yet (placeholder so the entry point resolves; fill in an Architecture)."""
+"""GPT-NeoX (Pythia): LayerNorm with bias, parallel residual with two norms (or sequential),
+partial rotary (neox layout on the first ``rotary_pct`` of each head), plain GELU MLP.
+
+The fused ``query_key_value`` is interleaved per head ([q, k, v] of head 0, then head 1, ...);
+llama.cpp's converter reorders it to [all q; all k; all v] and porter writes it the same way, so
+the graph slices q, k and v out of one ``attn_qkv`` product.
+"""
 
 from __future__ import annotations
 
+import numpy as np
+
+from porter.arch import Architecture
 from porter.plugins import hookimpl
+
+
+def even_rotary(fields: dict, head_dim: int, key: str = "partial_rotary_factor") -> None:
+    """transformers rotates ``int(head_dim * factor)`` dims and needs that even: fall back to half."""
+    p = fields.get(key)
+    if p is not None and int(head_dim * p) % 2:
+        fields[key] = 0.5
+
+
+def drop_fields(config, *names):
+    """Remove size fields the shared tiny defaults set but this architecture does not have."""
+    for name in names:
+        if name in vars(config):
+            delattr(config, name)
+    return config
+
+
+def unfuse_per_head(w: np.ndarray, n_kv: int, n_head: int, head_dim: int) -> np.ndarray:
+    """[kv group: n_head/n_kv q heads, k, v] x n_kv rows -> [all q; all k; all v] (llama.cpp's order)."""
+    g = w.reshape(n_kv, n_head // n_kv + 2, head_dim, *w.shape[1:])
+    q = g[:, :-2].reshape(n_head * head_dim, *w.shape[1:])
+    k = g[:, -2].reshape(n_kv * head_dim, *w.shape[1:])
+    v = g[:, -1].reshape(n_kv * head_dim, *w.shape[1:])
+    return np.concatenate([q, k, v])
+
+
+class FusedQKV(Architecture):
+    """Shared by the fused-qkv plugins: the qkv bias follows the checkpoint."""
+
+    def configure(self, k):
+        super().configure(k)
+        k["qkv_bias"] = self.has("blk.0.attn_qkv.bias") or k["qkv_bias"]
+
+
+class GPTNeoX(FusedQKV):
+    model_type = "gpt_neox"
+    family = "gpt_neox"
+    gguf_arch = "gptneox"
+    features = ("layernorm", "rope", "partial_rotary", "parallel_residual", "fused_qkv", "gelu")
+    knobs = {"norm": "layer", "norm_bias": True, "fused_qkv": True, "mlp": "plain",
+             "hf_embed": "gpt_neox.embed_in", "hf_layers": "gpt_neox.layers", "hf_attn": "attention",
+             "hf_final_norm": "gpt_neox.final_layer_norm"}
+    tensors = {
+        "token_embd.weight": "gpt_neox.embed_in.weight",
+        "output_norm.weight": "gpt_neox.final_layer_norm.weight",
+        "output_norm.bias": "gpt_neox.final_layer_norm.bias",
+        "output.weight": "embed_out.weight",
+        "blk.{L}.attn_norm.weight": "gpt_neox.layers.{L}.input_layernorm.weight",
+        "blk.{L}.attn_norm.bias": "gpt_neox.layers.{L}.input_layernorm.bias",
+        "blk.{L}.attn_qkv.weight": "gpt_neox.layers.{L}.attention.query_key_value.weight",
+        "blk.{L}.attn_qkv.bias": "gpt_neox.layers.{L}.attention.query_key_value.bias",
+        "blk.{L}.attn_output.weight": "gpt_neox.layers.{L}.attention.dense.weight",
+        "blk.{L}.attn_output.bias": "gpt_neox.layers.{L}.attention.dense.bias",
+        "blk.{L}.ffn_norm.weight": "gpt_neox.layers.{L}.post_attention_layernorm.weight",
+        "blk.{L}.ffn_norm.bias": "gpt_neox.layers.{L}.post_attention_layernorm.bias",
+        "blk.{L}.ffn_up.weight": "gpt_neox.layers.{L}.mlp.dense_h_to_4h.weight",
+        "blk.{L}.ffn_up.bias": "gpt_neox.layers.{L}.mlp.dense_h_to_4h.bias",
+        "blk.{L}.ffn_down.weight": "gpt_neox.layers.{L}.mlp.dense_4h_to_h.weight",
+        "blk.{L}.ffn_down.bias": "gpt_neox.layers.{L}.mlp.dense_4h_to_h.bias",
+    }
+    tiny = {"hidden_act": "gelu"}
+    space = {"use_parallel_residual": [True, False], "attention_bias": [True, False],
+             "partial_rotary_factor": [0.25, 0.5, 1.0], "hidden_act": ["gelu", "gelu_new", "relu"]}
+
+    @property
+    def parallel(self) -> bool:
+        return bool(self.hp.extra.get("use_parallel_residual", True))
+
+    def configure(self, k):
+        super().configure(k)
+        k["parallel"] = k["parallel_ffn_norm"] = self.parallel
+
+    def gguf_kv(self):
+        kv = super().gguf_kv()
+        kv[f"{self.gguf_arch}.use_parallel_residual"] = self.parallel
+        kv.pop(f"{self.gguf_arch}.attention.head_count_kv", None)
+        return kv
+
+    def transform(self, gguf_name, arrays):
+        if ".attn_qkv." in gguf_name:
+            hp = self.hp
+            return unfuse_per_head(arrays[0], hp.num_heads, hp.num_heads, hp.head_dim)
+        return arrays[0]
+
+    @classmethod
+    def tiny_config(cls, **overrides):
+        fields = dict(overrides)
+        hidden, heads = fields.get("hidden_size", 64), fields.get("num_attention_heads", 4)
+        even_rotary(fields, hidden // heads)
+        if "partial_rotary_factor" in fields:
+            fields["rotary_pct"] = fields.pop("partial_rotary_factor")
+        # head size is hidden_size / heads, and attention is multi-head only
+        return drop_fields(super().tiny_config(**fields), "head_dim", "num_key_value_heads")
 
 
 @hookimpl
 def porter_architectures():
-    return []
+    return [GPTNeoX]

@@ -48,6 +48,8 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "attn_post_norm": False, "ffn_post_norm": False,  # norms on sublayer outputs (gemma2, olmo2)
     "post_norm": False,  # bert: norm after each residual add, no pre-norms
     "qk_norm_eps": None,  # default: $norm_eps
+    "qk_norm_bias": None,  # qk-norm with a bias; default: as norm_bias (stablelm's per-head norms have none)
+    "ffn_norm_w": "ffn_norm",  # GGUF name of the parallel block's MLP norm (falcon: attn_norm_2)
     "rope_per_layer": False,  # rope attributes are per-layer lists (gemma3 local/global)
     "fused_gate_up": False,  # ffn_up holds [gate; up] (phi3)
     "moe_norm_topk": False,  # renormalize the chosen experts' probabilities
@@ -91,6 +93,9 @@ class Architecture:
     causal: ClassVar[bool] = True  # False for encoders (bidirectional attention, no KV cache)
     features: ClassVar[tuple[str, ...]] = ()
     tensors: ClassVar[dict[str, str]] = {}
+    # MoE experts stored one tensor per expert in the checkpoint ({E} = expert index), stacked
+    # into one 3-D GGUF tensor [n_expert, rows, cols] as llama.cpp stores them
+    experts: ClassVar[dict[str, str]] = {}
     knobs: ClassVar[dict[str, Any]] = {}
     # tensors the checkpoint may hold that porter deliberately does not use
     ignored_tensors: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
@@ -157,7 +162,23 @@ class Architecture:
                 "rope_attn_factor": r.attn_factor, "rope_beta_fast": r.beta_fast,
                 "rope_beta_slow": r.beta_slow, "rope_n_ctx_orig": r.n_ctx_orig,
             })
+        if self.experts:
+            values.update(self.expert_counts())
         return values
+
+    def expert_counts(self) -> dict[str, int]:
+        return {"n_expert": int(self.hp.extra["num_experts"]), "n_expert_used": int(self.hp.extra["num_experts_per_tok"])}
+
+    def expert_sources(self, gguf_name: str) -> list[str] | None:
+        """The per-expert checkpoint parameters stacked into a GGUF experts tensor, or None."""
+        import re
+
+        m = re.match(r"^blk\.(\d+)\.(.+)$", gguf_name)
+        src = self.experts.get("blk.{L}." + m.group(2)) if m else None
+        if src is None:
+            return None
+        names = [src.format(L=m.group(1), E=e) for e in range(self.expert_counts()["n_expert"])]
+        return names if all(n in self.info.parameters for n in names) else None
 
     rope_mode: ClassVar[int] = 2  # neox (transformers' rotate_half); llama.cpp's llama uses 0 on permuted q/k
 
@@ -192,6 +213,9 @@ class Architecture:
                 kv[f"{a}.rope.scaling.type"] = "yarn"
                 kv[f"{a}.rope.scaling.factor"] = float(rope["factor"])
                 kv[f"{a}.rope.scaling.original_context_length"] = int(r.n_ctx_orig)
+        if self.experts:
+            n = self.expert_counts()
+            kv[f"{a}.expert_count"], kv[f"{a}.expert_used_count"] = n["n_expert"], n["n_expert_used"]
         return kv
 
     def transform(self, gguf_name: str, arrays: list[np.ndarray]) -> np.ndarray:
@@ -239,8 +263,14 @@ class Architecture:
                 plans.append(TensorPlan(
                     gguf_name=name, sources=[src],
                     transform=(lambda arrays, n=name: self.transform(n, arrays)),
-                    keep_f32=len(shape) == 1 or name.endswith("_norm.weight"),
+                    keep_f32=len(shape) == 1 or name.endswith(("_norm.weight", "ffn_gate_inp.weight")),
                 ))
+        for pattern in self.experts:
+            for name in self.layer_names(pattern):
+                srcs = self.expert_sources(name)
+                if srcs:
+                    plans.append(TensorPlan(gguf_name=name, sources=srcs,
+                                            transform=lambda arrays: np.stack(arrays)))
         if self.resolved_knobs_cache.get("rope_freq_factors") and self.rope_factors_in_gguf:
             factors = self.rope_args().freq_factors
             plans.append(TensorPlan(gguf_name="rope_freqs.weight", sources=[],
@@ -253,6 +283,10 @@ class Architecture:
             src = self.source_name(pattern.format(L=0) if "{L}" in pattern else pattern)
             if src is not None:
                 shapes[pattern] = list(self.info.parameters[src])
+        for pattern in self.experts:
+            srcs = self.expert_sources(pattern.format(L=0))
+            if srcs:
+                shapes[pattern] = [len(srcs), *self.info.parameters[srcs[0]]]
         if self.resolved_knobs_cache.get("rope_freq_factors"):
             shapes["rope_freqs.weight"] = [self.rope_args().n_dims // 2]
         return shapes
@@ -297,6 +331,12 @@ class Architecture:
     # config field -> list of values parity properties draw from, merged along the class
     # hierarchy (answers porter_config_space); plain data, so plugins need no hypothesis import
     space: ClassVar[dict[str, list]] = {}
+
+    @classmethod
+    def q8_0_overrides(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Config changes the q8_0 parity property needs beyond whole-block sizes (MoE: route
+        to every expert, since quantization noise flips near-tie discrete expert choices)."""
+        return {}
 
     @classmethod
     def config_space(cls) -> dict[str, Any]:

@@ -53,6 +53,7 @@ def test_q8_0_parity(model_type, data):
     overrides = data.draw(configs(model_type), label="config")
     # rows of whole q8_0 blocks (32): hidden, head_dim and the MLP width
     overrides.update(hidden_size=32 * overrides["num_attention_heads"], head_dim=32, intermediate_size=96)
+    overrides.update(architectures()[model_type].q8_0_overrides(overrides))
     with tempfile.TemporaryDirectory() as tmp, port_tiny(model_type, overrides, tmp, outtype="q8_0") as pair:
         ids = data.draw(st.lists(st.integers(0, pair.porter.n_vocab - 1), min_size=16, max_size=48), label="ids")
         assert_parity(pair, ids, context=f"{model_type} q8_0 {overrides}")
