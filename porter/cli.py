@@ -154,12 +154,27 @@ def generate(check):
 
 
 @main.command()
-def plugins():
+@click.option("--markdown", is_flag=True, help="Print the support table as Markdown.")
+@click.option("--measure", is_flag=True, help="Also port a tiny model of each and measure parity now.")
+@click.option("--update-readme", is_flag=True, help="Write the measured table into README.md.")
+def plugins(markdown, measure, update_readme):
     """List installed architecture plugins and the model types each ports."""
     from rich.console import Console
     from rich.table import Table
 
     from porter.plugins import architectures
+
+    if update_readme:
+        from porter.support import update_readme as do_update
+
+        do_update(measure=True)
+        click.echo("README.md support table updated")
+        return
+    if markdown:
+        from porter.support import markdown as md
+
+        click.echo(md(measure), nl=False)
+        return
 
     table = Table(title="porter architecture plugins")
     for col in ("model_type", "family", "GGUF arch", "plugin", "features"):
