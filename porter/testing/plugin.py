@@ -9,7 +9,7 @@ It gives any test suite (porter's own, or a plugin author's):
 - markers ``parity`` and ``realmodel``;
 - the ``porter_port`` fixture: ``porter_port("llama", {"num_hidden_layers": 2}, outtype="f32")``
   builds a tiny random checkpoint, converts it and returns a pair (transformers model, porter
-  model) for :func:`porter.testing.assert_parity`, closed after the test.
+  model) for :func:`porter.testing.assert_parity`; every pair is closed at the end of the session.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "realmodel: uses a real model shipped in a PyPI package")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # a factory: safe to share across hypothesis examples
 def porter_port(tmp_path_factory):
     from porter.testing.parity import port_tiny
 
