@@ -47,8 +47,10 @@ def plot(report, path: Path, title: str) -> None:
 @click.option("-p", "--prompt", "prompts", multiple=True, help="Prompt(s) to compare on (repeatable).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG of error by layer.")
+@click.option("--greedy", "n_greedy", default=16, show_default=True,
+              help="Also decode this many tokens greedily on both sides and compare them.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the summary line.")
-def parity(model_dir, model_type, outtype, prompts, json_path, plot_path, quiet):
+def parity(model_dir, model_type, outtype, prompts, json_path, plot_path, n_greedy, quiet):
     """Compare porter with transformers node by node (exit status 1 when over tolerance).
 
     Every graph node that corresponds to a transformers module output (embeddings, norms,
@@ -83,7 +85,16 @@ def parity(model_dir, model_type, outtype, prompts, json_path, plot_path, quiet)
         with porter.load(tmp / "model.gguf", n_ctx=512) as m:
             for p in prompts:
                 ids = tok(p)["input_ids"] if tok is not None else list(range(1, 17))
-                reports.append(run_parity(hf, m, ids, outtype))
+                report = run_parity(hf, m, ids, outtype)
+                if n_greedy and m.spec.causal:
+                    from porter.parity.logits import hf_greedy
+
+                    ref_tokens = hf_greedy(hf, ids, n_greedy)
+                    got_tokens = list(m.generate_ids(ids, n_greedy))
+                    same = next((i for i, (a, b) in enumerate(zip(ref_tokens, got_tokens)) if a != b), None)
+                    report.logits["greedy"] = {"tokens": n_greedy, "identical": same is None,
+                                               "first_difference": same}
+                reports.append(report)
     report = max(reports, key=lambda r: r.logits["nmse"])  # the worst prompt is shown
     if not quiet:
         table = Table(title=f"parity of {model_dir} ({outtype}, {report.n_tokens} tokens, worst prompt)")
@@ -94,8 +105,13 @@ def parity(model_dir, model_type, outtype, prompts, json_path, plot_path, quiet)
                           "[green]ok" if n.ok else "[red]over")
         console.print(table)
     lg = report.logits
-    console.print(f"logits: NMSE {lg['nmse']:.3e} (gate {report.tolerance:g}), top-1 agreement {lg['top1']:.1%}, "
-                  f"KL {lg['kl']:.2e}")
+    gate = f"gate {report.tolerance:g}" if report.tolerance != float("inf") else f"no gate for {outtype}: report only"
+    console.print(f"logits: NMSE {lg['nmse']:.3e} ({gate}), top-1 agreement {lg['top1']:.1%}, KL {lg['kl']:.2e}")
+    for i, r in enumerate(reports):
+        g = r.logits.get("greedy")
+        if g:
+            state = "identical" if g["identical"] else f"differ from step {g['first_difference']}"
+            console.print(f"prompt {i + 1}: greedy {g['tokens']} tokens {state}")
     first = report.first_divergence
     if first:
         console.print(f"[red]first diverging node: {first.node} (layer {first.layer}, role {first.role}, "
@@ -108,5 +124,9 @@ def parity(model_dir, model_type, outtype, prompts, json_path, plot_path, quiet)
         plot(report, plot_path, f"porter vs transformers: {Path(str(model_dir)).name} ({outtype})")
         console.print(f"picture: {plot_path}")
     passed = all(r.passed for r in reports)
-    console.print("[green]PASS" if passed else "[red]FAIL")
+    if report.tolerance == float("inf"):
+        console.print(f"REPORT ONLY: porter has no parity tolerance for {outtype} (gates exist for "
+                      "f32, f16, bf16 and q8_0)")
+    else:
+        console.print("[green]PASS" if passed else "[red]FAIL")
     sys.exit(0 if passed else 1)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from porter.parity.metrics import TOLERANCES, cosine, kl_divergence, max_abs, nmse, top1_agreement
+from porter.parity.metrics import cosine, kl_divergence, max_abs, nmse, tolerance, top1_agreement
 
 
 @dataclass
@@ -101,7 +101,7 @@ def capture_transformers(model, ids: list[int], modules: list[str]) -> tuple[dic
 
 def run_parity(hf_model, porter_model, ids: list[int], outtype: str = "f32") -> ParityReport:
     """Compare every mapped node and the logits; tolerance from TOLERANCES[outtype]."""
-    tol = TOLERANCES.get(outtype, TOLERANCES["q8_0"])
+    tol = tolerance(outtype)
     targets = hf_targets(porter_model.spec)
     hf_out, ref_logits = capture_transformers(hf_model, ids, [m for _, m in targets])
     porter_model.reset()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from porter.parity.harness import ParityReport, run_parity
-from porter.parity.metrics import TOLERANCES, nmse
+from porter.parity.metrics import nmse, tolerance
 
 
 class PortedPair:
@@ -92,7 +92,7 @@ def assert_cache_consistent(pair: PortedPair, ids, split: int, *, context: str =
     rows += [m.forward([t]) for t in ids[split:]]
     stepped = np.concatenate(rows)
     m.reset()
-    gate = TOLERANCES.get(pair.outtype, TOLERANCES["q8_0"])["nmse"]
+    gate = tolerance(pair.outtype)["nmse"]
     self_err = nmse(full, stepped)
     assert self_err <= gate, f"{context}: prefill {len(ids)} vs prefill {split} + decode: NMSE {self_err:.3e}"
     ref_err = nmse(hf_logits(pair.hf, ids), stepped)
@@ -108,7 +108,7 @@ def _encoder_cache_consistent(pair: PortedPair, ids: list[int], context: str) ->
     cached = m.forward(ids, use_cache=True, all_logits=True)
     m.reset()
     fresh = m.forward(ids, use_cache=False, all_logits=True)
-    gate = TOLERANCES.get(pair.outtype, TOLERANCES["q8_0"])["nmse"]
+    gate = tolerance(pair.outtype)["nmse"]
     self_err = nmse(fresh, cached)
     assert self_err <= gate, f"{context}: encoder pass through the cache vs without: NMSE {self_err:.3e}"
     ref_err = nmse(hf_logits(pair.hf, ids), cached)
