@@ -32,6 +32,11 @@ How each ``rope_type`` is expressed (this is the contract :func:`ggml_rope_args`
     (a bound within float32 rounding of an integer may floor differently); transformers'
     ``truncate: false`` has no ggml counterpart and is refused.
 
+Partial rotation (``partial_rotary_factor`` < 1) rotates the first ``int(head_dim * factor)``
+dimensions of each head, as GPT-NeoX, Phi, StableLM, Persimmon and the ``ROPE_INIT_FUNCTIONS``
+do (an odd count is rounded up to a whole pair, as transformers does). A model whose own default
+rope ignores the factor (Llama's ``compute_default_rope_parameters``) must not pass it.
+
 Sequence-length-dependent types (transformers switches on ``max(position_ids) + 1`` of each
 forward call, for all positions of that call):
 

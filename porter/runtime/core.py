@@ -100,6 +100,14 @@ class Context:
         self.count = 0
         self._finalizer = _track(self, "context", lib.ggml_free, self.ptr)
 
+    def ensure_room(self, n_tensors: int = 1) -> None:
+        """Raise MemoryError unless ``n_tensors`` more tensors fit (ggml would abort instead)."""
+        free = lib.ggml_get_mem_size(self.ptr) - lib.ggml_used_mem(self.ptr)
+        if free < n_tensors * lib.ggml_tensor_overhead():
+            raise MemoryError(
+                f"ggml context is full ({lib.ggml_used_mem(self.ptr)} of {lib.ggml_get_mem_size(self.ptr)} "
+                "bytes used); build the graph in a larger context (GraphRunner(max_nodes=...))")
+
     def new_tensor(self, gtype: GGMLType, ne: Sequence[int], name: str | None = None):
         """A tensor of ggml shape ``ne`` (innermost first)."""
         ne = [int(n) for n in ne]
@@ -115,6 +123,7 @@ class Context:
             )
         if self.count >= self.capacity:
             raise MemoryError(f"ggml context is full ({self.capacity} tensors)")
+        self.ensure_room()
         self.count += 1
         t = lib.ggml_new_tensor(self.ptr, gtype, len(ne), ffi.new("int64_t[]", ne))
         if name:
@@ -210,6 +219,15 @@ def numpy_type(array: np.ndarray) -> GGMLType:
         raise ShapeError(f"numpy dtype {array.dtype} has no ggml counterpart") from None
 
 
+def check_indices(array: np.ndarray, bound: int, op: str, name: str = "") -> None:
+    """Raise ShapeError unless every index in ``array`` is in ``[0, bound)``: ggml aborts (or,
+    in mul_mat_id, reads out of bounds) on an index outside the table it selects from."""
+    lo, hi = int(array.min()), int(array.max())
+    if lo < 0 or hi >= bound:
+        bad = lo if lo < 0 else hi
+        raise ShapeError(f"{op}: index {bad} in input {name!r} is out of range; valid indices are 0..{bound - 1}")
+
+
 class GraphRunner:
     """Build a graph in a fresh context, allocate its intermediates, feed inputs, compute.
 
@@ -226,10 +244,16 @@ class GraphRunner:
 
         self.backend = backend
         self.max_nodes = max_nodes
-        self.ctx = Context(max_nodes * 2, graph_size=max_nodes)
+        # One graph, made first and cleared for each compute (a new graph per compute would fill
+        # the context, and ggml aborts when a context is full). Its size covers every tensor the
+        # context can hold plus as many tensors from other contexts (weights) as graph leafs.
+        self._graph_size = max_nodes * 3
+        self.ctx = Context(max_nodes * 2, graph_size=self._graph_size)
+        self._graph = lib.ggml_new_graph_custom(self.ctx.ptr, self._graph_size, False)
         self.ops = Ops(self.ctx)
         self._feeds: list[tuple[object, np.ndarray]] = []
         self._galloc = None
+        self._galloc_finalizer = None
 
     def input(self, array: np.ndarray | None = None, *, gtype: GGMLType | None = None,
               shape: Sequence[int] | None = None, name: str | None = None):
@@ -252,26 +276,46 @@ class GraphRunner:
         return t
 
     def compute(self, outputs: Sequence) -> list[np.ndarray]:
-        graph = lib.ggml_new_graph_custom(self.ctx.ptr, self.max_nodes, False)
+        graph = self._graph
+        lib.ggml_graph_clear(graph)
+        if self._galloc is not None:
+            self._forget_allocations()
         for t in outputs:
             lib.ggml_set_output(t)
             lib.ggml_build_forward_expand(graph, t)
         if self._galloc is None:
-            self._galloc = lib.ggml_gallocr_new(self.backend.buffer_type)
+            galloc = lib.ggml_gallocr_new(self.backend.buffer_type)
+            if galloc == ffi.NULL:
+                raise MemoryError("ggml could not create a graph allocator")
+            self._galloc = galloc
+            self._galloc_finalizer = _track(self, "gallocr", lib.ggml_gallocr_free, galloc)
         if not lib.ggml_gallocr_alloc_graph(self._galloc, graph):
             raise MemoryError("ggml could not allocate the graph's intermediate tensors")
         for t, array in self._feeds:
             nbytes = int(lib.ggml_nbytes(t))
             if array.nbytes != nbytes:
                 raise ShapeError(f"input {tensor_name(t)!r} needs {nbytes} bytes, got {array.nbytes}")
+            limit = self.ops.index_limits.get(int(ffi.cast("uintptr_t", t)))
+            if limit is not None and array.size:
+                check_indices(array, limit[0], limit[1], tensor_name(t))
             lib.ggml_backend_tensor_set(t, ffi.from_buffer(array), 0, nbytes)
         self.backend.compute(graph)
         return [get_data(t) for t in outputs]
 
+    def _forget_allocations(self) -> None:
+        """Detach this context's tensors from the previous compute's allocation, so the
+        allocator plans the new graph from scratch (it treats a tensor whose ``data`` is set as
+        allocated elsewhere, and a larger graph moves its buffer, which would leave stale pointers)."""
+        t = lib.ggml_get_first_tensor(self.ctx.ptr)
+        while t != ffi.NULL:
+            t.data = ffi.NULL
+            t.buffer = ffi.NULL
+            t = lib.ggml_get_next_tensor(self.ctx.ptr, t)
+
     def close(self) -> None:
-        if self._galloc is not None:
-            lib.ggml_gallocr_free(self._galloc)
-            self._galloc = None
+        if self._galloc_finalizer is not None:
+            self._galloc_finalizer()
+            self._galloc = self._galloc_finalizer = None
         self.ctx.close()
 
     def __enter__(self):

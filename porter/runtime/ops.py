@@ -9,6 +9,8 @@ Shapes in this module are ggml's ``ne`` order (innermost dimension first).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -37,10 +39,76 @@ def _can_repeat(small, big) -> bool:
     return all(small.ne[i] != 0 and big.ne[i] % small.ne[i] == 0 for i in range(4))
 
 
+def _require_dense(op: str, *tensors) -> None:
+    """ggml's compute kernels (everything but copies and views) need each row's elements adjacent."""
+    for t in tensors:
+        if t is not None and t.nb[0] != lib.ggml_type_size(t.type):
+            raise _fail(op, "needs the elements of each row adjacent in memory; this is a transposed or "
+                            "permuted view (cont it first)", t)
+
+
+def _uniform_rows(t) -> bool:
+    """Rows reachable as ``data + i * nb[1]`` (ggml_is_padded_1d): what row-loop kernels assume.
+    Unlike ggml_is_contiguous_1 this also checks the strides of size-1 dimensions, which a
+    permute can leave arbitrary and some kernels still multiply."""
+    return t.nb[0] == lib.ggml_type_size(t.type) and t.nb[2] == t.nb[1] * t.ne[1] and t.nb[3] == t.nb[2] * t.ne[2]
+
+
+def _packed(t) -> bool:
+    """Fully contiguous, strides of size-1 dimensions included."""
+    return _uniform_rows(t) and t.nb[1] == lib.ggml_row_size(t.type, t.ne[0])
+
+
+def _require_packed(op: str, *tensors, what: str = "input") -> None:
+    for t in tensors:
+        if t is not None and not _packed(t):
+            raise _fail(op, f"{what} must be contiguous (cont it first)", t)
+
+
 def _require_f32(op: str, *tensors) -> None:
     for t in tensors:
         if t is not None and t.type != GGMLType.F32:
             raise _fail(op, "expects F32 activations", t)
+
+
+def _require_weight(op: str, w) -> None:
+    """ggml has dot-product kernels for float and block-quantized weights only (others crash)."""
+    wt = GGMLType(w.type)
+    if wt not in _FLOAT and not (wt.is_quantized and wt.block_size > 1):
+        raise _fail(op, f"weights must be F32, F16, BF16 or a quantized type, not {wt.name}", w)
+
+
+def _require_rows_kept(op: str, a, keeps_dim0: bool) -> None:
+    """Blocks of a quantized tensor run along ne[0]: moving that dimension makes no sense (and
+    ggml's kernels then read and write out of bounds)."""
+    if GGMLType(a.type).block_size > 1 and not keeps_dim0:
+        raise _fail(op, "a quantized tensor's blocks run along ne[0]; that dimension must stay first "
+                        "(cast it to F32 first)", a)
+
+
+def _check_conversion(op: str, src, dst_type: GGMLType, dst_contiguous: bool, dst_ne0: int = 0) -> None:
+    """The conversions ggml's CPU copy kernels implement (others abort with "not implemented")."""
+    src_type = GGMLType(src.type)
+    if src_type.block_size > 1 and (src.nb[0] != lib.ggml_type_size(src.type) or src.ne[0] % src_type.block_size):
+        raise _fail(op, f"a {src_type.name} source must consist of whole blocks along ne[0]", src)
+    if src_type == dst_type:
+        return
+    if src_type in _FLOAT and dst_type in _FLOAT:
+        return
+    if {src_type, dst_type} == {GGMLType.F32, GGMLType.I32}:
+        return
+    if src_type in _FLOAT and dst_type.is_quantized and dst_type.block_size > 1:
+        if not _packed(src) or not dst_contiguous:
+            raise _fail(op, f"quantizing to {dst_type.name} needs contiguous source and destination (cont it first)", src)
+        return
+    if src_type.is_quantized and dst_type == GGMLType.F32:
+        if not dst_contiguous and dst_ne0 % src_type.block_size:
+            raise _fail(op, f"dequantizing {src_type.name} into a strided destination needs its rows to hold "
+                            f"whole blocks of {src_type.block_size}", src)
+        return
+    raise _fail(op, f"ggml's CPU backend cannot convert {src_type.name} to {dst_type.name} "
+                    "(float types convert among themselves, to quantized types and F32 <-> I32; "
+                    "quantized types convert to F32)", src)
 
 
 class Ops:
@@ -49,6 +117,20 @@ class Ops:
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.c = ctx.ptr
+        # Index tensors (get_rows ids, set_rows rows, mul_mat_id expert ids) and the exclusive
+        # upper bound of their values, keyed by the address of the tensor holding the data (a
+        # view's source). ggml aborts or crashes on an out-of-range index, so whoever feeds
+        # data into these tensors must check it first (GraphRunner.compute does).
+        self.index_limits: dict[int, tuple[int, str]] = {}
+
+    def _limit_indices(self, ids, bound: int, op: str) -> None:
+        root = ids
+        while root.view_src != ffi.NULL:
+            root = root.view_src
+        key = int(ffi.cast("uintptr_t", root))
+        previous = self.index_limits.get(key)
+        if previous is None or bound < previous[0]:
+            self.index_limits[key] = (int(bound), op)
 
     # -- naming --------------------------------------------------------------------------------
     @staticmethod
@@ -61,9 +143,11 @@ class Ops:
         """Rows of ``table`` (ne: [n_embd, n_rows, ...]) selected by I32 ``ids`` -> F32."""
         if ids.type != GGMLType.I32:
             raise _fail("get_rows", "row indices must be I32", ids)
-        if table.ne[2] != ids.ne[1] or table.ne[3] != ids.ne[2]:
-            if not (table.ne[2] == 1 and table.ne[3] == 1 and ids.ne[1] == 1 and ids.ne[2] == 1 and ids.ne[3] == 1):
-                raise _fail("get_rows", "batch dimensions of table and ids differ", table, ids)
+        if table.ne[2] != ids.ne[1] or table.ne[3] != ids.ne[2] or ids.ne[3] != 1:
+            raise _fail("get_rows", "ids must be [n, table.ne[2], table.ne[3]] for a table [n_embd, n_rows, ne2, ne3]",
+                        table, ids)
+        _require_dense("get_rows", table, ids)
+        self._limit_indices(ids, table.ne[1], "get_rows")
         return lib.ggml_get_rows(self.c, table, ids)
 
     def mul_mat(self, w, x):
@@ -74,8 +158,10 @@ class Ops:
             raise _fail("mul_mat", "batch dimensions of the second operand must be multiples of the first's", w, x)
         if lib.ggml_is_transposed(w):
             raise _fail("mul_mat", "the first operand must not be transposed (cont it first)", w)
+        _require_dense("mul_mat", w, x)
         if x.type != GGMLType.F32:
             raise _fail("mul_mat", "the second operand (activations) must be F32", x)
+        _require_weight("mul_mat", w)
         return lib.ggml_mul_mat(self.c, w, x)
 
     def mul_mat_id(self, experts, x, ids):
@@ -85,10 +171,15 @@ class Ops:
             raise _fail("mul_mat_id", "expert ids must be I32", ids)
         if experts.ne[0] != x.ne[0]:
             raise _fail("mul_mat_id", "inner dimensions differ", experts, x)
-        if ids.ne[1] != x.ne[2] or ids.ne[0] % x.ne[1] or x.ne[3] != 1 or ids.ne[2] != 1:
+        if experts.ne[3] != 1:
+            raise _fail("mul_mat_id", "experts must be [k, m, n_expert] (3 dimensions)", experts)
+        if ids.ne[1] != x.ne[2] or ids.ne[0] % x.ne[1] or x.ne[3] != 1 or ids.ne[2] != 1 or ids.ne[3] != 1:
             raise _fail("mul_mat_id", "x must be [k, n_used or 1, n_tokens] for ids [n_used, n_tokens]", x, ids)
         if x.type != GGMLType.F32:
             raise _fail("mul_mat_id", "activations must be F32", x)
+        _require_weight("mul_mat_id", experts)
+        _require_dense("mul_mat_id", experts, x, ids)
+        self._limit_indices(ids, experts.ne[2], "mul_mat_id")
         return lib.ggml_mul_mat_id(self.c, experts, x, ids)
 
     # -- elementwise binary (b broadcasts into a, numpy-like when the op commutes) -----------------
@@ -99,8 +190,9 @@ class Ops:
             else:
                 raise _fail(op, "the second operand must broadcast into the first (each dimension divides)", a, b)
         _require_f32(op, a)
-        if b.type not in (GGMLType.F32, GGMLType.F16):
-            raise _fail(op, "the second operand must be F32 or F16", b)
+        _require_dense(op, a, b)
+        if b.type != GGMLType.F32:  # ggml's CPU kernels have no F32 x F16 -> F32 variant (abort)
+            raise _fail(op, "the second operand must be F32 too (cast it first)", b)
         return fn(self.c, a, b)
 
     def add(self, a, b):
@@ -118,6 +210,7 @@ class Ops:
     def scale(self, a, s: float, bias: float = 0.0):
         """``a * s + bias``."""
         _require_f32("scale", a)
+        _require_packed("scale", a)  # ggml asserts ggml_is_padded_1d, its kernel ggml_is_contiguous
         if bias:
             return lib.ggml_scale_bias(self.c, a, float(s), float(bias))
         return lib.ggml_scale(self.c, a, float(s))
@@ -125,6 +218,7 @@ class Ops:
     # -- normalization ------------------------------------------------------------------------
     def rms_norm(self, a, eps: float):
         _require_f32("rms_norm", a)
+        _require_dense("rms_norm", a)
         if eps < 0:
             raise ShapeError(f"rms_norm: epsilon must be non-negative, got {eps}")
         return lib.ggml_rms_norm(self.c, a, float(eps))
@@ -132,17 +226,20 @@ class Ops:
     def norm(self, a, eps: float):
         """Layer normalization over ne[0] without affine parameters."""
         _require_f32("norm", a)
+        _require_dense("norm", a)
         if eps < 0:
             raise ShapeError(f"norm: epsilon must be non-negative, got {eps}")
         return lib.ggml_norm(self.c, a, float(eps))
 
     def l2_norm(self, a, eps: float):
         _require_f32("l2_norm", a)
+        _require_dense("l2_norm", a)
         return lib.ggml_l2_norm(self.c, a, float(eps))
 
     # -- unary ------------------------------------------------------------------------------------
     def _unary(self, op: str, fn, a):
         _require_f32(op, a)
+        _require_dense(op, a)
         if not lib.ggml_is_contiguous_1(a):
             raise _fail(op, "needs rows contiguous in memory (cont it first)", a)
         return fn(self.c, a)
@@ -189,6 +286,7 @@ class Ops:
              beta_slow: float = 1.0):
         """Rotary embedding of a ne [head_dim, n_head, n_tokens] by I32 positions ``pos``."""
         _require_f32("rope", a)
+        _require_dense("rope", a, pos, freq_factors)
         if pos.type != GGMLType.I32 or pos.ne[0] != a.ne[2] or pos.ne[1] * pos.ne[2] * pos.ne[3] != 1:
             raise _fail("rope", "positions must be I32 with one entry per token (a.ne[2])", a, pos)
         if n_dims <= 0 or n_dims % 2 or n_dims > a.ne[0]:
@@ -206,11 +304,11 @@ class Ops:
     def soft_max(self, a, mask=None, scale: float = 1.0, max_bias: float = 0.0):
         """softmax(a * scale + mask + ALiBi bias) over ne[0]."""
         _require_f32("soft_max", a)
-        if not lib.ggml_is_contiguous(a):
-            raise _fail("soft_max", "input must be contiguous", a)
+        _require_packed("soft_max", a)
         if mask is not None:
             if mask.type not in (GGMLType.F32, GGMLType.F16):
                 raise _fail("soft_max", "mask must be F32 or F16", mask)
+            _require_packed("soft_max", mask, what="mask")
             if mask.ne[0] != a.ne[0] or mask.ne[1] < a.ne[1] or a.ne[2] % mask.ne[2] or a.ne[3] % mask.ne[3]:
                 raise _fail("soft_max", "mask must be [n_kv, >= n_q, divisor of heads, divisor of batch]", a, mask)
         elif max_bias > 0:
@@ -221,11 +319,17 @@ class Ops:
         """Fused attention. q ne [d, n_q, h, b], k [d, n_kv, h_kv, b], v [d_v, n_kv, h_kv, b],
         mask F16 [n_kv, >= n_q, 1, 1] -> ne [d_v, h, n_q, b] (heads and tokens swapped)."""
         _require_f32("flash_attn", q)
+        _require_dense("flash_attn", q, k, v)
         if k.ne[0] != q.ne[0] or v.ne[1] != k.ne[1] or k.ne[2] != v.ne[2] or q.ne[2] % k.ne[2] or q.ne[3] != k.ne[3] or k.ne[3] != v.ne[3]:
             raise _fail("flash_attn", "q/k/v must be [d, n_q, h, b], [d, n_kv, h_kv, b], [d_v, n_kv, h_kv, b] with h % h_kv == 0", q, k, v)
+        for t, role in ((k, "K"), (v, "V")):
+            tt = GGMLType(t.type)
+            if tt not in _FLOAT and not (tt.is_quantized and tt.block_size > 1):
+                raise _fail("flash_attn", f"{role} must be F32, F16, BF16 or quantized, not {tt.name}", t)
         if mask is not None:
             if mask.type != GGMLType.F16:
                 raise _fail("flash_attn", "the mask must be F16", mask)
+            _require_packed("flash_attn", mask, what="the mask")
             if mask.ne[0] != k.ne[1] or mask.ne[1] < q.ne[1] or q.ne[2] % mask.ne[2] or q.ne[3] % mask.ne[3]:
                 raise _fail("flash_attn", "mask must be [n_kv, >= n_q, 1, 1]", q, k, mask)
         elif max_bias > 0:
@@ -249,10 +353,21 @@ class Ops:
         ne = [int(n) for n in ne] + [1] * (4 - len(ne))
         nb = list(nb) if nb is not None else [a.nb[1], a.nb[2], a.nb[3]]
         nb = [int(x) for x in nb] + [0] * (3 - len(nb))
+        block = GGMLType(a.type).block_size
+        if ne[0] % block or (block > 1 and a.nb[0] != lib.ggml_type_size(a.type)):
+            raise _fail("view", f"a window of a {GGMLType(a.type).name} tensor must span whole blocks of {block} "
+                                f"along ne[0] of a source with whole rows (got ne[0]={ne[0]})", a)
         row = lib.ggml_row_size(a.type, ne[0])
         last = offset + row + sum((ne[i + 1] - 1) * nb[i] for i in range(3))
         if offset < 0 or any(n <= 0 for n in ne) or last > lib.ggml_nbytes(a):
             raise _fail("view", f"window ne={ne} nb={nb} offset={offset} reaches byte {last}, past the source's {lib.ggml_nbytes(a)}", a)
+        # ggml also asserts that the window's dense size (row bytes x rows, whatever the strides)
+        # fits in the memory it views: the source's own source when the source is a view
+        root, base = (a.view_src, offset + a.view_offs) if a.view_src != ffi.NULL else (a, offset)
+        dense_end = base + row * ne[1] * ne[2] * ne[3]
+        if dense_end > lib.ggml_nbytes(root):
+            raise _fail("view", f"window ne={ne} at offset {offset} needs {row * ne[1] * ne[2] * ne[3]} bytes as a dense "
+                                f"block, which reach past the {lib.ggml_nbytes(root)} bytes of the viewed memory", a)
         return lib.ggml_view_4d(self.c, a, ne[0], ne[1], ne[2], ne[3], nb[0], nb[1], nb[2], int(offset))
 
     def permute(self, a, axes: Sequence[int]):
@@ -260,12 +375,15 @@ class Ops:
         axes = [int(x) for x in axes] + list(range(len(axes), 4))
         if sorted(axes) != [0, 1, 2, 3]:
             raise _fail("permute", f"axes {axes} are not a permutation of 0..3", a)
+        _require_rows_kept("permute", a, axes[0] == 0)
         return lib.ggml_permute(self.c, a, *axes)
 
     def transpose(self, a):
+        _require_rows_kept("transpose", a, False)
         return lib.ggml_transpose(self.c, a)
 
     def cont(self, a):
+        _check_conversion("cont", a, GGMLType(a.type), True)
         return lib.ggml_cont(self.c, a)
 
     def concat(self, a, b, dim: int):
@@ -279,6 +397,7 @@ class Ops:
         gtype = GGMLType(gtype)
         if gtype not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.I32) and a.ne[0] % gtype.block_size:
             raise _fail("cast", f"rows of {a.ne[0]} do not fill {gtype.name} blocks of {gtype.block_size}", a)
+        _check_conversion("cast", a, gtype, True)
         return lib.ggml_cast(self.c, a, gtype)
 
     def cpy(self, a, dst):
@@ -287,30 +406,61 @@ class Ops:
             raise _fail("cpy", "element counts differ", a, dst)
         if dst.ne[0] % GGMLType(dst.type).block_size:
             raise _fail("cpy", "destination rows do not fill its type's blocks", dst)
+        _check_conversion("cpy", a, GGMLType(dst.type), _packed(dst), dst.ne[0])
         return lib.ggml_cpy(self.c, a, dst)
 
     def set_rows(self, dst, src, rows):
         """Write the rows of ``src`` into ``dst`` at I32/I64 row indices ``rows`` (KV-cache store)."""
         if rows.type not in (GGMLType.I32, GGMLType.I64):
             raise _fail("set_rows", "row indices must be I32 or I64", rows)
-        if src.ne[0] != dst.ne[0] or rows.ne[0] != src.ne[1] or src.ne[2] % rows.ne[1] or src.ne[3] % rows.ne[2]:
-            raise _fail("set_rows", "src must be [row, n_rows] with one index per row", dst, src, rows)
+        if (src.ne[0] != dst.ne[0] or rows.ne[0] != src.ne[1] or src.ne[2] != dst.ne[2] or src.ne[3] != dst.ne[3]
+                or src.ne[2] % rows.ne[1] or src.ne[3] % rows.ne[2] or rows.ne[3] != 1):
+            raise _fail("set_rows", "src must be [row, n_rows, ne2, ne3] for dst [row, n_dst_rows, ne2, ne3] "
+                        "with one index per src row", dst, src, rows)
         _require_f32("set_rows", src)
+        _require_dense("set_rows", dst, src, rows)
+        self._limit_indices(rows, dst.ne[1], "set_rows")
         return lib.ggml_set_rows(self.c, dst, src, rows)
 
     # -- reductions and routing ----------------------------------------------------------------
     def sum_rows(self, a):
         _require_f32("sum_rows", a)
+        _require_dense("sum_rows", a)
         return lib.ggml_sum_rows(self.c, a)
 
     def argsort(self, a, descending: bool = True):
         _require_f32("argsort", a)
+        _require_dense("argsort", a)
+        _require_packed("argsort", a)  # the kernel walks rows as data + i * nb[1]
         order = lib.GGML_SORT_ORDER_DESC if descending else lib.GGML_SORT_ORDER_ASC
         return lib.ggml_argsort(self.c, a, order)
 
     def top_k(self, a, k: int):
         """I32 indices of the ``k`` largest entries of each row, largest first."""
         _require_f32("top_k", a)
+        _require_dense("top_k", a)
+        _require_packed("top_k", a)  # the kernel walks rows as data + i * nb[1]
         if not 0 < k <= a.ne[0]:
             raise _fail("top_k", f"k={k} must be between 1 and the row length {a.ne[0]}", a)
-        return lib.ggml_argsort_top_k(self.c, a, int(k))
+        # argsort_top_k is a strided view of the full argsort; cont makes it readable and usable
+        # anywhere a contiguous tensor is required.
+        return lib.ggml_cont(self.c, lib.ggml_argsort_top_k(self.c, a, int(k)))
+
+
+# Tensors one op may create (the op, plus views or helpers some ggml constructors add).
+_ROOM_PER_OP = 4
+
+
+def _guard(fn):
+    @functools.wraps(fn)
+    def op(self, *args, **kwargs):
+        self.ctx.ensure_room(_ROOM_PER_OP)  # ggml aborts when its context is full
+        return fn(self, *args, **kwargs)
+
+    return op
+
+
+for _name, _fn in list(vars(Ops).items()):
+    if not _name.startswith("_") and _name != "name" and inspect.isfunction(_fn):
+        setattr(Ops, _name, _guard(_fn))
+del _name, _fn

@@ -114,7 +114,8 @@ def _quantize_chunk(chunk: np.ndarray, gtype: GGMLType, out: np.ndarray) -> None
     elif gtype in _GGUF_TYPES:
         import gguf
 
-        q = gguf.quants.quantize(chunk, gguf.GGMLQuantizationType(int(gtype)))
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # only with check_finite=False
+            q = gguf.quants.quantize(chunk, gguf.GGMLQuantizationType(int(gtype)))
         out[...] = q.reshape(-1).view(np.uint8)
     else:
         n_rows, n_per_row = chunk.shape

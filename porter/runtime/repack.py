@@ -15,6 +15,9 @@ from porter.runtime.core import Context
 from porter.runtime.types import GGMLType
 
 REPACK_NAME = "CPU_REPACK"
+# Types whose repacked products are proven here (and named in DESIGN.md); Q8_0 in a repack
+# buffer crashed mul_mat on this machine even where ggml accepted the buffer.
+REPACKABLE = frozenset({GGMLType.Q4_0, GGMLType.Q4_K})
 
 
 @functools.lru_cache(maxsize=1)
@@ -41,7 +44,7 @@ def repack_buffer_type():
 def supports(gtype: int, ne0: int, ne1: int) -> bool:
     """Does ggml's CPU device run mul_mat with a (gtype, [ne0, ne1]) matrix held repacked?"""
     dev, buft = _device_and_repack_buft()
-    if buft is None or GGMLType(gtype) in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+    if buft is None or GGMLType(gtype) not in REPACKABLE or ne0 % GGMLType(gtype).block_size:
         return False
     ctx = Context(4)
     dummy = lib.ggml_backend_buft_alloc_buffer(buft, 0)
