@@ -27,7 +27,9 @@ EXPECTED_GGML_VERSION = "0.20.2"
 def _library_dir() -> Path:
     import libggml  # the wheel's (empty) package, used only to find its files
 
-    return Path(libggml.__file__).parent / "lib64"
+    root = Path(libggml.__file__).parent
+    # the PyPI wheel ships lib64/; a wheel rebuilt from the sdist (make native) has lib/
+    return next((root / d for d in ("lib64", "lib") if (root / d / "libggml.so").exists()), root / "lib64")
 
 
 def _load():
