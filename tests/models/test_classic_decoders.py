@@ -8,15 +8,11 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-import torch
 from gguf import GGUFReader
 
-import porter
 from porter.parity.logits import hf_logits
 from porter.parity.metrics import nmse
-from porter.pipeline import convert
-from porter.plugins import architectures
-from porter.testing.models import tiny_checkpoint
+from porter.testing.parity import port_tiny
 
 F32_GATE = 1e-6
 # model_type -> (tiny overrides, llama.cpp architecture, keys llama.cpp reads beyond the common ones)
@@ -41,15 +37,8 @@ COMMON_KEYS = ["context_length", "embedding_length", "block_count", "attention.h
 @pytest.fixture(scope="module", params=sorted(CASES))
 def tiny(request, tmp_path_factory):
     model_type = request.param
-    d = tmp_path_factory.mktemp(model_type)
-    ckpt = tiny_checkpoint(architectures()[model_type], d / "ckpt", seed=2, **CASES[model_type][0])
-    convert(ckpt, d / "m.gguf", "f32", progress=False)
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    m = porter.load(d / "m.gguf", n_threads=2, n_ctx=64)
-    yield model_type, hf, m, d / "m.gguf"
-    m.close()
+    with port_tiny(model_type, CASES[model_type][0], tmp_path_factory.mktemp(model_type), seed=2, n_ctx=64) as pair:
+        yield model_type, pair.hf, pair.porter, pair.gguf
 
 
 @pytest.mark.parity

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-import porter
 from porter.parity.logits import hf_logits
 from porter.parity.metrics import nmse
-from porter.pipeline import convert
-from porter.plugins import architectures
-from porter.testing.models import tiny_checkpoint
+from porter.testing.parity import port_tiny
 
 F32_GATE = 1e-6
 CASES = {
@@ -25,16 +21,8 @@ CASES = {
 @pytest.fixture(scope="module", params=sorted(CASES))
 def tiny(request, tmp_path_factory):
     model_type = request.param
-    arch = architectures()[model_type]
-    d = tmp_path_factory.mktemp(model_type)
-    ckpt = tiny_checkpoint(arch, d / "ckpt", seed=1, **CASES[model_type])
-    convert(ckpt, d / "m.gguf", "f32", progress=False)
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    m = porter.load(d / "m.gguf", n_threads=2, n_ctx=64)
-    yield model_type, hf, m
-    m.close()
+    with port_tiny(model_type, CASES[model_type], tmp_path_factory.mktemp(model_type), seed=1, n_ctx=64) as pair:
+        yield model_type, pair.hf, pair.porter
 
 
 @pytest.mark.parity
