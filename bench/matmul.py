@@ -173,7 +173,6 @@ def main() -> None:
     table = Table(title="matmul throughput (GFLOP/s, higher is better)")
     for col in ("weights", "buffer", "ggml ms", "ggml GFLOP/s", "numpy ms", "numpy GFLOP/s", "ggml/numpy", "err"):
         table.add_column(col, justify="left" if col in ("weights", "buffer") else "right", no_wrap=True)
-    numpy_cache: dict[str, tuple[float, np.ndarray]] = {}
     for name in ARGS.types.split(","):
         gtype = GGMLType[name.strip().upper()]
         wq = quantize(w, gtype)

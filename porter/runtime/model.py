@@ -15,7 +15,7 @@ import numpy as np
 from porter.errors import ModelError
 from porter.runtime import repack
 from porter.runtime._lib import ffi, lib
-from porter.runtime.core import Backend, Buffer, Context, get_data, set_data, tensor_name
+from porter.runtime.core import Backend, Buffer, Context, get_data, set_data
 from porter.runtime.graph import GraphBuilder, KVCache
 from porter.runtime.ops import Ops
 from porter.runtime.types import GGMLType

@@ -227,7 +227,7 @@ def test_concat(backend, shape, seed, data, gtype):
     a = (rng.standard_normal(a4) * 100).astype(dtype)
     b = (rng.standard_normal(bshape) * 100).astype(dtype)
     got = run(backend, lambda g: g.ops.concat(g.input(a), g.input(b), d))
-    exact(f"concat", _squeeze4(got), np.concatenate([a, b], axis=3 - d))
+    exact("concat", _squeeze4(got), np.concatenate([a, b], axis=3 - d))
 
 
 @given(shape=shapes, seed=seeds, mag=magnitudes)
