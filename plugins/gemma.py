@@ -21,8 +21,8 @@ class Gemma(Llama):
     gguf_arch = "gemma"
     features = ("rmsnorm", "rope", "gqa", "geglu", "embd_scale")
     rope_mode = 2  # neox rope, q/k as in the checkpoint
-    # transformers' embed_tokens already includes the sqrt(hidden) scale, the unscaled row does not
-    knobs = {"hf_qkv": True, "embd_scale": True, "hf_embed": None}
+    knobs = {"hf_qkv": True, "embd_scale": True, "hf_embed": None,
+             "hf_embed_scaled": "model.embed_tokens"}  # transformers scales inside embed_tokens
     # llama.cpp's gemma has no output.weight: the head is always the (tied) embedding
     tensors = {k: v for k, v in Llama.tensors.items() if k != "output.weight"}
     tiny = {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"}

@@ -73,6 +73,7 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "hf_attn_post_norm": "post_attention_layernorm",
     "hf_ffn_post_norm": "post_feedforward_layernorm",
     "hf_embd_norm": None,
+    "hf_embed_scaled": None,  # module whose output is the embedding after embd_scale (gemma's embed_tokens)
     "hf_final_hidden": None,
 }
 
