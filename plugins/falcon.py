@@ -1,4 +1,4 @@
-"""Falcon (rotary variants): LayerNorm with bias, one fused query_key_value, plain GELU MLP.
+"""Falcon (rotary and ALiBi variants): LayerNorm with bias, one fused query_key_value, plain GELU MLP.
 
 - falcon-7b layout (``multi_query``): one K and one V head; attention and MLP in parallel on one
   norm (``input_layernorm``), or sequential when ``parallel_attn`` is false (then
@@ -9,13 +9,16 @@
 
 The fused qkv holds per kv group [q heads of the group, k, v] (multi-head: [q, k, v] per head);
 llama.cpp's converter reorders it to [all q; all k; all v] and porter does the same.
-ALiBi variants (``alibi: true``, falcon-rw) are not ported: they are refused at conversion.
+ALiBi variants (``alibi: true``, falcon-rw) use no rope: softmax attention with transformers'
+per-head bias (BLOOM slopes times key position, rounded to bfloat16 as transformers does) in an
+F32 mask. llama.cpp's falcon has no ALiBi, so such files run in porter only.
 """
 
 from __future__ import annotations
 
 from plugins.gpt_neox import FusedQKV, unfuse_per_head
-from porter.errors import ModelError
+import math
+
 from porter.plugins import hookimpl
 
 H = "transformer.h.{L}"
@@ -25,7 +28,7 @@ class Falcon(FusedQKV):
     model_type = "falcon"
     family = "falcon"
     gguf_arch = "falcon"
-    features = ("layernorm", "rope", "mqa", "gqa", "fused_qkv", "parallel_block", "gelu")
+    features = ("layernorm", "rope", "alibi", "mqa", "gqa", "fused_qkv", "parallel_block", "gelu")
     knobs = {"norm": "layer", "norm_bias": True, "fused_qkv": True, "mlp": "plain", "ffn_norm_w": "attn_norm_2",
              "hf_embed": "transformer.word_embeddings", "hf_layers": "transformer.h",
              "hf_attn": "self_attention", "hf_final_norm": "transformer.ln_f"}
@@ -53,7 +56,8 @@ class Falcon(FusedQKV):
     alternatives = {"blk.{L}.attn_norm.weight": H + ".ln_attn.weight", "blk.{L}.attn_norm.bias": H + ".ln_attn.bias"}
     tiny = {"activation": "gelu", "alibi": False, "bias": False}
     space = {"new_decoder_architecture": [False, True], "multi_query": [True, False],
-             "parallel_attn": [True, False], "num_ln_in_parallel_attn": [None, 1], "bias": [False, True]}
+             "parallel_attn": [True, False], "num_ln_in_parallel_attn": [None, 1], "bias": [False, True],
+             "alibi": [False, True]}
 
     def source_name(self, gguf_name):
         src = super().source_name(gguf_name)
@@ -64,16 +68,27 @@ class Falcon(FusedQKV):
             src = alt if alt in self.info.parameters else None
         return src
 
+    @property
+    def uses_alibi(self) -> bool:
+        return bool(self.info.config.get("alibi"))
+
     def configure(self, k):
-        if self.hp.extra.get("alibi"):
-            raise ModelError("falcon: ALiBi variants (alibi: true) are not ported yet; only rotary Falcon models")
         super().configure(k)
+        if self.uses_alibi:
+            k["rope"], k["alibi"], k["rope_freq_factors"] = False, True, False
         two_norms = self.has("blk.0.attn_norm_2.weight")
         k["hf_attn_norm"] = "ln_attn" if two_norms else "input_layernorm"
         k["parallel"] = not self.has("blk.0.ffn_norm.weight")
         k["parallel_ffn_norm"] = two_norms
         k["hf_ffn_norm"] = "ln_mlp" if two_norms else "post_attention_layernorm"
         k["o_bias"] = self.has("blk.0.attn_output.bias")
+
+    def spec_hparams(self):
+        values = super().spec_hparams()
+        if self.uses_alibi:
+            values["alibi_slopes"] = alibi_slopes(self.hp.num_heads)
+            values["alibi_bf16"] = True
+        return values
 
     def transform(self, gguf_name, arrays):
         if ".attn_qkv." in gguf_name:
@@ -96,6 +111,15 @@ class Falcon(FusedQKV):
         else:  # one K/V head (multi_query) or multi-head: the old layout has no groups
             fields["num_kv_heads"] = 1 if fields.get("multi_query", True) else fields["num_attention_heads"]
         return AutoConfig.for_model(cls.model_type, **fields)
+
+
+def alibi_slopes(n_head: int) -> list[float]:
+    """BLOOM/Falcon ALiBi slopes: powers of 2^(-8/n) for the largest power of two n <= n_head,
+    then odd powers of 2^(-4/n) for the remaining heads."""
+    n = 2 ** math.floor(math.log2(n_head))
+    slopes = [2.0 ** (-8.0 / n * (i + 1)) for i in range(n)]
+    slopes += [2.0 ** (-4.0 / n * (2 * i + 1)) for i in range(min(n, n_head - n))]
+    return slopes
 
 
 @hookimpl

@@ -38,7 +38,7 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "rope_when": None,  # per-layer "$hparam[L]" switch (smollm3's no-rope layers)
     "mask": "kq_mask",  # or "$attn_mask[L]" choosing per layer (sliding window)
     "attn_softcap": False,
-    "alibi": False,
+    "alibi": False,  # ALiBi position bias instead of rope: softmax attention with kq_mask_alibi
     "mlp": "gated",  # "gated" (act(gate) * up) | "plain" (act(up))
     "act": "silu",  # spec op name: silu | gelu_erf | gelu_tanh | relu
     "mlp_bias": False,
@@ -311,7 +311,7 @@ class Architecture:
             from porter.errors import ModelError
 
             raise ModelError(f"{self.model_type}: the graph needs tensors the checkpoint lacks: {', '.join(missing)}")
-        input_kinds = [i for i in ("tokens", "positions", "token_types", "kq_mask", "kq_mask_swa", "out_ids") if i in used
+        input_kinds = [i for i in ("tokens", "positions", "token_types", "kq_mask", "kq_mask_swa", "kq_mask_alibi", "out_ids") if i in used
                        or any(isinstance(v, list) and i in v for v in hparams.values())]
         spec = Spec(
             version=SPEC_VERSION, architecture=self.model_type,

@@ -217,6 +217,9 @@ class Model:
                 inputs[decl.name] = ctx.new_tensor(GGMLType.I32, [n_tokens], decl.name)
             elif decl.kind in ("kq_mask", "kq_mask_swa"):
                 inputs[decl.name] = ctx.new_tensor(GGMLType.F16, [n_kv, n_tokens], decl.name)
+            elif decl.kind == "kq_mask_alibi":
+                n_head = int(hp["n_head"])
+                inputs[decl.name] = ctx.new_tensor(GGMLType.F32, [n_kv, n_tokens, n_head], decl.name)
             elif decl.kind == "out_ids":
                 inputs[decl.name] = ctx.new_tensor(GGMLType.I32, [n_out], decl.name)
         if use_cache:
@@ -257,7 +260,10 @@ class Model:
         window = self.spec.hparams.get("sliding_window")
         if window:
             masks["kq_mask_swa"] = visible & (kv_pos > q - int(window))
-        return {k: np.where(v, 0.0, -np.inf).astype(np.float16) for k, v in masks.items()}
+        out = {k: np.where(v, 0.0, -np.inf).astype(np.float16) for k, v in masks.items()}
+        if any(d.kind == "kq_mask_alibi" for d in self.spec.inputs):
+            out["kq_mask_alibi"] = alibi_mask(self.spec.hparams, visible, n_kv)
+        return out
 
     def forward(self, tokens: Sequence[int], *, use_cache: bool = True, all_logits: bool = False,
                 capture: Sequence[str] = (), token_types: Sequence[int] | None = None,
@@ -412,6 +418,27 @@ class Model:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """Round float32 values to bfloat16 (nearest, ties to even) and back."""
+    bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def alibi_mask(hparams: dict, visible: np.ndarray, n_kv: int) -> np.ndarray:
+    """[n_head, n_tokens, n_kv] F32: slope_h * key position / sqrt(head_dim) where visible, -inf
+    elsewhere. Absolute key positions, as transformers uses (softmax ignores the per-row shift
+    to relative distances); with ``alibi_bf16`` the products are rounded as transformers does."""
+    slopes = np.asarray(hparams["alibi_slopes"], np.float32)
+    pos = np.arange(n_kv, dtype=np.float32)
+    if hparams.get("alibi_bf16"):
+        bias = _bf16(_bf16(slopes)[:, None] * pos[None, :])
+    else:
+        bias = slopes[:, None] * pos[None, :]
+    bias = bias / np.float32(np.sqrt(float(hparams["head_dim"])))
+    return np.where(visible[None, :, :], bias[:, None, :], -np.inf).astype(np.float32)
 
 
 def sample(logits: np.ndarray, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
