@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
@@ -79,6 +80,18 @@ class Model:
         self.n_vocab = int(hp["n_vocab"])
         max_pos = int(metadata.get("context_length") or 2048)
         self.n_ctx = int(n_ctx or min(max_pos, 2048))
+        # learned position / token-type tables bound what ggml's get_rows may be asked for
+        # (an index past a table aborts the process)
+        pos_table = weights.get("position_embd.weight")
+        self.max_positions = int(pos_table.ne[1]) if pos_table is not None else None
+        if self.max_positions is not None and self.n_ctx > self.max_positions:
+            if n_ctx:
+                logging.getLogger("porter").warning(
+                    "n_ctx=%d exceeds the model's %d learned positions; using %d", n_ctx, self.max_positions,
+                    self.max_positions)
+            self.n_ctx = self.max_positions
+        types_table = weights.get("token_types.weight")
+        self.n_token_types = int(types_table.ne[1]) if types_table is not None else None
         self.cache_type = cache_type
         self._kv: KVCache | None = None
         self._graphs: OrderedDict[tuple, _CachedGraph] = OrderedDict()
@@ -280,6 +293,13 @@ class Model:
         if tokens.min() < 0 or tokens.max() >= self.n_vocab:
             raise ValueError(f"token ids must be in [0, {self.n_vocab}); got {tokens.min()}..{tokens.max()}")
         n = tokens.size
+        if self.max_positions is not None and n > self.max_positions:
+            raise ValueError(f"{n} tokens exceed the model's {self.max_positions} learned positions")
+        if token_types is not None:
+            token_types = np.asarray(token_types, np.int32)
+            limit = self.n_token_types or 1
+            if token_types.shape != tokens.shape or token_types.min() < 0 or token_types.max() >= limit:
+                raise ValueError(f"token_types must be {n} ids in [0, {limit})")
         start = self.kv.n_past if use_cache else 0
         if use_cache and start + n > self.n_ctx:
             raise ValueError(f"context full: {start} cached + {n} new tokens exceed n_ctx={self.n_ctx}; "
