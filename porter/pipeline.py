@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from porter.errors import ModelError
@@ -78,8 +77,3 @@ def generate(directory: Path = GENERATED_DIR, check: bool = False) -> list[str]:
             if not check:
                 path.unlink()
     return problems
-
-
-def spec_summary(text: str) -> dict:
-    data = json.loads(text)
-    return {"architecture": data["architecture"], "nodes": len(data["graph"])}

@@ -7,7 +7,6 @@ from typing import Any
 
 from porter.errors import ModelError, SpecError
 from porter.runtime._lib import lib
-from porter.runtime.core import ne_of
 from porter.runtime.ops import Ops
 from porter.runtime.types import GGMLType
 from porter.spec import Node, Repeat, Spec
@@ -170,9 +169,3 @@ class GraphBuilder:
 
 _SIMPLE = {"silu", "gelu_erf", "gelu_tanh", "relu", "sigmoid", "tanh", "exp", "sqr", "sqrt", "cont",
            "transpose", "sum_rows", "add", "sub", "mul", "div", "mul_mat", "get_rows", "mul_mat_id"}
-
-
-def shape_check(t, expected_ne: list[int], what: str) -> None:
-    got = list(ne_of(t))[: len(expected_ne)]
-    if got != expected_ne:
-        raise ModelError(f"{what}: expected ggml shape {expected_ne}, found {got}")
