@@ -16,7 +16,7 @@ F32 mask. llama.cpp's falcon has no ALiBi, so such files run in porter only.
 
 from __future__ import annotations
 
-from plugins.gpt_neox import FusedQKV, unfuse_per_head
+from plugins._common import FusedQKV, unfuse_per_head
 import math
 
 from porter.plugins import hookimpl

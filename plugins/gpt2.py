@@ -8,7 +8,7 @@ output when a (tied) checkpoint has no separate LM head.
 
 from __future__ import annotations
 
-from plugins.gpt_neox import FusedQKV, drop_fields
+from plugins._common import FusedQKV, drop_fields
 from porter.plugins import hookimpl
 
 _CONV1D = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")

@@ -7,7 +7,7 @@ hold); porter writes them separately and compares them with transformers node by
 
 from __future__ import annotations
 
-from plugins.gpt_neox import even_rotary
+from plugins._common import even_rotary
 from porter.arch import Architecture
 from porter.plugins import hookimpl
 

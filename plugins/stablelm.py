@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from plugins.gpt_neox import even_rotary
+from plugins._common import even_rotary
 from plugins.llama import Llama
 from porter.convert.plan import TensorPlan
 from porter.plugins import hookimpl
