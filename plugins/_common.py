@@ -37,3 +37,14 @@ class FusedQKV(Architecture):
     def configure(self, k):
         super().configure(k)
         k["qkv_bias"] = self.has("blk.0.attn_qkv.bias") or k["qkv_bias"]
+
+
+class InterleavedQKV(FusedQKV):
+    """Checkpoints whose fused qkv is grouped per kv head ([q heads of the group, k, v] x n_kv;
+    one group per head when there is no GQA): written in llama.cpp's [all q; all k; all v]."""
+
+    def transform(self, gguf_name, arrays):
+        if ".attn_qkv." in gguf_name:
+            hp = self.hp
+            return unfuse_per_head(arrays[0], hp.num_kv_heads, hp.num_heads, hp.head_dim)
+        return super().transform(gguf_name, arrays)

@@ -16,7 +16,7 @@ F32 mask. llama.cpp's falcon has no ALiBi, so such files run in porter only.
 
 from __future__ import annotations
 
-from plugins._common import FusedQKV, unfuse_per_head
+from plugins._common import InterleavedQKV
 import math
 
 from porter.plugins import hookimpl
@@ -24,7 +24,7 @@ from porter.plugins import hookimpl
 H = "transformer.h.{L}"
 
 
-class Falcon(FusedQKV):
+class Falcon(InterleavedQKV):
     model_type = "falcon"
     family = "falcon"
     gguf_arch = "falcon"
@@ -89,12 +89,6 @@ class Falcon(FusedQKV):
             values["alibi_slopes"] = alibi_slopes(self.hp.num_heads)
             values["alibi_bf16"] = True
         return values
-
-    def transform(self, gguf_name, arrays):
-        if ".attn_qkv." in gguf_name:
-            hp = self.hp
-            return unfuse_per_head(arrays[0], hp.num_kv_heads, hp.num_heads, hp.head_dim)
-        return arrays[0]
 
     @classmethod
     def tiny_config(cls, **overrides):

@@ -8,11 +8,11 @@ the graph slices q, k and v out of one ``attn_qkv`` product.
 
 from __future__ import annotations
 
-from plugins._common import FusedQKV, drop_fields, even_rotary, unfuse_per_head
+from plugins._common import InterleavedQKV, drop_fields, even_rotary
 from porter.plugins import hookimpl
 
 
-class GPTNeoX(FusedQKV):
+class GPTNeoX(InterleavedQKV):
     model_type = "gpt_neox"
     family = "gpt_neox"
     gguf_arch = "gptneox"
@@ -55,12 +55,6 @@ class GPTNeoX(FusedQKV):
         kv[f"{self.gguf_arch}.use_parallel_residual"] = self.parallel
         kv.pop(f"{self.gguf_arch}.attention.head_count_kv", None)
         return kv
-
-    def transform(self, gguf_name, arrays):
-        if ".attn_qkv." in gguf_name:
-            hp = self.hp
-            return unfuse_per_head(arrays[0], hp.num_heads, hp.num_heads, hp.head_dim)
-        return arrays[0]
 
     @classmethod
     def tiny_config(cls, **overrides):
