@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -76,10 +77,16 @@ def convert(model_dir, out, outtype, force, trust_remote_code, quiet):
     Tensors are streamed one at a time; names and keys follow llama.cpp for architectures it
     knows, and porter's graph spec is embedded under porter.graph_spec.
     """
-    from porter.pipeline import convert as do_convert
+    from porter.pipeline import convert as do_convert, needs_torch_to_convert
 
+    light = model_dir.is_dir() and not needs_torch_to_convert(model_dir, trust_remote_code)
+    if light and "transformers" not in sys.modules:
+        # Reading a config through transformers imports torch (~200 MB, seconds) when torch is
+        # installed; conversion itself is numpy only. Hide torch from this process.
+        sys.modules.setdefault("torch", None)
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # its "PyTorch was not found"
     report = do_convert(model_dir, out, outtype, force=force, progress=not quiet,
-                        trust_remote_code=trust_remote_code)
+                        trust_remote_code=trust_remote_code, module_tree=not light)
     click.echo(report.summary() if hasattr(report, "summary") else str(report))
 
 

@@ -7,30 +7,49 @@ from pathlib import Path
 from porter.errors import ModelError
 
 
-def architecture(source, *, trust_remote_code: bool = False, arch_cls=None):
+def architecture(source, *, trust_remote_code: bool = False, arch_cls=None, module_tree: bool = True):
     """Introspect a checkpoint folder (or model_type) and return its plugin's Architecture
     (or ``arch_cls``'s, to port with a specific class)."""
     from porter.introspect import introspect
     from porter.plugins import architecture_for
 
-    info = introspect(source, trust_remote_code=trust_remote_code)
+    info = introspect(source, trust_remote_code=trust_remote_code, module_tree=module_tree)
     return (arch_cls or architecture_for(info))(info)
 
 
 def convert(model_dir: str | Path, out: str | Path, outtype: str = "f32", *, force: bool = False,
-            progress: bool = True, trust_remote_code: bool = False, arch_cls=None):
-    """Write a GGUF for a transformers checkpoint folder; returns the writer's report."""
+            progress: bool = True, trust_remote_code: bool = False, arch_cls=None, module_tree: bool = True):
+    """Write a GGUF for a transformers checkpoint folder; returns the writer's report.
+
+    ``module_tree=False`` converts without building transformers' meta model (see
+    :func:`porter.introspect.introspect`); ``porter convert`` uses it to run without torch."""
     from porter.convert.tokenizer import tokenizer_kv
     from porter.convert.writer import write_gguf
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelError(f"{model_dir}: not a folder; pass a transformers checkpoint folder (config.json, *.safetensors)")
-    arch = architecture(model_dir, trust_remote_code=trust_remote_code, arch_cls=arch_cls)
+    arch = architecture(model_dir, trust_remote_code=trust_remote_code, arch_cls=arch_cls, module_tree=module_tree)
     plan = arch.conversion_plan()
     if (model_dir / "tokenizer.json").exists():
         plan.kv.update(tokenizer_kv(model_dir))
     return write_gguf(model_dir, plan, Path(out), outtype, force=force, progress=progress)
+
+
+def needs_torch_to_convert(model_dir: Path, trust_remote_code: bool = False) -> bool:
+    """Whether converting this folder needs torch: only for remote code, pickled (non-safetensors)
+    weights, or a model_type no plugin names (a plugin's claim may look at the module tree)."""
+    import json
+
+    from porter.plugins import architectures
+
+    if trust_remote_code or not any(model_dir.glob("*.safetensors")):
+        return True
+    try:
+        model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return True  # introspect reports the problem with a proper message
+    return model_type not in architectures()
 
 
 GENERATED_DIR = Path(__file__).resolve().parent.parent / "generated"

@@ -443,12 +443,16 @@ def _diff(checkpoint: dict, expected: dict, ignore: tuple) -> dict:
 # Public API
 
 
-def introspect(source: str | Path, *, trust_remote_code: bool = False) -> ModelInfo:
+def introspect(source: str | Path, *, trust_remote_code: bool = False, module_tree: bool = True) -> ModelInfo:
     """Describe a checkpoint folder or a bare ``model_type`` (transformers' default config).
 
     ``source`` is a folder with ``config.json`` and ``*.safetensors`` (sharded or not), or a
     model_type name such as ``"qwen3"`` (also spelled ``"model_type:qwen3"``). No weight is
     loaded. Raises :class:`porter.errors.ModelError` with an actionable message on bad input.
+
+    ``module_tree=False`` (folders only) skips building the meta model, so torch is not needed:
+    ``modules`` and ``runtime_parameters`` stay empty and hparams come from the config and the
+    safetensors names alone. Conversion of a model_type a plugin ports needs nothing more.
     """
     kind, value = _resolve_source(source)
     notes: list[str] = []
@@ -470,6 +474,8 @@ def introspect(source: str | Path, *, trust_remote_code: bool = False) -> ModelI
         raw = _read_config_json(folder)
         config, remote = _load_folder_config(folder, raw, trust_remote_code, notes)
         shapes, dtypes, files = _read_safetensors_headers(folder)
+        if not module_tree:
+            return _describe_from_headers(config, str(folder), notes, shapes, dtypes, files, raw)
         return introspect_config(
             config,
             source=str(folder),
@@ -479,6 +485,23 @@ def introspect(source: str | Path, *, trust_remote_code: bool = False) -> ModelI
             trust_remote_code=trust_remote_code,
             raw_config=raw,
         )
+
+
+def _describe_from_headers(config, source: str, notes: list[str], parameters: dict, dtypes: dict,
+                           files: list[str], raw_config: dict) -> ModelInfo:
+    """ModelInfo from the config and safetensors headers only (no meta model, no torch)."""
+    model_type = str(getattr(config, "model_type", "") or "")
+    architectures = list(getattr(config, "architectures", None) or [])
+    config_dict = config.to_dict()
+    if "auto_map" in raw_config and "auto_map" not in config_dict:
+        config_dict["auto_map"] = raw_config["auto_map"]
+    return ModelInfo(
+        source=source, model_type=model_type, architectures=architectures, config=config_dict,
+        hparams=hparams_from_config(config, parameters=parameters), modules=[], parameters=dict(parameters),
+        ancestry=ancestry_of(model_type), model_class=architectures[0] if architectures else "",
+        parameter_dtypes=dict(dtypes), files=list(files),
+        notes=[*notes, "module tree not built (module_tree=False): hparams come from config.json and tensor names."],
+    )
 
 
 def introspect_config(
