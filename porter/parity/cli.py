@@ -49,13 +49,20 @@ def plot(report, path: Path, title: str) -> None:
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG of error by layer.")
 @click.option("--greedy", "n_greedy", default=16, show_default=True,
               help="Also decode this many tokens greedily on both sides and compare them.")
+@click.option("--against", type=click.Choice(["checkpoint", "gguf"]), default="checkpoint", show_default=True,
+              help="Reference weights for transformers: the checkpoint's own, or the values the GGUF stores "
+                   "(rounded to --outtype), which leaves only the runtime's own error.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the summary line.")
-def parity(model_dir, model_type, outtype, prompts, json_path, plot_path, n_greedy, quiet):
+def parity(model_dir, model_type, outtype, prompts, json_path, plot_path, n_greedy, against, quiet):
     """Compare porter with transformers node by node (exit status 1 when over tolerance).
 
     Every graph node that corresponds to a transformers module output (embeddings, norms,
     attention, MLP, each layer, logits) is compared by NMSE, max-abs error and cosine; the
     first node over the tolerance for the weight type is reported with its layer and role.
+
+    With a quantized --outtype the difference has two parts: the rounded weights, and ggml
+    computing with them. --against gguf gives transformers the GGUF's own (dequantized) weights,
+    so what remains is the port's.
     """
     from rich.console import Console
     from rich.table import Table
@@ -79,7 +86,15 @@ def parity(model_dir, model_type, outtype, prompts, json_path, plot_path, n_gree
                 raise PorterError(f"no plugin ports {model_type!r}; known: {', '.join(archs)}")
             model_dir = tiny_checkpoint(archs[model_type], tmp / "ckpt")
         convert(model_dir, tmp / "model.gguf", outtype, progress=False)
-        hf, tok = load_reference(model_dir)
+        if against == "gguf":
+            from porter.parity.same_weights import checkpoint_with_gguf_weights
+            from porter.pipeline import architecture
+
+            plan = architecture(model_dir).conversion_plan()
+            checkpoint_with_gguf_weights(model_dir, plan, tmp / "model.gguf", tmp / "gguf-weights")
+            hf, tok = load_reference(tmp / "gguf-weights")
+        else:
+            hf, tok = load_reference(model_dir)
         prompts = list(prompts) or [DEFAULT_PROMPT]
         reports = []
         with porter.load(tmp / "model.gguf", n_ctx=512) as m:
@@ -97,12 +112,14 @@ def parity(model_dir, model_type, outtype, prompts, json_path, plot_path, n_gree
                 reports.append(report)
     report = max(reports, key=lambda r: r.logits["nmse"])  # the worst prompt is shown
     if not quiet:
-        table = Table(title=f"parity of {model_dir} ({outtype}, {report.n_tokens} tokens, worst prompt)")
+        weights = "the GGUF's weights" if against == "gguf" else "the checkpoint's weights"
+        table = Table(title=f"parity of {model_dir} ({outtype}, {report.n_tokens} tokens, worst prompt; "
+                            f"transformers on {weights})")
         for col in ("node", "transformers module", "NMSE", "max |err|", "cosine", ""):
             table.add_column(col)
         for n in report.nodes:
             table.add_row(n.node, n.hf_module, f"{n.nmse:.2e}", f"{n.max_abs:.2e}", f"{n.cosine:.8f}",
-                          "[green]ok" if n.ok else "[red]over")
+                          "[green]ok" if n.ok else "[red]over" if n.gated else "[yellow]over (not gated)")
         console.print(table)
     lg = report.logits
     gate = f"gate {report.tolerance:g}" if report.tolerance != float("inf") else f"no gate for {outtype}: report only"
@@ -116,6 +133,9 @@ def parity(model_dir, model_type, outtype, prompts, json_path, plot_path, n_gree
     if first:
         console.print(f"[red]first diverging node: {first.node} (layer {first.layer}, role {first.role}, "
                       f"transformers {first.hf_module}) NMSE {first.nmse:.3e}")
+    elif report.first_over and not quiet:
+        console.print(f"[yellow]branch outputs over {report.tolerance:g} are not gated for {outtype} (rounded "
+                      "weights): only the residual stream and the outputs are")
     if json_path:
         json_path.write_text(json.dumps({"model": str(model_dir), "prompts": prompts,
                                          "reports": [r.as_dict() for r in reports]}, indent=1))

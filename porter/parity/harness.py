@@ -24,7 +24,8 @@ class NodeParity:
     nmse: float
     max_abs: float
     cosine: float
-    ok: bool
+    ok: bool  # within the type's tolerance
+    gated: bool = True  # False: reported only (see STREAM_ROLES)
 
 
 @dataclass
@@ -37,6 +38,12 @@ class ParityReport:
 
     @property
     def first_divergence(self) -> NodeParity | None:
+        """The first gated node over tolerance."""
+        return next((n for n in self.nodes if n.gated and not n.ok), None)
+
+    @property
+    def first_over(self) -> NodeParity | None:
+        """The first node over tolerance, gated or not (where to start looking)."""
         return next((n for n in self.nodes if not n.ok), None)
 
     @property
@@ -49,6 +56,13 @@ class ParityReport:
         d["first_divergence"] = first.node if first else None
         d["passed"] = self.passed
         return d
+
+
+# The residual stream and the model's outputs. With rounded weights (any type but f32) only these
+# are gated: a branch (attention or MLP output, a norm's output, q/k/v) is small next to the stream
+# it is added to, so its relative error is larger than the stream's without mattering more; on
+# SmolLM2 at q8_0 branch outputs reach NMSE 1e-2 while every layer output stays under 1.2e-3.
+STREAM_ROLES = frozenset({"inp_embd", "inp_scaled", "l_out", "result_norm", "result_output", "logits_raw"})
 
 
 def _split(node_name: str) -> tuple[str, int | None]:
@@ -118,7 +132,9 @@ def run_parity(hf_model, porter_model, ids: list[int], outtype: str = "f32") -> 
             continue
         role, layer = _split(node)
         e = nmse(ref, got)
-        report.nodes.append(NodeParity(node, module, layer, role, e, max_abs(ref, got), cosine(ref, got), e <= tol["nmse"]))
+        gated = outtype.lower() == "f32" or role in STREAM_ROLES
+        report.nodes.append(NodeParity(node, module, layer, role, e, max_abs(ref, got), cosine(ref, got),
+                                       e <= tol["nmse"], gated))
     e = nmse(ref_logits, logits)
     top1 = top1_agreement(ref_logits, logits)
     # Top-1 is gated on positions where transformers' winner leads clearly (by 5x the RMS

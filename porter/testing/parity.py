@@ -61,7 +61,8 @@ def format_failure(report: ParityReport, context: str = "") -> str:
     lines.append(f"logits: NMSE {lg.get('nmse', float('nan')):.3e}, top-1 {lg.get('top1', 0):.1%}")
     lines.append("nodes (graph order):")
     for n in report.nodes[:40]:
-        lines.append(f"  {'ok  ' if n.ok else 'OVER'} {n.node:24s} {n.nmse:.2e}  {n.hf_module}")
+        state = "ok  " if n.ok else "OVER" if n.gated else "over"  # lower case: reported, not gated
+        lines.append(f"  {state} {n.node:24s} {n.nmse:.2e}  {n.hf_module}")
     return "\n".join(lines)
 
 

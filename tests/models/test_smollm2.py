@@ -50,21 +50,25 @@ def test_q8_0_top1_agreement(smollm2):
     """q8_0 at 3 prompts x the 32 positions that predict the greedy continuation.
 
     Gates: logits NMSE <= 5e-3; top-1 agreement >= 99% where transformers' winner leads by more
-    than 5x the RMS logit error; >= 95% everywhere. The issue asks 99% everywhere; measured here
-    ~97% (93/96): the flips are near-ties (margins 0.01-0.2 logits), and transformers itself on
-    the same Q8_0-rounded weights flips a similar share (see the issue note).
+    than 5x the RMS logit error; >= 95% everywhere. The issue asks 99% everywhere, which no Q8_0
+    runtime reaches on this model: transformers itself, computing in float32 with the
+    Q8_0-rounded weights, agrees with float32 on 97.4% of 12 prompts x 32 positions, stock
+    llama.cpp on porter's q8_0 file on 96.1%, porter on 95.6% (bench/q8_0_agreement.py).
+    The second half splits the error: transformers given the GGUF's own weights vs float32 is
+    the format's part, porter vs that model is the port's (ggml's 8-bit activations).
     """
+    from porter.parity.same_weights import checkpoint_with_gguf_weights
+    from porter.pipeline import architecture
+
     ckpt, hf, tok, d = smollm2
     convert(ckpt, d / "smollm2.q8_0.gguf", "q8_0", progress=False)
-    refs, gots = [], []
+    seqs = []
+    for prompt in PROMPTS:
+        ids = tok(prompt)["input_ids"]
+        seqs.append((ids + hf_greedy(hf, ids, 32), slice(len(ids) - 1, len(ids) + 31)))
+    ref = np.concatenate([hf_logits(hf, seq)[w] for seq, w in seqs])
     with porter.load(d / "smollm2.q8_0.gguf", n_threads=2, n_ctx=256) as m:
-        for prompt in PROMPTS:
-            ids = tok(prompt)["input_ids"]
-            seq = ids + hf_greedy(hf, ids, 32)
-            window = slice(len(ids) - 1, len(ids) + 31)
-            refs.append(hf_logits(hf, seq)[window])
-            gots.append(m.logits(seq)[window])
-    ref, got = np.concatenate(refs), np.concatenate(gots)
+        got = np.concatenate([m.logits(seq)[w] for seq, w in seqs])
     assert ref.shape[0] == 96
     err = nmse(ref, got)
     assert err <= 5e-3, f"q8_0 logits NMSE {err:.3e}"
@@ -73,9 +77,18 @@ def test_q8_0_top1_agreement(smollm2):
     clear = (top2[:, 1] - top2[:, 0]) > 5 * rms
     raw = top1_agreement(ref, got)
     decided = top1_agreement(ref[clear], got[clear])
-    print(f"q8_0: NMSE {err:.2e}, top-1 {raw:.3f} raw, {decided:.3f} on {clear.sum()} clear positions")
+
+    checkpoint_with_gguf_weights(ckpt, architecture(ckpt).conversion_plan(), d / "smollm2.q8_0.gguf", d / "q8_0-weights")
+    same, _ = load_reference(d / "q8_0-weights")
+    ref_same = np.concatenate([hf_logits(same, seq)[w] for seq, w in seqs])
+    err_format, err_port = nmse(ref, ref_same), nmse(ref_same, got)
+    print(f"q8_0: NMSE {err:.2e}, top-1 {raw:.3f} raw, {decided:.3f} on {clear.sum()} clear positions; "
+          f"format alone (transformers on the GGUF's weights) NMSE {err_format:.2e}, top-1 "
+          f"{top1_agreement(ref, ref_same):.3f}; porter vs those weights NMSE {err_port:.2e}")
     assert decided >= 0.99, f"top-1 agreement {decided:.3f} on positions with a clear winner"
     assert raw >= 0.95, f"raw top-1 agreement {raw:.3f} over 3 prompts x 32 positions"
+    assert err_port <= 5e-3 and err_format <= 5e-3
+    assert err_port < err, "transformers on the GGUF's own weights should be closer to porter than float32 is"
 
 
 def test_gguf_follows_llama_cpp_conventions(smollm2, f32_model):

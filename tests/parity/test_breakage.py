@@ -76,3 +76,21 @@ def test_the_unbroken_parents_pass(tmp_path):
             report = assert_parity(pair, IDS)
             assert report.logits["nmse"] < 1e-10
             assert np.isfinite(report.logits["kl"])
+
+
+@pytest.mark.parametrize("broken, first_node", [(WrongRopeLayout, "attn_out-0"), (DroppedBias, "Qcur-0")])
+def test_at_q8_0_the_stream_gate_still_catches_a_broken_port(broken, first_node, tmp_path):
+    """With rounded weights only the residual stream is gated; a real bug still fails there, and
+    the first node over tolerance (gated or not) still points at its cause."""
+    with port_tiny(broken, {"num_attention_heads": 4, "num_key_value_heads": 2}, tmp_path, outtype="q8_0") as pair:
+        report = run_parity(pair.hf, pair.porter, IDS, "q8_0")
+        assert not report.passed
+        assert report.first_divergence.node == "l_out-0"
+        assert report.first_over.node == first_node
+        assert {n.role for n in report.nodes if n.gated} <= {"inp_embd", "l_out", "result_norm", "result_output"}
+
+
+def test_at_f32_every_node_is_gated(tmp_path):
+    with port_tiny(Llama, {"num_attention_heads": 4, "num_key_value_heads": 2}, tmp_path) as pair:
+        report = run_parity(pair.hf, pair.porter, IDS, "f32")
+        assert report.nodes and all(n.gated for n in report.nodes)
