@@ -1,7 +1,8 @@
-"""Prompt (128 tokens) and generation (64 tokens) speed of porter vs transformers on SmolLM2.
+"""Prompt (128 tokens) and generation (64 tokens) speed of porter vs transformers and llama.cpp on SmolLM2.
 
-Both run in this process, one after the other, on the same threads, so the printed ratios
-compare like with like on a noisy machine. Usage:
+transformers and porter run in this process, llama.cpp (when installed: `make bench` does it)
+in a child process on the very GGUF files porter wrote, one after the other on the same threads,
+so the printed ratios compare like with like on a noisy machine. Usage:
 
     python bench/smollm2.py [--threads 2] [--types f32,q8_0] [--reps 3]
 """
@@ -15,6 +16,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+import llamacpp
 
 
 def bench_transformers(model, ids: list[int], n_gen: int, reps: int) -> tuple[float, float]:
@@ -81,23 +84,36 @@ def main() -> None:
     ids = tok(text)["input_ids"][: args.prompt_tokens]
     rows = []
     ref_pp, ref_tg = bench_transformers(hf, ids, args.gen_tokens, args.reps)
-    rows.append(("transformers float32", ref_pp, ref_tg))
+    rows.append(("transformers", "float32", ref_pp, ref_tg))
+    versus = []  # (type, porter / llama.cpp prompt, porter / llama.cpp generation)
     with tempfile.TemporaryDirectory() as tmp:
         for outtype in args.types.split(","):
             path = Path(tmp) / f"smollm2.{outtype}.gguf"
-            t = time.perf_counter()
             convert(ckpt, path, outtype, progress=False)
-            conv = time.perf_counter() - t
             with porter.load(path, n_threads=args.threads, n_ctx=512) as m:
                 pp, tg = bench_porter(m, ids, args.gen_tokens, args.reps)
-            rows.append((f"porter {outtype} (convert {conv:.1f} s)", pp, tg))
+            rows.append(("porter", outtype, pp, tg))
+            if llamacpp.available():  # on the same file porter just ran
+                lpp, ltg = llamacpp.speed(path, ids, args.gen_tokens, args.threads, args.reps)
+                rows.append(("llama.cpp", outtype, lpp, ltg))
+                versus.append((outtype, pp / lpp, tg / ltg))
     table = Table(title=f"SmolLM2-135M-Instruct, {len(ids)}-token prompt, {args.gen_tokens} generated, "
                         f"{args.threads} threads, median of {args.reps}")
-    for col in ("runtime", "prompt tok/s", "x transformers", "generate tok/s", "x transformers"):
+    for col in ("runtime", "weights", "prompt tok/s", "x transformers", "generate tok/s", "x transformers"):
         table.add_column(col, justify="right")
-    for name, pp, tg in rows:
-        table.add_row(name, f"{pp:.1f}", f"{pp / ref_pp:.2f}", f"{tg:.1f}", f"{tg / ref_tg:.2f}")
-    Console().print(table)
+    for name, outtype, pp, tg in rows:
+        table.add_row(name, outtype, f"{pp:.1f}", f"{pp / ref_pp:.2f}", f"{tg:.1f}", f"{tg / ref_tg:.2f}")
+    from porter.runtime._lib import cpu_features
+
+    console = Console()
+    console.print(table)
+    console.print(f"porter's ggml uses: {' '.join(cpu_features())}")
+    if llamacpp.available():
+        console.print(f"llama.cpp: {llamacpp.system_info()}")
+    for outtype, vpp, vtg in versus:
+        console.print(f"porter / llama.cpp, {outtype}: prompt {vpp:.2f}x, generation {vtg:.2f}x")
+    if not llamacpp.available():
+        console.print("llama.cpp not measured: llama-cpp-python is not installed (`make bench` installs it)")
 
 
 if __name__ == "__main__":

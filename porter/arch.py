@@ -325,7 +325,8 @@ class Architecture:
 
     def conversion_plan(self) -> ConversionPlan:
         return ConversionPlan(gguf_arch=self.gguf_arch, kv=self.gguf_kv(), tensors=self.tensor_plans(),
-                              spec_json=self.spec().to_json(), name=self.info.config.get("_name_or_path", "") or self.model_type)
+                              spec_json=self.spec().to_json(), name=self.info.config.get("_name_or_path", "") or self.model_type,
+                              ignored=tuple(self.ignored_tensors))
 
     # -- tests ---------------------------------------------------------------------------------
     tiny: ClassVar[dict[str, Any]] = {}

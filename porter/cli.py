@@ -17,10 +17,10 @@ OUTTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k"
 def _versions() -> str:
     from importlib.metadata import version
 
-    from porter.runtime._lib import GGML_COMMIT, GGML_VERSION
+    from porter.runtime._lib import GGML_COMMIT, GGML_VERSION, cpu_features
 
     return (f"porter {__version__}\nggml {GGML_VERSION} (commit {GGML_COMMIT}, "
-            f"libggml-python {version('libggml-python')})")
+            f"libggml-python {version('libggml-python')}; CPU: {' '.join(cpu_features())})")
 
 
 class _Group(click.Group):

@@ -72,6 +72,8 @@ class ConversionPlan:
     tensors: list[TensorPlan]
     spec_json: str  # porter's graph spec, stored under key "porter.graph_spec"
     name: str = ""  # general.name
+    # Checkpoint tensors left out on purpose (name fragments, e.g. "pooler."): not reported unused.
+    ignored: tuple[str, ...] = ()
 
     def tensor_names(self) -> list[str]:
         return [t.gguf_name for t in self.tensors]

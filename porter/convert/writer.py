@@ -425,7 +425,8 @@ def _write(
         )
     report = WriteReport(out, outtype, int(file_type), len(plan.tensors), 0, 0.0, 0, 0)
     used = plan.source_names()
-    report.unused_tensors = sorted(n for n in ckpt.names() if n not in used and not _is_ignorable(n))
+    report.unused_tensors = sorted(n for n in ckpt.names() if n not in used and not _is_ignorable(n)
+                                   and not any(fragment in n for fragment in plan.ignored))
 
     # Shapes and types of everything, before reading any weight.
     names = set(plan.tensor_names())

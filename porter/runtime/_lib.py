@@ -61,6 +61,13 @@ ffi, lib = _load()
 GGML_VERSION = ffi.string(lib.ggml_version()).decode()
 GGML_COMMIT = ffi.string(lib.ggml_commit()).decode()
 
+
+def cpu_features() -> list[str]:
+    """The CPU features this ggml build uses (what the wheel was compiled for, as ggml reports it)."""
+    names = ["sse3", "ssse3", "avx", "avx2", "f16c", "fma", "bmi2", "avx_vnni", "avx512", "avx512_vbmi",
+             "avx512_vnni", "avx512_bf16", "amx_int8", "neon", "arm_fma", "dotprod", "sve", "llamafile"]
+    return [n.upper() for n in names if getattr(lib, f"ggml_cpu_has_{n}")()]
+
 # ggml's own messages go to Python logging ("porter.ggml"): warnings and errors show, its
 # informational chatter (e.g. one line per repacked tensor) only at debug level.
 _log = logging.getLogger("porter.ggml")

@@ -50,6 +50,7 @@ def test_cli_lists_plugins_and_versions():
     r = CliRunner().invoke(main, ["--version"])
     assert r.exit_code == 0
     assert "porter 0.1.0" in r.output and "ggml 0.20.2" in r.output
+    assert "CPU: " in r.output and ("AVX" in r.output or "NEON" in r.output)  # what the ggml build uses
 
 
 def test_generated_specs_are_current(tmp_path):

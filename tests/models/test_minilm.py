@@ -81,3 +81,12 @@ def test_pooling_is_stored_and_a_broken_port_fails(minilm):
         assert cos.min() < 0.99999
     finally:
         set_data(w, saved)
+
+
+def test_the_pooler_is_left_out_on_purpose_not_reported_unused(minilm, tmp_path):
+    from porter.pipeline import convert
+
+    d, _, _ = minilm
+    report = convert(d, tmp_path / "again.gguf", "f32", progress=False)
+    assert report.unused_tensors == [], report.unused_tensors
+    assert "unused" not in report.summary()
