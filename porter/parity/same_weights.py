@@ -20,8 +20,8 @@ import numpy as np
 
 from porter.errors import PorterError
 
-# Indices are passed through transforms as float32 in two halves (high and low 12 bits...),
-# each exact in float32, since plugins' transforms may compute in float32.
+# Element indices go through a transform as float32 (plugins' transforms may compute in float32)
+# in two parts, index // 4096 and index % 4096, each exact in float32 up to 2**36 elements.
 _SPLIT = 1 << 12
 
 
@@ -36,7 +36,7 @@ def _source_positions(plan, shapes: dict[str, tuple[int, ...]]) -> tuple[np.ndar
     lo = np.asarray(plan.transform([(i % _SPLIT).astype(np.float32) for i in idx]), dtype=np.float64)
     pos = hi * _SPLIT + lo
     moved_only = (hi.shape == lo.shape and np.all(pos == np.round(pos)) and np.all((lo >= 0) & (lo < _SPLIT))
-                  and np.all((pos >= 0) & (pos < offsets[-1])))
+                  and np.all((pos >= 0) & (pos < offsets[-1])) and np.unique(pos).size == pos.size)
     if not moved_only:
         raise PorterError(f"{plan.gguf_name}: its transform computes new values (not only moves them), so the "
                           "GGUF's weights cannot be mapped back onto the checkpoint; compare against the "

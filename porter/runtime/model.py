@@ -100,7 +100,14 @@ class Model:
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, *, n_threads: int | None = None, n_ctx: int | None = None,
-             cache_type: str = "f32", use_repack: bool = True) -> "Model":
+             cache_type: str = "f32", use_repack: bool = True, bf16_as_f16: bool = True) -> "Model":
+        """Load a GGUF written by porter.
+
+        ``bf16_as_f16``: ggml's BF16 matrix product rounds the activations to bfloat16 (8-bit
+        mantissa), which alone costs logits NMSE ~1e-4 on SmolLM2. BF16 matrices whose values
+        fit float16 (all finite, none changed by more than 2**-24, i.e. only subnormal
+        ones) are held as F16 instead: same size, the same weights, activations rounded to float16.
+        """
         from gguf import GGUFReader
 
         path = Path(path)
@@ -145,13 +152,22 @@ class Model:
             pattern = re.sub(r"^blk\.\d+\.", "blk.{L}.", name)
             if pattern in patterns and len(rt.shape) == 2 and repack.supports(int(rt.tensor_type), int(rt.shape[0]), int(rt.shape[1])):
                 to_repack.add(name)
+        as_f16 = set()
+        if bf16_as_f16:
+            f16_ok = repack.weights_used_only_as(spec, {("mul_mat", 0), ("get_rows", 0), ("mul_mat_id", 0)})
+            for name in expected:
+                rt = by_name[name]
+                if (int(rt.tensor_type) == int(GGMLType.BF16) and re.sub(r"^blk\.\d+\.", "blk.{L}.", name) in f16_ok
+                        and _bf16_to_f16(rt.data) is not None):
+                    as_f16.add(name)
         ctx = Context(len(expected) - len(to_repack) + len(inline))
         rctx = Context(max(1, len(to_repack)))
         weights = {}
         for name in expected:
             rt = by_name[name]
             ne = [int(x) for x in rt.shape]
-            weights[name] = (rctx if name in to_repack else ctx).new_tensor(GGMLType(int(rt.tensor_type)), ne, name)
+            gtype = GGMLType.F16 if name in as_f16 else GGMLType(int(rt.tensor_type))
+            weights[name] = (rctx if name in to_repack else ctx).new_tensor(gtype, ne, name)
         for name, values in inline.items():
             weights[name] = ctx.new_tensor(GGMLType.F32, [values.size], name)
         buffer = Buffer(ctx, backend.buffer_type)
@@ -160,7 +176,7 @@ class Model:
             set_data(weights[name], values)
         for name in expected:
             t = weights[name]
-            data = by_name[name].data
+            data = _bf16_to_f16(by_name[name].data) if name in as_f16 else by_name[name].data
             nbytes = int(lib.ggml_nbytes(t))
             if data.nbytes != nbytes:
                 raise ModelError(f"{path}: tensor {name} holds {data.nbytes} bytes, expected {nbytes} (truncated file?)")
@@ -169,6 +185,7 @@ class Model:
         model = cls(spec, backend, ctx, buffer, weights, metadata, path, n_ctx, GGMLType.parse(cache_type))
         model._repack = (rctx, rbuffer)
         model.repacked = sorted(to_repack)
+        model.bf16_as_f16 = sorted(as_f16)
         return model
 
     # -- tokenizer -------------------------------------------------------------------------------
@@ -438,6 +455,17 @@ class Model:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _bf16_to_f16(raw: np.ndarray) -> np.ndarray | None:
+    """BF16 bits as float16, or None when a value overflows float16 or loses more than 2**-24
+    (normal bfloat16 values convert exactly; only float16-subnormal ones round)."""
+    values = (np.ascontiguousarray(raw).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    with np.errstate(over="ignore"):
+        half = values.astype(np.float16)
+    if not np.all(np.isfinite(half)) or np.max(np.abs(half.astype(np.float32) - values), initial=0.0) > 2.0 ** -24:
+        return None
+    return half
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:

@@ -60,8 +60,8 @@ def supports(gtype: int, ne0: int, ne1: int) -> bool:
         ctx.close()
 
 
-def matmul_only_weights(spec) -> set[str]:
-    """Weight names (layer patterns) used only as the matrix operand of mul_mat."""
+def weights_used_only_as(spec, allowed: set[tuple[str, int]]) -> set[str]:
+    """Weight names (layer patterns) whose every use is one of ``allowed`` (op, input position)."""
     from porter.spec import Repeat
 
     uses: dict[str, set[tuple[str, int]]] = {}
@@ -69,4 +69,9 @@ def matmul_only_weights(spec) -> set[str]:
         for node in (item.body if isinstance(item, Repeat) else [item]):
             for pos, src in enumerate(node.inputs):
                 uses.setdefault(src, set()).add((node.op, pos))
-    return {w.name for w in spec.weights if uses.get(w.name) == {("mul_mat", 0)}}
+    return {w.name for w in spec.weights if uses.get(w.name) and uses[w.name] <= allowed}
+
+
+def matmul_only_weights(spec) -> set[str]:
+    """Weight names (layer patterns) used only as the matrix operand of mul_mat."""
+    return weights_used_only_as(spec, {("mul_mat", 0)})

@@ -53,7 +53,7 @@ def test_q8_0_top1_agreement(smollm2):
     than 5x the RMS logit error; >= 95% everywhere. The issue asks 99% everywhere, which no Q8_0
     runtime reaches on this model: transformers itself, computing in float32 with the
     Q8_0-rounded weights, agrees with float32 on 97.4% of 12 prompts x 32 positions, stock
-    llama.cpp on porter's q8_0 file on 96.1%, porter on 95.6% (bench/q8_0_agreement.py).
+    llama.cpp on porter's q8_0 file on 96.1%, porter on 95.6-95.8% by ggml build (bench/q8_0_agreement.py).
     The second half splits the error: transformers given the GGUF's own weights vs float32 is
     the format's part, porter vs that model is the port's (ggml's 8-bit activations).
     """
@@ -89,6 +89,19 @@ def test_q8_0_top1_agreement(smollm2):
     assert raw >= 0.95, f"raw top-1 agreement {raw:.3f} over 3 prompts x 32 positions"
     assert err_port <= 5e-3 and err_format <= 5e-3
     assert err_port < err, "transformers on the GGUF's own weights should be closer to porter than float32 is"
+
+
+def test_bf16_logits_within_the_gate(smollm2):
+    """DESIGN's gate for F16/BF16: logits NMSE <= 1e-4 (ggml's own BF16 product, which rounds the
+    activations to bfloat16, measured 1.2e-4 here; porter holds BF16 matrices as F16)."""
+    ckpt, hf, tok, d = smollm2
+    convert(ckpt, d / "smollm2.bf16.gguf", "bf16", progress=False)
+    with porter.load(d / "smollm2.bf16.gguf", n_threads=2, n_ctx=256) as m:
+        assert m.bf16_as_f16, "no BF16 matrix was held as F16"
+        for prompt in PROMPTS:
+            ids = tok(prompt)["input_ids"]
+            err = nmse(hf_logits(hf, ids), m.logits(ids))
+            assert err <= 1e-4, f"{prompt!r}: bf16 logits NMSE {err:.3e}"
 
 
 def test_gguf_follows_llama_cpp_conventions(smollm2, f32_model):
