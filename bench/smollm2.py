@@ -4,7 +4,7 @@ transformers and porter run in this process, llama.cpp (when installed: `make be
 in a child process on the very GGUF files porter wrote, one after the other on the same threads,
 so the printed ratios compare like with like on a noisy machine. Usage:
 
-    python bench/smollm2.py [--threads 2] [--types f32,q8_0] [--reps 3]
+    python bench/smollm2.py [--threads 2] [--types f32,bf16,q8_0,q4_0] [--reps 3]
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def bench_porter(m, ids: list[int], n_gen: int, reps: int) -> tuple[float, float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--types", default="f32,q8_0")
+    ap.add_argument("--types", default="f32,bf16,q8_0,q4_0")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=64)
