@@ -104,9 +104,9 @@ class Model:
         """Load a GGUF written by porter.
 
         ``bf16_as_f16``: ggml's BF16 matrix product rounds the activations to bfloat16 (8-bit
-        mantissa), which alone costs logits NMSE ~1e-4 on SmolLM2. BF16 matrices whose values
-        fit float16 (all finite, none changed by more than 2**-24, i.e. only subnormal
-        ones) are held as F16 instead: same size, the same weights, activations rounded to float16.
+        significand), which alone costs logits NMSE ~1e-4 on SmolLM2. BF16 matrices whose values
+        all fit float16 (normal ones convert exactly, float16-subnormal ones move by at most
+        2**-25) are held as F16 instead: same size, same weights, activations rounded to float16.
         """
         from gguf import GGUFReader
 
@@ -149,15 +149,14 @@ class Model:
         to_repack = set()
         for name in expected:
             rt = by_name[name]
-            pattern = re.sub(r"^blk\.\d+\.", "blk.{L}.", name)
-            if pattern in patterns and len(rt.shape) == 2 and repack.supports(int(rt.tensor_type), int(rt.shape[0]), int(rt.shape[1])):
+            if _layer_pattern(name) in patterns and len(rt.shape) == 2 and repack.supports(int(rt.tensor_type), int(rt.shape[0]), int(rt.shape[1])):
                 to_repack.add(name)
         as_f16 = set()
         if bf16_as_f16:
             f16_ok = repack.weights_used_only_as(spec, {("mul_mat", 0), ("get_rows", 0), ("mul_mat_id", 0)})
             for name in expected:
                 rt = by_name[name]
-                if (int(rt.tensor_type) == int(GGMLType.BF16) and re.sub(r"^blk\.\d+\.", "blk.{L}.", name) in f16_ok
+                if (int(rt.tensor_type) == int(GGMLType.BF16) and _layer_pattern(name) in f16_ok
                         and _bf16_to_f16(rt.data) is not None):
                     as_f16.add(name)
         ctx = Context(len(expected) - len(to_repack) + len(inline))
@@ -455,6 +454,11 @@ class Model:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _layer_pattern(name: str) -> str:
+    """blk.3.attn_q.weight -> blk.{L}.attn_q.weight (how the spec names per-layer weights)."""
+    return re.sub(r"^blk\.\d+\.", "blk.{L}.", name)
 
 
 def _bf16_to_f16(raw: np.ndarray) -> np.ndarray | None:
