@@ -50,6 +50,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/smollm2.py
 	$(BIN)/python bench/convert.py
 	$(BIN)/python bench/q8_0_agreement.py
+	$(BIN)/python bench/llama_cpp_compat.py
 
 readme: setup
 	$(BIN)/porter plugins --update-readme

@@ -4,7 +4,7 @@
   norm (``input_layernorm``), or sequential when ``parallel_attn`` is false (then
   ``post_attention_layernorm`` feeds the MLP).
 - ``new_decoder_architecture`` (falcon-40b/180b): grouped fused qkv, ``ln_attn`` and ``ln_mlp``
-  (llama.cpp's ``attn_norm`` and ``attn_norm_2``) feeding attention and MLP in parallel, or one
+  (llama.cpp's ``attn_norm_2`` and ``attn_norm``) feeding attention and MLP in parallel, or one
   norm when ``num_ln_in_parallel_attn`` is 1.
 
 The fused qkv holds per kv group [q heads of the group, k, v] (multi-head: [q, k, v] per head);
@@ -29,7 +29,7 @@ class Falcon(InterleavedQKV):
     family = "falcon"
     gguf_arch = "falcon"
     features = ("layernorm", "rope", "alibi", "mqa", "gqa", "fused_qkv", "parallel_block", "gelu")
-    knobs = {"norm": "layer", "norm_bias": True, "fused_qkv": True, "mlp": "plain", "ffn_norm_w": "attn_norm_2",
+    knobs = {"norm": "layer", "norm_bias": True, "fused_qkv": True, "mlp": "plain",
              "hf_embed": "transformer.word_embeddings", "hf_layers": "transformer.h",
              "hf_attn": "self_attention", "hf_final_norm": "transformer.ln_f"}
     tensors = {
@@ -39,8 +39,9 @@ class Falcon(InterleavedQKV):
         "output.weight": "lm_head.weight",
         "blk.{L}.attn_norm.weight": H + ".input_layernorm.weight",
         "blk.{L}.attn_norm.bias": H + ".input_layernorm.bias",
-        "blk.{L}.attn_norm_2.weight": H + ".ln_mlp.weight",
-        "blk.{L}.attn_norm_2.bias": H + ".ln_mlp.bias",
+        # two-norm layout, named as llama.cpp does: attn_norm_2 feeds attention, attn_norm the MLP
+        "blk.{L}.attn_norm_2.weight": H + ".ln_attn.weight",
+        "blk.{L}.attn_norm_2.bias": H + ".ln_attn.bias",
         "blk.{L}.ffn_norm.weight": H + ".post_attention_layernorm.weight",
         "blk.{L}.ffn_norm.bias": H + ".post_attention_layernorm.bias",
         "blk.{L}.attn_qkv.weight": H + ".self_attention.query_key_value.weight",
@@ -52,8 +53,8 @@ class Falcon(InterleavedQKV):
         "blk.{L}.ffn_down.weight": H + ".mlp.dense_4h_to_h.weight",
         "blk.{L}.ffn_down.bias": H + ".mlp.dense_4h_to_h.bias",
     }
-    # the new architecture's two-norm layout names its attention norm ln_attn
-    alternatives = {"blk.{L}.attn_norm.weight": H + ".ln_attn.weight", "blk.{L}.attn_norm.bias": H + ".ln_attn.bias"}
+    # in the two-norm layout attn_norm is the MLP's norm, ln_mlp
+    alternatives = {"blk.{L}.attn_norm.weight": H + ".ln_mlp.weight", "blk.{L}.attn_norm.bias": H + ".ln_mlp.bias"}
     tiny = {"activation": "gelu", "alibi": False, "bias": False}
     space = {"new_decoder_architecture": [False, True], "multi_query": [True, False],
              "parallel_attn": [True, False], "num_ln_in_parallel_attn": [None, 1], "bias": [False, True],
@@ -77,6 +78,8 @@ class Falcon(InterleavedQKV):
         if self.uses_alibi:
             k["rope"], k["alibi"], k["rope_freq_factors"] = False, True, False
         two_norms = self.has("blk.0.attn_norm_2.weight")
+        if two_norms:
+            k["attn_norm_w"], k["ffn_norm_w"] = "attn_norm_2", "attn_norm"
         k["hf_attn_norm"] = "ln_attn" if two_norms else "input_layernorm"
         k["parallel"] = not self.has("blk.0.ffn_norm.weight")
         k["parallel_ffn_norm"] = two_norms

@@ -51,6 +51,17 @@ class Gemma3Text(Gemma2):
                                  "which per-layer rope does not carry")
         return [args[t] for t in types]
 
+    def gguf_kv(self):
+        # llama.cpp's gemma3: rope.freq_base (and scaling) for global layers, rope.freq_base_swa
+        # for local ones (their scale is always 1 there), which layers slide as a bool per layer
+        kv, a = super().gguf_kv(), self.gguf_arch
+        local = (self.hp.rope_by_layer_type or {}).get("sliding_attention")
+        if local and local.get("rope_theta"):
+            kv[f"{a}.rope.freq_base_swa"] = float(local["rope_theta"])
+        if self.hp.sliding_window:
+            kv[f"{a}.attention.sliding_window_pattern"] = self.layer_is_sliding()
+        return kv
+
     def spec_hparams(self):
         values = super().spec_hparams()
         per_layer = self.layer_rope()

@@ -49,7 +49,8 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "post_norm": False,  # bert: norm after each residual add, no pre-norms
     "qk_norm_eps": None,  # default: $norm_eps
     "qk_norm_bias": None,  # qk-norm with a bias; default: as norm_bias (stablelm's per-head norms have none)
-    "ffn_norm_w": "ffn_norm",  # GGUF name of the parallel block's MLP norm (falcon: attn_norm_2)
+    "attn_norm_w": "attn_norm",  # GGUF name of the attention's pre-norm (falcon's two-norm layout: attn_norm_2)
+    "ffn_norm_w": "ffn_norm",  # GGUF name of the parallel block's MLP norm (falcon's two-norm layout: attn_norm)
     "rope_per_layer": False,  # rope attributes are per-layer lists (gemma3 local/global)
     "fused_gate_up": False,  # ffn_up holds [gate; up] (phi3)
     "moe_norm_topk": False,  # renormalize the chosen experts' probabilities

@@ -458,6 +458,9 @@ def _write(
 
         kv.update(tokenizer_kv(model_dir))
     kv.update(plan.kv)
+    # A checkpoint without a tokenizer: llama.cpp refuses a file with no tokenizer.ggml.model,
+    # and loads one whose model is "none" (what its own converter writes then).
+    kv.setdefault("tokenizer.ggml.model", "none")
     if plan.spec_json:
         kv[GRAPH_SPEC_KEY] = plan.spec_json
     kv["general.quantization_version"] = (GGML_QUANT_VERSION, VT.UINT32)

@@ -121,6 +121,10 @@ def test_fused_layouts_follow_llama_cpp(tiny):
         want = np.concatenate([g[:, :-2].reshape(-1, w.shape[-1]), g[:, -2].reshape(-1, w.shape[-1]),
                                g[:, -1].reshape(-1, w.shape[-1])])
         np.testing.assert_array_equal(_gguf_tensor(path, "blk.0.attn_qkv.weight"), want)
+        # two-norm layout under llama.cpp's names: attn_norm_2 feeds attention, attn_norm the MLP
+        # (llama.cpp computes these files within 1.4e-7 of transformers: bench/llama_cpp_compat.py)
+        np.testing.assert_array_equal(_gguf_tensor(path, "blk.0.attn_norm_2.weight"), sd["transformer.h.0.ln_attn.weight"])
+        np.testing.assert_array_equal(_gguf_tensor(path, "blk.0.attn_norm.weight"), sd["transformer.h.0.ln_mlp.weight"])
     elif model_type == "gpt2":
         np.testing.assert_array_equal(_gguf_tensor(path, "blk.0.attn_qkv.weight"), sd["transformer.h.0.attn.c_attn.weight"].T)
         np.testing.assert_array_equal(_gguf_tensor(path, "blk.0.ffn_up.weight"), sd["transformer.h.0.mlp.c_fc.weight"].T)

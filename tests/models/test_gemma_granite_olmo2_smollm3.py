@@ -24,7 +24,8 @@ CASES = {
                      "tie_word_embeddings": False, "final_logit_softcapping": 3.0,
                      "rope_parameters": {"full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
                                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
-                    "gemma3", ["attention.sliding_window", "rope.scaling.type", "rope.scaling.factor"]),
+                    "gemma3", ["attention.sliding_window", "rope.scaling.type", "rope.scaling.factor",
+                               "rope.freq_base_swa", "attention.sliding_window_pattern"]),
     "smollm3": ({"num_hidden_layers": 3, "no_rope_layer_interval": 2}, "smollm3", []),
     "granite": ({}, "granite", ["embedding_scale", "residual_scale", "attention.scale", "logit_scale"]),
     "olmo2": ({"attention_bias": False}, "olmo2", []),
@@ -85,6 +86,10 @@ def test_gguf_names_and_keys_follow_llama_cpp(tiny):
         np.testing.assert_allclose(np.asarray(t.data).reshape(w.shape), w + 1.0, rtol=1e-6)
     else:
         assert "output.weight" in names  # untied tiny models
+    if model_type == "gemma3_text":  # what llama.cpp's gemma3 reads: which layers slide, local rope base
+        assert [bool(x) for x in r.fields["gemma3.attention.sliding_window_pattern"].contents()] == [True, True, False]
+        assert r.fields["gemma3.rope.freq_base_swa"].contents() == pytest.approx(1e4)
+        assert r.fields["gemma3.rope.freq_base"].contents() == pytest.approx(1e6)
 
 
 def test_broken_port_is_detected(tiny):
