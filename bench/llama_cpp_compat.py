@@ -70,7 +70,39 @@ def main() -> None:
             except RuntimeError as exc:
                 loads, theirs_text = "NO", str(exc).strip().splitlines()[-1][:60]
             table.add_row(model_type, cls.gguf_arch, loads, theirs_text, f"{ours:.2e}", NOTES.get(model_type, ""))
+        if not wanted or "bert" in wanted:
+            table.add_row("bert", "bert", *_minilm(Path(tmp)), "real all-MiniLM-L6-v2: 1 - cosine of the "
+                          "mean-pooled embedding; llama.cpp tokenizes from the GGUF")
     console.print(table)
+
+
+def _minilm(tmp: Path) -> tuple[str, str, str]:
+    """(loads, llama.cpp, porter) for the real MiniLM encoder: 1 - cosine similarity with transformers."""
+    import numpy as np
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    import porter
+    from porter.examples import minilm_dir
+    from porter.pipeline import convert
+
+    text = "porter takes transformers architectures to ggml"
+    ckpt = minilm_dir()
+    convert(ckpt, tmp / "minilm.gguf", "f32", progress=False)
+    tok, hf = AutoTokenizer.from_pretrained(ckpt), AutoModel.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        ref = hf(**tok([text], return_tensors="pt")).last_hidden_state[0].mean(0).numpy().astype(np.float64)
+    with porter.load(tmp / "minilm.gguf") as m:
+        ours = np.asarray(m.embed([text]))[0]
+
+    def gap(v) -> str:
+        v = np.asarray(v, dtype=np.float64).reshape(-1)
+        return f"{1 - ref @ v / (np.linalg.norm(ref) * np.linalg.norm(v)):.1e}"
+
+    try:
+        return "yes", gap(llamacpp.embed(tmp / "minilm.gguf", text, 2)), gap(ours)
+    except RuntimeError as exc:
+        return "NO", str(exc).strip().splitlines()[-1][:60], gap(ours)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,11 @@ def speed(gguf: Path, ids: list[int], n_gen: int, threads: int, reps: int) -> tu
     return r["prompt_tps"], r["gen_tps"]
 
 
+def embed(gguf: Path, text: str, threads: int) -> list[float]:
+    """llama.cpp's mean-pooled sentence embedding (its own tokenizer, from the GGUF's vocabulary)."""
+    return _worker("embed", str(gguf), text, str(threads))["embedding"]
+
+
 def system_info() -> str:
     """llama.cpp's own line of the CPU features its build uses."""
     return _worker("info")["system_info"]
@@ -135,6 +140,14 @@ def _logits(gguf: str, seq_file: str, threads: str, out: str) -> dict:
     return {"rows": sum(len(r) for r in rows)}
 
 
+def _embed(gguf: str, text: str, threads: str) -> dict:
+    from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama
+
+    m = Llama(model_path=gguf, embedding=True, pooling_type=LLAMA_POOLING_TYPE_MEAN, n_ctx=512,
+              n_threads=int(threads), verbose=False)
+    return {"embedding": [float(x) for x in m.embed(text)]}
+
+
 def _info() -> dict:
     import llama_cpp
 
@@ -143,5 +156,5 @@ def _info() -> dict:
 
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
-    result = {"speed": _speed, "logits": _logits, "info": _info}[mode](*rest)
+    result = {"speed": _speed, "logits": _logits, "embed": _embed, "info": _info}[mode](*rest)
     print(json.dumps(result))
