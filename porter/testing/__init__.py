@@ -5,7 +5,7 @@
 The pytest plugin (``porter.testing.plugin``) loads automatically once porter is installed.
 """
 
-from porter.testing.parity import PortedPair, assert_cache_consistent, assert_parity, port_tiny
+from porter.testing.parity import PortedPair, assert_cache_consistent, assert_parity, port_tiny, stepped_logits
 from porter.testing.strategies import configs, shapes
 
-__all__ = ["PortedPair", "assert_cache_consistent", "assert_parity", "configs", "port_tiny", "shapes"]
+__all__ = ["PortedPair", "assert_cache_consistent", "assert_parity", "configs", "port_tiny", "shapes", "stepped_logits"]

@@ -75,6 +75,16 @@ def assert_parity(pair: PortedPair, ids, *, context: str = "") -> ParityReport:
     return report
 
 
+def stepped_logits(model, ids, split: int) -> np.ndarray:
+    """Logits of ``ids`` through the KV cache: prefill ``ids[:split]``, then one decode step per
+    remaining id (one row per position). The cache is reset before and after."""
+    ids = list(ids)
+    model.reset()
+    rows = [model.forward(ids[:split], all_logits=True)] + [model.forward([t]) for t in ids[split:]]
+    model.reset()
+    return np.concatenate(rows)
+
+
 def assert_cache_consistent(pair: PortedPair, ids, split: int, *, context: str = "") -> float:
     """Prefill of all ids == prefill of ids[:split] then one decode step per remaining id,
     and both equal transformers. Returns the NMSE against transformers."""
@@ -88,11 +98,7 @@ def assert_cache_consistent(pair: PortedPair, ids, split: int, *, context: str =
         return _encoder_cache_consistent(pair, ids, context)
     m.reset()
     full = m.forward(ids, all_logits=True)
-    m.reset()
-    rows = [m.forward(ids[:split], all_logits=True)]
-    rows += [m.forward([t]) for t in ids[split:]]
-    stepped = np.concatenate(rows)
-    m.reset()
+    stepped = stepped_logits(m, ids, split)
     gate = tolerance(pair.outtype)["nmse"]
     self_err = nmse(full, stepped)
     assert self_err <= gate, f"{context}: prefill {len(ids)} vs prefill {split} + decode: NMSE {self_err:.3e}"

@@ -12,7 +12,7 @@ from gguf import GGUFReader
 
 from porter.parity.logits import hf_logits
 from porter.parity.metrics import nmse
-from porter.testing.parity import port_tiny
+from porter.testing.parity import port_tiny, stepped_logits
 
 F32_GATE = 1e-6
 # model_type -> (tiny overrides, llama.cpp architecture, keys llama.cpp reads beyond the common ones)
@@ -49,9 +49,7 @@ def test_prefill_then_decode_matches_transformers(tiny):
     ref = hf_logits(hf, ids)
     err = nmse(ref, m.logits(ids))
     assert err <= F32_GATE, f"{model_type}: prefill logits NMSE {err:.3e}"
-    m.reset()
-    rows = [m.forward(ids[:12], all_logits=True)] + [m.forward([t]) for t in ids[12:]]
-    got = np.concatenate(rows)
+    got = stepped_logits(m, ids, 12)
     err = nmse(ref, got)
     assert err <= F32_GATE, f"{model_type}: cached decode NMSE {err:.3e}"
     assert (ref.argmax(-1) == got.argmax(-1)).all()

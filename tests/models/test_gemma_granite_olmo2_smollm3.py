@@ -11,7 +11,7 @@ from gguf import GGUFReader
 
 from porter.parity.logits import hf_logits
 from porter.parity.metrics import nmse
-from porter.testing.parity import port_tiny
+from porter.testing.parity import port_tiny, stepped_logits
 
 F32_GATE = 1e-6
 # model_type -> (config overrides, llama.cpp arch, architecture keys beyond the common ones)
@@ -50,9 +50,7 @@ def test_prefill_then_decode_matches(tiny):
     ref = hf_logits(hf, ids)
     m.reset()
     full = m.forward(ids, all_logits=True)
-    m.reset()
-    rows = [m.forward(ids[:10], all_logits=True)] + [m.forward([t]) for t in ids[10:]]
-    got = np.concatenate(rows)
+    got = stepped_logits(m, ids, 10)
     assert got.shape == ref.shape
     assert nmse(ref, full) <= F32_GATE, f"{model_type}: prefill NMSE {nmse(ref, full):.3e}"
     assert nmse(ref, got) <= F32_GATE, f"{model_type}: cached decode NMSE {nmse(ref, got):.3e}"

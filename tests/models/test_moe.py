@@ -13,6 +13,7 @@ from porter.parity.metrics import nmse
 from porter.pipeline import convert
 from porter.plugins import architectures
 from porter.testing.models import tiny_checkpoint
+from porter.testing.parity import stepped_logits
 
 F32_GATE = 1e-6
 N_EXPERT = 4
@@ -47,10 +48,7 @@ def test_prefill_then_decode_matches(tiny):
     ref = hf_logits(hf, ids)
     err = nmse(ref, m.logits(ids))
     assert err <= F32_GATE, f"{case}: prefill logits NMSE {err:.3e}"
-    m.reset()
-    rows = [m.forward(ids[:9], all_logits=True)] + [m.forward([t]) for t in ids[9:]]
-    got = np.concatenate(rows)
-    m.reset()
+    got = stepped_logits(m, ids, 9)
     err = nmse(ref, got)
     assert err <= F32_GATE, f"{case}: cached decode NMSE {err:.3e}"
     assert (ref.argmax(-1) == got.argmax(-1)).all()

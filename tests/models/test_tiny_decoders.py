@@ -7,7 +7,7 @@ import pytest
 
 from porter.parity.logits import hf_logits
 from porter.parity.metrics import nmse
-from porter.testing.parity import port_tiny
+from porter.testing.parity import port_tiny, stepped_logits
 
 F32_GATE = 1e-6
 CASES = {
@@ -42,11 +42,7 @@ def test_prefill_then_decode_matches(tiny):
     model_type, hf, m = tiny
     ids = np.random.default_rng(1).integers(0, m.n_vocab, 15).tolist()
     ref = hf_logits(hf, ids)
-    m.reset()
-    rows = [m.forward(ids[:9], all_logits=True)]
-    for t in ids[9:]:
-        rows.append(m.forward([t]))
-    got = np.concatenate(rows)
+    got = stepped_logits(m, ids, 9)
     err = nmse(ref, got)
     assert err <= F32_GATE, f"{model_type}: cached decode NMSE {err:.3e}"
     assert (ref.argmax(-1) == got.argmax(-1)).all()
