@@ -65,7 +65,7 @@ def logits(gguf: Path, seqs: list[list[int]], threads: int, out: Path):
 
 def measured(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     """Wall seconds and peak resident MiB of a command run in a child process."""
-    wrapper = ("import resource, runpy, subprocess, sys; "
+    wrapper = ("import resource, subprocess, sys; "
                "p = subprocess.run(sys.argv[1:]); "
                "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
                "sys.exit(p.returncode)")

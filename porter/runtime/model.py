@@ -157,7 +157,7 @@ class Model:
             for name in expected:
                 rt = by_name[name]
                 if (int(rt.tensor_type) == int(GGMLType.BF16) and _layer_pattern(name) in f16_ok
-                        and _bf16_to_f16(rt.data) is not None):
+                        and _bf16_fits_f16(rt.data)):
                     as_f16.add(name)
         ctx = Context(len(expected) - len(to_repack) + len(inline))
         rctx = Context(max(1, len(to_repack)))
@@ -175,7 +175,7 @@ class Model:
             set_data(weights[name], values)
         for name in expected:
             t = weights[name]
-            data = _bf16_to_f16(by_name[name].data) if name in as_f16 else by_name[name].data
+            data = _bf16_as_f16(by_name[name].data) if name in as_f16 else by_name[name].data
             nbytes = int(lib.ggml_nbytes(t))
             if data.nbytes != nbytes:
                 raise ModelError(f"{path}: tensor {name} holds {data.nbytes} bytes, expected {nbytes} (truncated file?)")
@@ -461,15 +461,19 @@ def _layer_pattern(name: str) -> str:
     return re.sub(r"^blk\.\d+\.", "blk.{L}.", name)
 
 
-def _bf16_to_f16(raw: np.ndarray) -> np.ndarray | None:
-    """BF16 bits as float16, or None when a value overflows float16 or loses more than 2**-24
-    (normal bfloat16 values convert exactly; only float16-subnormal ones round)."""
-    values = (np.ascontiguousarray(raw).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    with np.errstate(over="ignore"):
-        half = values.astype(np.float16)
-    if not np.all(np.isfinite(half)) or np.max(np.abs(half.astype(np.float32) - values), initial=0.0) > 2.0 ** -24:
-        return None
-    return half
+def _bf16_values(raw: np.ndarray) -> np.ndarray:
+    return (np.ascontiguousarray(raw).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _bf16_fits_f16(raw: np.ndarray) -> bool:
+    """Whether every BF16 value converts to float16: finite and at most float16's largest, 65504.
+    Normal bfloat16 values then convert exactly; float16-subnormal ones move by at most 2**-25."""
+    return bool(np.all(np.abs(_bf16_values(raw)) <= np.finfo(np.float16).max))  # NaN compares False
+
+
+def _bf16_as_f16(raw: np.ndarray) -> np.ndarray:
+    """BF16 bits as float16 (for tensors that pass :func:`_bf16_fits_f16`)."""
+    return _bf16_values(raw).astype(np.float16)
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:

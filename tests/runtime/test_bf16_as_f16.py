@@ -9,7 +9,7 @@ import pytest
 import porter
 from porter.parity.logits import hf_logits
 from porter.parity.metrics import nmse
-from porter.runtime.model import _bf16_to_f16
+from porter.runtime.model import _bf16_as_f16, _bf16_fits_f16
 from porter.runtime.types import GGMLType
 from porter.testing.parity import port_tiny
 
@@ -22,13 +22,15 @@ def _as_bf16_bits(values) -> np.ndarray:
 
 def test_normal_values_convert_exactly_and_out_of_range_ones_refuse():
     bits = _as_bf16_bits([0.0, -1.5, 3.140625, 1e-3, 6.1e-5, 60000.0])
-    half = _bf16_to_f16(bits)
+    assert _bf16_fits_f16(bits)
+    half = _bf16_as_f16(bits)
     back = (bits.astype(np.uint32) << 16).view(np.float32)
     np.testing.assert_array_equal(half.astype(np.float32), back)
     tiny = _as_bf16_bits([1.234e-6, -3.3e-7])  # float16 subnormals: rounded by at most 2**-25
-    assert np.max(np.abs(_bf16_to_f16(tiny).astype(np.float32) - (tiny.astype(np.uint32) << 16).view(np.float32))) <= 2.0 ** -25
-    assert _bf16_to_f16(_as_bf16_bits([1.0, 70000.0])) is None  # overflows float16
-    assert _bf16_to_f16(_as_bf16_bits([1.0, np.nan])) is None
+    assert _bf16_fits_f16(tiny)
+    assert np.max(np.abs(_bf16_as_f16(tiny).astype(np.float32) - (tiny.astype(np.uint32) << 16).view(np.float32))) <= 2.0 ** -25
+    assert not _bf16_fits_f16(_as_bf16_bits([1.0, 70000.0]))  # overflows float16
+    assert not _bf16_fits_f16(_as_bf16_bits([1.0, np.nan]))
 
 
 def test_bf16_held_as_f16_is_closer_to_transformers(tmp_path):
