@@ -92,32 +92,21 @@ def assert_cache_consistent(pair: PortedPair, ids, split: int, *, context: str =
 
     m = pair.porter
     ids = list(ids)
-    if not m.spec.causal:
+    m.reset()
+    if m.spec.causal:
+        baseline = m.forward(ids, all_logits=True)
+        cached = stepped_logits(m, ids, split)
+        what = (f"prefill {len(ids)} vs prefill {split} + decode", "cached decode vs transformers")
+    else:
         # an encoder attends both ways, so a prefix cannot be extended token by token: check
         # instead that the pass through the cache equals the cache-free pass and transformers
-        return _encoder_cache_consistent(pair, ids, context)
-    m.reset()
-    full = m.forward(ids, all_logits=True)
-    stepped = stepped_logits(m, ids, split)
+        cached = m.forward(ids, use_cache=True, all_logits=True)
+        m.reset()
+        baseline = m.forward(ids, use_cache=False, all_logits=True)
+        what = ("encoder pass through the cache vs without", "encoder (cache) vs transformers")
     gate = tolerance(pair.outtype)["nmse"]
-    self_err = nmse(full, stepped)
-    assert self_err <= gate, f"{context}: prefill {len(ids)} vs prefill {split} + decode: NMSE {self_err:.3e}"
-    ref_err = nmse(hf_logits(pair.hf, ids), stepped)
-    assert ref_err <= gate, f"{context}: cached decode vs transformers: NMSE {ref_err:.3e}"
-    return ref_err
-
-
-def _encoder_cache_consistent(pair: PortedPair, ids: list[int], context: str) -> float:
-    from porter.parity.logits import hf_logits
-
-    m = pair.porter
-    m.reset()
-    cached = m.forward(ids, use_cache=True, all_logits=True)
-    m.reset()
-    fresh = m.forward(ids, use_cache=False, all_logits=True)
-    gate = tolerance(pair.outtype)["nmse"]
-    self_err = nmse(fresh, cached)
-    assert self_err <= gate, f"{context}: encoder pass through the cache vs without: NMSE {self_err:.3e}"
+    self_err = nmse(baseline, cached)
+    assert self_err <= gate, f"{context}: {what[0]}: NMSE {self_err:.3e}"
     ref_err = nmse(hf_logits(pair.hf, ids), cached)
-    assert ref_err <= gate, f"{context}: encoder (cache) vs transformers: NMSE {ref_err:.3e}"
+    assert ref_err <= gate, f"{context}: {what[1]}: NMSE {ref_err:.3e}"
     return ref_err
