@@ -1,35 +1,33 @@
-"""A GGUF model on the ggml runtime: loading, forward passes with a KV cache, generation."""
+"""A GGUF model on the ggml runtime: forward passes with a KV cache and reused graphs.
+
+Loading lives in :mod:`porter.runtime.loader`, masks in :mod:`porter.runtime.masks`, generation
+in :mod:`porter.runtime.generation` and sampling in :mod:`porter.runtime.sampling`.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-import re
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from porter.errors import ModelError
-from porter.runtime import repack
-from porter.runtime._lib import ffi, lib
+from porter.runtime._lib import lib
 from porter.runtime.core import Backend, Buffer, Context, get_data, set_data
+from porter.runtime.generation import GenerationMixin, GenerationStats
 from porter.runtime.graph import GraphBuilder, KVCache
+from porter.runtime.loader import SPEC_KEY, TOKENIZER_KEY, _bf16_as_f16, _bf16_fits_f16, load_gguf
+from porter.runtime.masks import alibi_mask, attention_masks
 from porter.runtime.ops import Ops
+from porter.runtime.sampling import sample
 from porter.runtime.types import GGMLType
-from porter.spec import Spec, loads
+from porter.spec import Spec
 
-SPEC_KEY = "porter.graph_spec"
-TOKENIZER_KEY = "porter.tokenizer_json"
 KV_BUCKET = 256  # decode graphs are reused while the cache fits the same bucket
-
-
-def _field_value(reader, key: str):
-    f = reader.fields.get(key)
-    return None if f is None else f.contents()
 
 
 @dataclass
@@ -46,24 +44,7 @@ class _CachedGraph:
         self.ctx.close()
 
 
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    prompt_seconds: float = 0.0
-    generate_seconds: float = 0.0
-    tokens: list[int] = field(default_factory=list)
-
-    @property
-    def prompt_tps(self) -> float:
-        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else float("nan")
-
-    @property
-    def generate_tps(self) -> float:
-        return self.generated_tokens / self.generate_seconds if self.generate_seconds else float("nan")
-
-
-class Model:
+class Model(GenerationMixin):
     """Load with :meth:`load` (or ``porter.load(path)``)."""
 
     def __init__(self, spec: Spec, backend: Backend, weight_ctx: Context, weight_buffer: Buffer,
@@ -101,90 +82,14 @@ class Model:
     @classmethod
     def load(cls, path: str | Path, *, n_threads: int | None = None, n_ctx: int | None = None,
              cache_type: str = "f32", use_repack: bool = True, bf16_as_f16: bool = True) -> "Model":
-        """Load a GGUF written by porter.
-
-        ``bf16_as_f16``: ggml's BF16 matrix product rounds the activations to bfloat16 (8-bit
-        significand), which alone costs logits NMSE ~1e-4 on SmolLM2. BF16 matrices whose values
-        all fit float16 (normal ones convert exactly, float16-subnormal ones move by at most
-        2**-25) are held as F16 instead: same size, same weights, activations rounded to float16.
-        """
-        from gguf import GGUFReader
-
-        path = Path(path)
-        if not path.is_file():
-            raise ModelError(f"{path}: no such GGUF file")
-        try:
-            reader = GGUFReader(path)
-        except Exception as exc:  # truncated or not a GGUF: gguf raises various errors
-            raise ModelError(f"{path}: not a readable GGUF file ({exc}); convert the model again") from None
-        text = _field_value(reader, SPEC_KEY)
-        if text is None:
-            raise ModelError(f"{path}: this GGUF carries no porter graph spec ({SPEC_KEY}); "
-                             "convert the checkpoint with `porter convert`")
-        spec = loads(text)
-        arch = _field_value(reader, "general.architecture")
-        metadata = {
-            "architecture": arch,
-            "name": _field_value(reader, "general.name"),
-            "context_length": _field_value(reader, f"{arch}.context_length"),
-            "tokenizer_json": _field_value(reader, TOKENIZER_KEY),
-            "chat_template": _field_value(reader, "tokenizer.chat_template"),
-            "bos_token_id": _field_value(reader, "tokenizer.ggml.bos_token_id"),
-            "eos_token_id": _field_value(reader, "tokenizer.ggml.eos_token_id"),
-            "add_bos_token": _field_value(reader, "tokenizer.ggml.add_bos_token"),
-            "file_type": _field_value(reader, "general.file_type"),
-            "pooling": _field_value(reader, "porter.pooling"),  # encoders: mean | cls | last | none
-            "normalize": _field_value(reader, "porter.normalize"),
-        }
-        expected = {w: None for w in spec.weight_names()}
-        backend = Backend(n_threads)
-        by_name = {t.name: t for t in reader.tensors}
-        missing = [n for n in expected if n not in by_name]
-        if missing:
-            raise ModelError(f"{path}: tensors the graph needs are missing: {', '.join(missing[:8])}"
-                             f"{' ...' if len(missing) > 8 else ''}")
-        inline = {w.name: np.asarray(w.data, dtype=np.float32) for w in spec.weights if w.data is not None}
-        # quantized matrices that ggml can repack go to the CPU_REPACK buffer (faster products)
-        patterns = repack.matmul_only_weights(spec) if use_repack else set()
-        to_repack = set()
-        for name in expected:
-            rt = by_name[name]
-            if _layer_pattern(name) in patterns and len(rt.shape) == 2 and repack.supports(int(rt.tensor_type), int(rt.shape[0]), int(rt.shape[1])):
-                to_repack.add(name)
-        as_f16 = set()
-        if bf16_as_f16:
-            f16_ok = repack.weights_used_only_as(spec, {("mul_mat", 0), ("get_rows", 0), ("mul_mat_id", 0)})
-            for name in expected:
-                rt = by_name[name]
-                if (int(rt.tensor_type) == int(GGMLType.BF16) and _layer_pattern(name) in f16_ok
-                        and _bf16_fits_f16(rt.data)):
-                    as_f16.add(name)
-        ctx = Context(len(expected) - len(to_repack) + len(inline))
-        rctx = Context(max(1, len(to_repack)))
-        weights = {}
-        for name in expected:
-            rt = by_name[name]
-            ne = [int(x) for x in rt.shape]
-            gtype = GGMLType.F16 if name in as_f16 else GGMLType(int(rt.tensor_type))
-            weights[name] = (rctx if name in to_repack else ctx).new_tensor(gtype, ne, name)
-        for name, values in inline.items():
-            weights[name] = ctx.new_tensor(GGMLType.F32, [values.size], name)
-        buffer = Buffer(ctx, backend.buffer_type)
-        rbuffer = Buffer(rctx, repack.repack_buffer_type()) if to_repack else None
-        for name, values in inline.items():
-            set_data(weights[name], values)
-        for name in expected:
-            t = weights[name]
-            data = _bf16_as_f16(by_name[name].data) if name in as_f16 else by_name[name].data
-            nbytes = int(lib.ggml_nbytes(t))
-            if data.nbytes != nbytes:
-                raise ModelError(f"{path}: tensor {name} holds {data.nbytes} bytes, expected {nbytes} (truncated file?)")
-            lib.ggml_backend_tensor_set(t, ffi.from_buffer(np.ascontiguousarray(data)), 0, nbytes)
-        del reader
-        model = cls(spec, backend, ctx, buffer, weights, metadata, path, n_ctx, GGMLType.parse(cache_type))
-        model._repack = (rctx, rbuffer)
-        model.repacked = sorted(to_repack)
-        model.bf16_as_f16 = sorted(as_f16)
+        """Load a GGUF written by porter (see :func:`porter.runtime.loader.load_gguf` for
+        ``use_repack`` and ``bf16_as_f16``)."""
+        g = load_gguf(path, n_threads=n_threads, use_repack=use_repack, bf16_as_f16=bf16_as_f16)
+        model = cls(g.spec, g.backend, g.weight_ctx, g.weight_buffer, g.weights, g.metadata, Path(path),
+                    n_ctx, GGMLType.parse(cache_type))
+        model._repack = (g.repack_ctx, g.repack_buffer)
+        model.repacked = g.repacked
+        model.bf16_as_f16 = g.bf16_as_f16
         return model
 
     # -- tokenizer -------------------------------------------------------------------------------
@@ -280,19 +185,7 @@ class Model:
         return entry
 
     def _masks(self, positions: np.ndarray, n_kv: int, n_valid: int) -> dict[str, np.ndarray]:
-        kv_pos = np.arange(n_kv)[None, :]
-        q = positions[:, None]
-        visible = np.broadcast_to(kv_pos < n_valid, (len(positions), n_kv))
-        if self.spec.causal:
-            visible = visible & (kv_pos <= q)
-        masks = {"kq_mask": visible}
-        window = self.spec.hparams.get("sliding_window")
-        if window:
-            masks["kq_mask_swa"] = visible & (kv_pos > q - int(window))
-        out = {k: np.where(v, 0.0, -np.inf).astype(np.float16) for k, v in masks.items()}
-        if any(d.kind == "kq_mask_alibi" for d in self.spec.inputs):
-            out["kq_mask_alibi"] = alibi_mask(self.spec.hparams, visible, n_kv)
-        return out
+        return attention_masks(self.spec, positions, n_kv, n_valid)
 
     def forward(self, tokens: Sequence[int], *, use_cache: bool = True, all_logits: bool = False,
                 capture: Sequence[str] = (), token_types: Sequence[int] | None = None,
@@ -388,51 +281,6 @@ class Model:
         self.reset()
         return out
 
-    # -- generation ------------------------------------------------------------------------------
-    def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 64, *, temperature: float = 0.0,
-                     top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] = (),
-                     n_batch: int = 512, stats: GenerationStats | None = None) -> Iterator[int]:
-        """Yield new token ids: prefill the prompt, then decode one token at a time."""
-        stats = stats if stats is not None else GenerationStats()
-        rng = np.random.default_rng(seed)
-        self.reset()
-        prompt_ids = list(prompt_ids)
-        t0 = time.perf_counter()
-        logits = None
-        for i in range(0, len(prompt_ids), n_batch):
-            logits = self.forward(prompt_ids[i:i + n_batch])
-        stats.prompt_tokens = len(prompt_ids)
-        stats.prompt_seconds = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        stop = set(int(s) for s in stop_ids)
-        for step in range(max_new_tokens):
-            tok = sample(logits[-1], temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
-            stats.tokens.append(tok)
-            stats.generated_tokens += 1
-            yield tok
-            if tok in stop or step == max_new_tokens - 1 or self.kv.n_past >= self.n_ctx:
-                break
-            logits = self.forward([tok])
-        stats.generate_seconds = time.perf_counter() - t1
-
-    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, *,
-                 on_text: Callable[[str], None] | None = None, **kwargs) -> tuple[str, GenerationStats]:
-        """Generate text; ``on_text`` receives each new piece of text as it is decoded."""
-        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        stats = GenerationStats()
-        eos = self.metadata.get("eos_token_id")
-        kwargs.setdefault("stop_ids", [eos] if eos is not None else [])
-        out: list[int] = []
-        shown = ""
-        for tok in self.generate_ids(ids, max_new_tokens, stats=stats, **kwargs):
-            out.append(tok)
-            if on_text is not None:
-                text = self.decode(out)
-                if len(text) > len(shown) and not text.endswith("\ufffd"):
-                    on_text(text[len(shown):])
-                    shown = text
-        return self.decode(out), stats
-
     def close(self) -> None:
         for g in self._graphs.values():
             g.close()
@@ -456,60 +304,5 @@ class Model:
         self.close()
 
 
-def _layer_pattern(name: str) -> str:
-    """blk.3.attn_q.weight -> blk.{L}.attn_q.weight (how the spec names per-layer weights)."""
-    return re.sub(r"^blk\.\d+\.", "blk.{L}.", name)
-
-
-def _bf16_values(raw: np.ndarray) -> np.ndarray:
-    return (np.ascontiguousarray(raw).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-def _bf16_fits_f16(raw: np.ndarray) -> bool:
-    """Whether every BF16 value converts to float16: finite and at most float16's largest, 65504.
-    Normal bfloat16 values then convert exactly; float16-subnormal ones move by at most 2**-25."""
-    return bool(np.all(np.abs(_bf16_values(raw)) <= np.finfo(np.float16).max))  # NaN compares False
-
-
-def _bf16_as_f16(raw: np.ndarray) -> np.ndarray:
-    """BF16 bits as float16 (for tensors that pass :func:`_bf16_fits_f16`)."""
-    return _bf16_values(raw).astype(np.float16)
-
-
-def _bf16(x: np.ndarray) -> np.ndarray:
-    """Round float32 values to bfloat16 (nearest, ties to even) and back."""
-    bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.astype(np.uint32).view(np.float32)
-
-
-def alibi_mask(hparams: dict, visible: np.ndarray, n_kv: int) -> np.ndarray:
-    """[n_head, n_tokens, n_kv] F32: slope_h * key position / sqrt(head_dim) where visible, -inf
-    elsewhere. Absolute key positions, as transformers uses (softmax ignores the per-row shift
-    to relative distances); with ``alibi_bf16`` the products are rounded as transformers does."""
-    slopes = np.asarray(hparams["alibi_slopes"], np.float32)
-    pos = np.arange(n_kv, dtype=np.float32)
-    if hparams.get("alibi_bf16"):
-        bias = _bf16(_bf16(slopes)[:, None] * pos[None, :])
-    else:
-        bias = slopes[:, None] * pos[None, :]
-    bias = bias / np.float32(np.sqrt(float(hparams["head_dim"])))
-    return np.where(visible[None, :, :], bias[:, None, :], -np.inf).astype(np.float32)
-
-
-def sample(logits: np.ndarray, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-           rng: np.random.Generator | None = None) -> int:
-    """Greedy when temperature is 0, else softmax sampling restricted by top-k and top-p."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    rng = rng or np.random.default_rng()
-    x = logits.astype(np.float64) / temperature
-    order = np.argsort(-x)
-    if top_k > 0:
-        order = order[:top_k]
-    p = np.exp(x[order] - x[order[0]])
-    p /= p.sum()
-    if top_p < 1.0:
-        keep = np.searchsorted(np.cumsum(p), top_p) + 1
-        order, p = order[:keep], p[:keep] / p[:keep].sum()
-    return int(order[rng.choice(len(order), p=p)])
+__all__ = ["GenerationStats", "KV_BUCKET", "Model", "SPEC_KEY", "TOKENIZER_KEY", "alibi_mask", "sample",
+           "_bf16_as_f16", "_bf16_fits_f16"]

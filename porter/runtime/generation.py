@@ -1,0 +1,77 @@
+"""Generation on top of :meth:`Model.forward`: prefill the prompt, then decode token by token."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from porter.runtime.sampling import sample
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generate_seconds: float = 0.0
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else float("nan")
+
+    @property
+    def generate_tps(self) -> float:
+        return self.generated_tokens / self.generate_seconds if self.generate_seconds else float("nan")
+
+
+class GenerationMixin:
+    """``generate_ids`` and ``generate`` for a model with ``forward``, ``reset``, ``kv``, ``n_ctx``,
+    ``encode``/``decode`` and ``metadata``."""
+
+    def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 64, *, temperature: float = 0.0,
+                     top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] = (),
+                     n_batch: int = 512, stats: GenerationStats | None = None) -> Iterator[int]:
+        """Yield new token ids: prefill the prompt, then decode one token at a time."""
+        stats = stats if stats is not None else GenerationStats()
+        rng = np.random.default_rng(seed)
+        self.reset()
+        prompt_ids = list(prompt_ids)
+        t0 = time.perf_counter()
+        logits = None
+        for i in range(0, len(prompt_ids), n_batch):
+            logits = self.forward(prompt_ids[i:i + n_batch])
+        stats.prompt_tokens = len(prompt_ids)
+        stats.prompt_seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        stop = set(int(s) for s in stop_ids)
+        for step in range(max_new_tokens):
+            tok = sample(logits[-1], temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
+            stats.tokens.append(tok)
+            stats.generated_tokens += 1
+            yield tok
+            if tok in stop or step == max_new_tokens - 1 or self.kv.n_past >= self.n_ctx:
+                break
+            logits = self.forward([tok])
+        stats.generate_seconds = time.perf_counter() - t1
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, *,
+                 on_text: Callable[[str], None] | None = None, **kwargs) -> tuple[str, GenerationStats]:
+        """Generate text; ``on_text`` receives each new piece of text as it is decoded."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        stats = GenerationStats()
+        eos = self.metadata.get("eos_token_id")
+        kwargs.setdefault("stop_ids", [eos] if eos is not None else [])
+        out: list[int] = []
+        shown = ""
+        for tok in self.generate_ids(ids, max_new_tokens, stats=stats, **kwargs):
+            out.append(tok)
+            if on_text is not None:
+                text = self.decode(out)
+                if len(text) > len(shown) and not text.endswith("\ufffd"):
+                    on_text(text[len(shown):])
+                    shown = text
+        return self.decode(out), stats

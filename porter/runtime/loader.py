@@ -1,0 +1,153 @@
+"""Reading a porter GGUF: its graph spec, metadata and weights, uploaded into ggml buffers.
+
+Quantized matrices that ggml can repack go to the CPU_REPACK buffer (faster products); BF16
+matrices used only by products and row lookups are held as F16 when their values fit (see
+:func:`load_gguf`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from porter.errors import ModelError
+from porter.runtime import repack
+from porter.runtime._lib import ffi, lib
+from porter.runtime.core import Backend, Buffer, Context, set_data
+from porter.runtime.types import GGMLType
+from porter.spec import Spec, loads
+
+SPEC_KEY = "porter.graph_spec"
+TOKENIZER_KEY = "porter.tokenizer_json"
+
+
+def _field_value(reader, key: str):
+    f = reader.fields.get(key)
+    return None if f is None else f.contents()
+
+
+@dataclass
+class LoadedGGUF:
+    """What :func:`load_gguf` read: everything a :class:`~porter.runtime.model.Model` is built from."""
+
+    spec: Spec
+    metadata: dict
+    backend: Backend
+    weight_ctx: Context
+    weight_buffer: Buffer
+    weights: dict
+    repack_ctx: Context
+    repack_buffer: Buffer | None
+    repacked: list[str] = field(default_factory=list)
+    bf16_as_f16: list[str] = field(default_factory=list)
+
+
+def load_gguf(path: str | Path, *, n_threads: int | None = None, use_repack: bool = True,
+              bf16_as_f16: bool = True) -> LoadedGGUF:
+    """Read a GGUF written by porter and upload its weights.
+
+    ``bf16_as_f16``: ggml's BF16 matrix product rounds the activations to bfloat16 (8-bit
+    significand), which alone costs logits NMSE ~1e-4 on SmolLM2. BF16 matrices whose values
+    all fit float16 (normal ones convert exactly, float16-subnormal ones move by at most
+    2**-25) are held as F16 instead: same size, same weights, activations rounded to float16.
+    """
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such GGUF file")
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # truncated or not a GGUF: gguf raises various errors
+        raise ModelError(f"{path}: not a readable GGUF file ({exc}); convert the model again") from None
+    text = _field_value(reader, SPEC_KEY)
+    if text is None:
+        raise ModelError(f"{path}: this GGUF carries no porter graph spec ({SPEC_KEY}); "
+                         "convert the checkpoint with `porter convert`")
+    spec = loads(text)
+    arch = _field_value(reader, "general.architecture")
+    metadata = {
+        "architecture": arch,
+        "name": _field_value(reader, "general.name"),
+        "context_length": _field_value(reader, f"{arch}.context_length"),
+        "tokenizer_json": _field_value(reader, TOKENIZER_KEY),
+        "chat_template": _field_value(reader, "tokenizer.chat_template"),
+        "bos_token_id": _field_value(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field_value(reader, "tokenizer.ggml.eos_token_id"),
+        "add_bos_token": _field_value(reader, "tokenizer.ggml.add_bos_token"),
+        "file_type": _field_value(reader, "general.file_type"),
+        "pooling": _field_value(reader, "porter.pooling"),  # encoders: mean | cls | last | none
+        "normalize": _field_value(reader, "porter.normalize"),
+    }
+    expected = {w: None for w in spec.weight_names()}
+    backend = Backend(n_threads)
+    by_name = {t.name: t for t in reader.tensors}
+    missing = [n for n in expected if n not in by_name]
+    if missing:
+        raise ModelError(f"{path}: tensors the graph needs are missing: {', '.join(missing[:8])}"
+                         f"{' ...' if len(missing) > 8 else ''}")
+    inline = {w.name: np.asarray(w.data, dtype=np.float32) for w in spec.weights if w.data is not None}
+    patterns = repack.matmul_only_weights(spec) if use_repack else set()
+    to_repack = set()
+    for name in expected:
+        rt = by_name[name]
+        if (layer_pattern(spec, name) in patterns and len(rt.shape) == 2
+                and repack.supports(int(rt.tensor_type), int(rt.shape[0]), int(rt.shape[1]))):
+            to_repack.add(name)
+    as_f16 = set()
+    if bf16_as_f16:
+        f16_ok = repack.weights_used_only_as(spec, {("mul_mat", 0), ("get_rows", 0), ("mul_mat_id", 0)})
+        for name in expected:
+            rt = by_name[name]
+            if (int(rt.tensor_type) == int(GGMLType.BF16) and layer_pattern(spec, name) in f16_ok
+                    and _bf16_fits_f16(rt.data)):
+                as_f16.add(name)
+    ctx = Context(len(expected) - len(to_repack) + len(inline))
+    rctx = Context(max(1, len(to_repack)))
+    weights = {}
+    for name in expected:
+        rt = by_name[name]
+        ne = [int(x) for x in rt.shape]
+        gtype = GGMLType.F16 if name in as_f16 else GGMLType(int(rt.tensor_type))
+        weights[name] = (rctx if name in to_repack else ctx).new_tensor(gtype, ne, name)
+    for name, values in inline.items():
+        weights[name] = ctx.new_tensor(GGMLType.F32, [values.size], name)
+    buffer = Buffer(ctx, backend.buffer_type)
+    rbuffer = Buffer(rctx, repack.repack_buffer_type()) if to_repack else None
+    for name, values in inline.items():
+        set_data(weights[name], values)
+    for name in expected:
+        t = weights[name]
+        data = _bf16_as_f16(by_name[name].data) if name in as_f16 else by_name[name].data
+        nbytes = int(lib.ggml_nbytes(t))
+        if data.nbytes != nbytes:
+            raise ModelError(f"{path}: tensor {name} holds {data.nbytes} bytes, expected {nbytes} (truncated file?)")
+        lib.ggml_backend_tensor_set(t, ffi.from_buffer(np.ascontiguousarray(data)), 0, nbytes)
+    del reader
+    return LoadedGGUF(spec, metadata, backend, ctx, buffer, weights, rctx, rbuffer,
+                      sorted(to_repack), sorted(as_f16))
+
+
+def layer_pattern(spec: Spec, name: str) -> str:
+    """The spec's name for a weight: blk.3.attn_q.weight -> blk.{L}.attn_q.weight when the spec
+    declares it per layer (the layer index is the first number of the name)."""
+    pattern = re.sub(r"(^|\.)(\d+)\.", r"\1{L}.", name, count=1)
+    return pattern if pattern != name and any(w.layered and w.name == pattern for w in spec.weights) else name
+
+
+def _bf16_values(raw: np.ndarray) -> np.ndarray:
+    return (np.ascontiguousarray(raw).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _bf16_fits_f16(raw: np.ndarray) -> bool:
+    """Whether every BF16 value converts to float16: finite and at most float16's largest, 65504.
+    Normal bfloat16 values then convert exactly; float16-subnormal ones move by at most 2**-25."""
+    return bool(np.all(np.abs(_bf16_values(raw)) <= np.finfo(np.float16).max))  # NaN compares False
+
+
+def _bf16_as_f16(raw: np.ndarray) -> np.ndarray:
+    """BF16 bits as float16 (for tensors that pass :func:`_bf16_fits_f16`)."""
+    return _bf16_values(raw).astype(np.float16)

@@ -1,0 +1,46 @@
+"""The attention masks a graph reads, filled for each forward pass (causal, sliding window, ALiBi)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from porter.spec import Spec
+
+
+def attention_masks(spec: Spec, positions: np.ndarray, n_kv: int, n_valid: int) -> dict[str, np.ndarray]:
+    """Every mask input kind for query ``positions`` over ``n_kv`` cache cells, of which the first
+    ``n_valid`` hold keys: 0 where a query may attend, -inf elsewhere."""
+    kv_pos = np.arange(n_kv)[None, :]
+    q = positions[:, None]
+    visible = np.broadcast_to(kv_pos < n_valid, (len(positions), n_kv))
+    if spec.causal:
+        visible = visible & (kv_pos <= q)
+    masks = {"kq_mask": visible}
+    window = spec.hparams.get("sliding_window")
+    if window:
+        masks["kq_mask_swa"] = visible & (kv_pos > q - int(window))
+    out = {k: np.where(v, 0.0, -np.inf).astype(np.float16) for k, v in masks.items()}
+    if any(d.kind == "kq_mask_alibi" for d in spec.inputs):
+        out["kq_mask_alibi"] = alibi_mask(spec.hparams, visible, n_kv)
+    return out
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """Round float32 values to bfloat16 (nearest, ties to even) and back."""
+    bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def alibi_mask(hparams: dict, visible: np.ndarray, n_kv: int) -> np.ndarray:
+    """[n_head, n_tokens, n_kv] F32: slope_h * key position / sqrt(head_dim) where visible, -inf
+    elsewhere. Absolute key positions, as transformers uses (softmax ignores the per-row shift
+    to relative distances); with ``alibi_bf16`` the products are rounded as transformers does."""
+    slopes = np.asarray(hparams["alibi_slopes"], np.float32)
+    pos = np.arange(n_kv, dtype=np.float32)
+    if hparams.get("alibi_bf16"):
+        bias = _bf16(_bf16(slopes)[:, None] * pos[None, :])
+    else:
+        bias = slopes[:, None] * pos[None, :]
+    bias = bias / np.float32(np.sqrt(float(hparams["head_dim"])))
+    return np.where(visible[None, :, :], bias[:, None, :], -np.inf).astype(np.float32)
