@@ -108,6 +108,7 @@ def binary(lw, op: str, a, b) -> Val:
         if op == "sub":
             return scale(lw, b, -1.0, sa)
         return scale(lw, elementwise(lw, b, "recip"), sa)
+    a, b = patterns.runtime_mask(lw, a), patterns.runtime_mask(lw, b)
     a, b = _float_val(a, op), _float_val(b, op)
     out_shape = lw.broadcast_shape(a.shape, b.shape)
     # same lazy permute on both sides: compute underneath, keep the view
@@ -225,6 +226,7 @@ def matmul_vals(lw, a: Val, b: Val) -> Val:
     """torch ``a @ b`` for 2-D..4-D operands: ``mul_mat(b^T, a)`` (ggml broadcasts the batch
     dimensions of its first operand over the second's)."""
     a, b = _float_val(a, "matmul"), _float_val(b, "matmul")
+    a, b = patterns.attention_products(lw, a, b)
     if b.heads is not None and b.heads[1] == b.rank - 3:
         # grouped-query heads: ggml's product broadcasts the shared heads itself
         src = b.heads[0]
@@ -235,11 +237,28 @@ def matmul_vals(lw, a: Val, b: Val) -> Val:
     a = lw.plain(a)
     if a.perm is not None and a.perm[0] != 0:
         a = lw.contiguous(a)
-    batch = lw.broadcast_shape(a.shape[:-2], b.shape[:-2])
+    batch = _product_batch(a.shape[:-2], b.shape[:-2])
     out_shape = tuple(batch) + (a.shape[-2], b.shape[-1])
     if len(a.shape) < len(out_shape):
         a = lw.reshape(a, (1,) * (len(out_shape) - len(a.shape)) + tuple(a.shape))
     return lw.emit("mul_mat", [bt, a], shape=out_shape, role="mul_mat")
+
+
+def _product_batch(a, b) -> tuple:
+    """Batch dimensions of a product: ggml broadcasts the right operand's batch dimensions over the
+    left's when they divide them (grouped-query heads)."""
+    a, b = list(a), list(b)
+    n = max(len(a), len(b))
+    a, b = [1] * (n - len(a)) + a, [1] * (n - len(b)) + b
+    out = []
+    for x, y in zip(a, b):
+        if x == y or y == 1:
+            out.append(x)
+        elif isinstance(x, int) and isinstance(y, int) and x % y == 0:
+            out.append(x)
+        else:
+            raise Gap("matmul", f"batch dimensions {a} and {b} do not broadcast in ggml's product")
+    return tuple(out)
 
 
 @lowers("aten.bmm.default", "aten.matmul.default", "aten.mm.default")

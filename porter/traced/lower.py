@@ -359,6 +359,12 @@ class Lowering:
         dims = [d % v.rank for d in dims]
         if dims == list(range(v.rank)):
             return v
+        out_shape = tuple(v.shape[d] for d in dims)
+        if v.heads is not None:  # permute what is repeated; the repeated dim moves along
+            src, hdim, rep = v.heads
+            return Val(None, out_shape, v.dtype, kind=v.kind, heads=(self.permute(src, dims), dims.index(hdim), rep))
+        if v.expand is not None and v.expand.rank == v.rank:
+            return Val(None, out_shape, v.dtype, kind=v.kind, expand=self.permute(v.expand, dims))
         v = self.plain(v)
         out_shape = tuple(v.shape[d] for d in dims)
         ax_in, ax_out = ggml_axes(v.shape), ggml_axes(out_shape)

@@ -449,6 +449,35 @@ def cached(lw, x: Val, which: str, node) -> Val:
     return lw.permute(out, inv)
 
 
+def attention_products(lw, a: Val, b: Val) -> tuple[Val, Val]:
+    """The two products of eager attention, ``q @ k^T`` and ``softmax(...) @ v``, read their keys
+    and values from the KV cache (found by shape: the scores' key axis is the sequence)."""
+    node = lw._cur
+    if a.rank < 3 or b.rank < 3:
+        return a, b
+    if a.shape[-2] == T and b.shape[-1] == T and b.shape[-2] != T and b.kind == "data":
+        # scores: keys are b transposed
+        swap = list(range(b.rank - 2)) + [b.rank - 1, b.rank - 2]
+        keys = _shared_heads(lw.permute(b, swap))
+        kc = cached(lw, keys, "k", node)
+        return a, lw.permute(kc, swap)
+    if a.shape[-1] == K and b.shape[-2] == T and b.kind == "data":
+        vc = cached(lw, _shared_heads(b), "v", node)
+        return a, vc
+    return a, b
+
+
+def runtime_mask(lw, v):
+    """A traced mask used arithmetically (eager attention adds it to the scores): porter's
+    runtime mask, as F32 [1, 1, n_tokens, n_kv]."""
+    if not isinstance(v, Val) or v.meta.get("mask") is None or v.tensor is not None:
+        return v
+    name = _mask_input(lw, v, True, lw._cur)
+    mask = Val(name, (T, K), torch.float16)
+    f32 = lw.emit("cast", [mask], {"type": "f32"}, shape=(T, K), role="mask_f32")
+    return f32.with_(shape=(1, 1, T, K))
+
+
 def attention(lw, node):
     """scaled_dot_product_attention -> kv_store (k, v) + flash_attn with the runtime mask."""
     args = list(node.args) + [None] * (8 - len(node.args))

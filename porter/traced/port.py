@@ -39,19 +39,36 @@ class TracedPort:
     spec: object
 
     # -- the GGUF --------------------------------------------------------------------------
-    def conversion_plan(self, name: str = ""):
+    def conversion_plan(self, model_dir: Path, name: str = ""):
+        """Every weight the spec reads, under the model's parameter name, from the checkpoint in
+        ``model_dir`` (renamed or merged as transformers loads it)."""
+        from porter.convert.checkpoint import Checkpoint
         from porter.convert.plan import ConversionPlan, TensorPlan
         from porter.runtime import repack
+        from porter.traced.export import build_model
+        from porter.traced.weights import checkpoint_sources
 
         spec = self.spec
         matrix_only = repack.weights_used_only_as(spec, {("mul_mat", 0), ("get_rows", 0), ("mul_mat_id", 0)})
+        with Checkpoint(model_dir) as ckpt:
+            stored = ckpt.names()
+        sources = checkpoint_sources(build_model(self.config, meta=True), stored)
         tensors = []
+        missing = []
         for w in spec.weights:
             if w.data is not None:
                 continue
             names = [w.name.format(L=i) for i in range(int(spec.hparams["n_layer"]))] if w.layered else [w.name]
             for n in names:
-                tensors.append(TensorPlan(gguf_name=n, sources=[n], keep_f32=w.name not in matrix_only))
+                src = sources.get(n)
+                if src is None:
+                    missing.append(n)
+                    continue
+                tensors.append(TensorPlan(gguf_name=n, sources=src.keys, transform=src.transform(),
+                                          keep_f32=w.name not in matrix_only))
+        if missing:
+            raise PorterError(f"{model_dir}: the checkpoint has no tensor for {len(missing)} parameter(s) of the "
+                              f"traced model: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
         cfg = self.config
         kv = {
             f"{GGUF_ARCH}.context_length": int(getattr(cfg, "max_position_embeddings", 0) or 2048),
@@ -163,7 +180,7 @@ def write_traced_gguf(port: TracedPort, model_dir: Path, out: Path, outtype: str
     from porter.convert.tokenizer import tokenizer_kv
     from porter.convert.writer import write_gguf
 
-    plan = port.conversion_plan()
+    plan = port.conversion_plan(Path(model_dir))
     if (Path(model_dir) / "tokenizer.json").exists():
         plan.kv.update(tokenizer_kv(Path(model_dir)))
     return write_gguf(Path(model_dir), plan, Path(out), outtype, force=force, progress=progress)
