@@ -22,7 +22,8 @@ _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lamb
 
 
 def is_reference(value: Any) -> bool:
-    return isinstance(value, str) and value.startswith(("$", "("))  and "$" in value
+    """Whether an attribute value is a reference or size expression (not a literal)."""
+    return isinstance(value, str) and "$" in value
 
 
 def references(text: str) -> list[tuple[str, bool]]:

@@ -265,6 +265,8 @@ def _product_batch(a, b) -> tuple:
 def matmul(lw, node):
     """``mul_mat`` of the transposed right operand and the left one"""
     a, b = lw.val(node.args[0]), lw.val(node.args[1])
+    if a.meta.get("experts") is not None:
+        return patterns.expert_product(lw, a, b, node)
     if a.rank == 1 or b.rank == 1:
         raise Gap(str(node.target), "matrix-vector products")
     return matmul_vals(lw, a, b)
@@ -850,8 +852,11 @@ def cat(lw, node):
     dim = _arg(node, 1, "dim", 0)
     if len(vals) == 1:
         return vals[0]
-    rank = vals[0].rank
-    dim = dim % rank
+    return concat_vals(lw, vals, dim % vals[0].rank)
+
+
+def concat_vals(lw, vals, dim: int) -> Val:
+    """``concat`` of values along torch dimension ``dim``, pairwise."""
     out = lw.plain(vals[0])
     for v in vals[1:]:
         v = lw.plain(v)

@@ -172,9 +172,13 @@ def build_model(config, *, meta: bool, seed: int = 0):
             torch.manual_seed(seed)
             model = cls._from_config(config, attn_implementation=attn, dtype=torch.float32)
     model.eval()
+    return model
+
+
+def _use_batched_experts(model) -> None:
+    """Experts as per-token gathered matrices (ggml's mul_mat_id), not the grouped kernel."""
     if hasattr(model, "_can_set_experts_implementation") and model._can_set_experts_implementation():
         model.set_experts_implementation("batched_mm")
-    return model
 
 
 def _real_buffers(config) -> dict:
@@ -201,6 +205,7 @@ def export_model(model, config, *, meta: bool) -> Trace:
     errors = []
     program, static = None, False
     os.environ.setdefault("TORCHDYNAMO_VERBOSE", "0")
+    _use_batched_experts(model)
     saved_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False  # no KV cache in the trace: porter's runtime keeps its own
     try:

@@ -520,15 +520,117 @@ def _shared_heads(v: Val) -> Val:
 
 # -- mixture of experts (batched_mm) ----------------------------------------------------------
 def topk(lw, node):
-    raise Gap("aten.topk.default", "expert routing is not lowered yet", node)
+    """topk(x, k) over the last dimension: indices by ``top_k``, values by ``get_rows``."""
+    x = lw.val(node.args[0])
+    k = int(node.args[1])
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
+    largest = node.args[3] if len(node.args) > 3 else node.kwargs.get("largest", True)
+    if dim % x.rank != x.rank - 1 or not largest:
+        raise Gap("aten.topk.default", "top-k other than the largest along the last dimension", node)
+    x = lw.contiguous(x)
+    rows = numel(x.shape[:-1])
+    n = x.shape[-1]
+    flat = lw.reshape(x, (rows, n))
+    ids = lw.emit("top_k", [flat], {"k": k}, shape=(rows, k), dtype=torch.int32, role="top_k")
+    values = _rows_by(lw, flat, ids, k)
+    shape = tuple(x.shape[:-1]) + (k,)
+    return Val(None, (), None, items=[lw.reshape(values, shape), lw.reshape(ids, shape).with_(dtype=torch.int32)])
+
+
+def _rows_by(lw, x: Val, ids: Val, k: int) -> Val:
+    """x [rows, n], ids [rows, k] (I32) -> x[r, ids[r, j]] as [rows, k] (one element per row:
+    ``get_rows`` of x viewed as [rows, n, 1], as llama.cpp gathers routing weights)."""
+    rows, n = x.shape
+    col = lw.reshape(x, (rows, n, 1))
+    got = lw.emit("get_rows", [col, ids], shape=(rows, k, 1), role="gather")
+    return lw.reshape(got, (rows, k))
 
 
 def gather(lw, node):
-    raise Gap("aten.gather.default", "gathers are not lowered yet", node)
+    """x.gather(-1, ids) -> get_rows of x viewed one element per row."""
+    x, dim, ids = lw.val(node.args[0]), node.args[1], lw.val(node.args[2])
+    if dim % x.rank != x.rank - 1 or ids.shape[:-1] != x.shape[:-1]:
+        raise Gap("aten.gather.default", "a gather other than along the last dimension", node)
+    rows = numel(x.shape[:-1])
+    flat = lw.reshape(lw.contiguous(x), (rows, x.shape[-1]))
+    fids = lw.reshape(lw.contiguous(ids), (rows, ids.shape[-1]))
+    return lw.reshape(_rows_by(lw, flat, fids, ids.shape[-1]), ids.shape)
 
 
 def index_experts(lw, node):
-    raise Gap("aten.index.Tensor", "advanced indexing is not lowered yet", node)
+    """``W[ids]`` of a 3-D experts weight: kept lazy for the following bmm (``mul_mat_id``);
+    ``x[ids]`` of a 2-D activation: ``get_rows``."""
+    src = lw.val(node.args[0])
+    indices = list(node.args[1])
+    given = [i for i, x in enumerate(indices) if x is not None]
+    if len(given) == 1 and lw.deps.get(indices[given[0]].name) == "aux":
+        return _index_constant(lw, src, given[0], indices[given[0]], node)
+    if len(indices) != 1 or indices[0] is None:
+        raise Gap("aten.index.Tensor", "advanced indexing with several index tensors", node)
+    ids = lw.val(indices[0])
+    if ids.rank != 1:
+        raise Gap("aten.index.Tensor", "indexing by a multi-dimensional index", node)
+    if src.kind == "weight" and src.rank == 3:
+        return Val(None, (ids.shape[0],) + tuple(src.shape[1:]), src.dtype, kind="data",
+                   meta={"experts": (src, ids)})
+    if src.rank == 2:
+        return lw.emit("get_rows", [lw.contiguous(src), lw.contiguous(ids)], shape=(ids.shape[0], src.shape[1]),
+                       role="get_rows")
+    raise Gap("aten.index.Tensor", f"indexing a {src.rank}-D tensor by rows", node)
+
+
+def _index_constant(lw, src: Val, dim: int, idx_node, node) -> Val:
+    """x[..., c, ...] for constant positions c: slices (views) of the positions, concatenated."""
+    from porter.traced.aten import concat_vals
+
+    value = lw.aux.concrete(idx_node)
+    if value.is_floating_point() or value.dim() != 1:
+        raise Gap("aten.index.Tensor", "indexing by a computed multi-dimensional or float index", node)
+    n = src.shape[dim]
+    if is_sym(n):
+        raise Gap("aten.index.Tensor", "constant positions along the sequence", node)
+    pos = [int(p) % int(n) for p in value.tolist()]
+    src = lw.plain(src)
+    axis = lw.axis(src, dim)
+    runs, start = [], 0
+    for i in range(1, len(pos) + 1):
+        if i == len(pos) or pos[i] != pos[i - 1] + 1:
+            runs.append((pos[start], i - start))
+            start = i
+    pieces = []
+    for first, length in runs:
+        shape = list(src.shape)
+        shape[dim] = length
+        pieces.append(lw.emit("slice", [src], {"dim": axis, "start": first, "length": length}, shape=tuple(shape),
+                              kind=src.kind, dense=False))
+    return pieces[0] if len(pieces) == 1 else concat_vals(lw, pieces, dim)
+
+
+def expert_product(lw, a: Val, b: Val, node):
+    """bmm(W[ids], x[..., None]) of the batched_mm experts: mul_mat_id(W, x, ids). The gathered
+    rows are tokens x chosen experts, token-major (transformers repeats each token k times)."""
+    w, ids = a.meta["experts"]
+    if b.rank != 3 or b.shape[-1] != 1 or w.shape[2] != b.shape[1]:
+        raise Gap("aten.bmm.default", "an experts product that is not matrix-by-vector", node)
+    rows = ids.shape[0]
+    n_tok = T
+    k = rows / n_tok if is_sym(rows) else None
+    import sympy
+
+    k = sympy.simplify(k) if k is not None else None
+    if k is None or not k.is_Integer:
+        raise Gap("aten.bmm.default", "experts applied to something else than every token's chosen experts", node)
+    k = int(k)
+    ids2 = lw.reshape(lw.contiguous(ids), (n_tok, k))
+    x = b
+    if x.heads is not None and x.heads[1] == 0 and x.heads[2] == k:
+        # repeat_interleave of each token: ggml broadcasts one token row over its k experts
+        src = x.heads[0]
+        x3 = lw.reshape(lw.contiguous(src), (n_tok, 1, w.shape[2]))
+    else:
+        x3 = lw.reshape(lw.contiguous(x), (n_tok, k, w.shape[2]))
+    out = lw.emit("mul_mat_id", [w, x3, ids2], shape=(n_tok, k, w.shape[1]), role="mul_mat_id")
+    return lw.reshape(out, (rows, w.shape[1], 1))
 
 
 def argsort(lw, node):
