@@ -1,23 +1,15 @@
-"""Tiny random checkpoints of any plugin's architecture, for parity tests."""
+"""Tiny random checkpoints of any plugin's architecture (or any transformers causal LM), for parity tests."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def tiny_checkpoint(arch_cls, directory: Path, seed: int = 0, **overrides) -> Path:
-    """Save a tiny random transformers model of ``arch_cls`` (safetensors, float32) into ``directory``.
-
-    Random weights are scaled up from transformers' init (std 0.02) so that activations and
-    logits have realistic magnitudes and differences between implementations show.
-    """
+def randomize(model, seed: int = 0) -> None:
+    """Random weights scaled up from transformers' init (std 0.02) so that activations and
+    logits have realistic magnitudes and differences between implementations show."""
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM
 
-    config = arch_cls.tiny_config(**overrides)
-    torch.manual_seed(seed)
-    auto = AutoModelForCausalLM if arch_cls.causal else AutoModel  # encoders: the bare model
-    model = auto.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         g = torch.Generator().manual_seed(seed)
         for name, p in model.named_parameters():
@@ -28,6 +20,25 @@ def tiny_checkpoint(arch_cls, directory: Path, seed: int = 0, **overrides) -> Pa
             else:  # norm weights near 1
                 p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.1)
     model.eval()
+
+
+def save_tiny(config, directory: Path, seed: int = 0, auto=None) -> Path:
+    """Build the model of ``config`` with :func:`randomize`d weights and save it (safetensors)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    auto = auto or AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = auto.from_config(config, dtype=torch.float32)
+    randomize(model, seed)
     directory = Path(directory)
     model.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def tiny_checkpoint(arch_cls, directory: Path, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random transformers model of ``arch_cls`` (safetensors, float32) into ``directory``."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    config = arch_cls.tiny_config(**overrides)
+    return save_tiny(config, directory, seed, AutoModelForCausalLM if arch_cls.causal else AutoModel)

@@ -110,3 +110,27 @@ def assert_cache_consistent(pair: PortedPair, ids, split: int, *, context: str =
     ref_err = nmse(hf_logits(pair.hf, ids), cached)
     assert ref_err <= gate, f"{context}: {what[1]}: NMSE {ref_err:.3e}"
     return ref_err
+
+
+def port_tiny_traced(model_type: str, overrides: dict | None = None, directory: Path | None = None,
+                     outtype: str = "f32", seed: int = 0, n_ctx: int = 128, config=None) -> PortedPair:
+    """Port a tiny random model of any transformers causal LM through the traced path (torch.export):
+    the declared plugin's tiny config when a plugin claims ``model_type``, else the config class's
+    defaults shrunk (:mod:`porter.traced.tiny`)."""
+    from porter.plugins import architectures
+    from porter.testing.models import save_tiny
+    from porter.traced.port import port_checkpoint_weights, write_traced_gguf
+    from porter.traced.tiny import tiny_config
+
+    directory = Path(directory or tempfile.mkdtemp(prefix="porter-traced-"))
+    if config is None:
+        arch = architectures().get(model_type)
+        config = arch.tiny_config(**(overrides or {})) if arch is not None and arch.causal else \
+            tiny_config(model_type, **(overrides or {}))
+    ckpt = save_tiny(config, directory / "ckpt", seed)
+    port = port_checkpoint_weights(ckpt)
+    gguf = directory / f"model.{outtype}.gguf"
+    write_traced_gguf(port, ckpt, gguf, outtype, force=True, progress=False)
+    pair = PortedPair(ckpt, gguf, outtype, n_ctx=n_ctx)
+    pair.port = port
+    return pair

@@ -359,6 +359,7 @@ _UNARY = {
     "aten.tanh.default": "tanh", "aten.exp.default": "exp", "aten.log.default": "log", "aten.abs.default": "abs",
     "aten.neg.default": "neg", "aten.sqrt.default": "sqrt", "aten.sin.default": "sin", "aten.cos.default": "cos",
     "aten.reciprocal.default": "recip", "aten.softplus.default": "softplus", "aten.elu.default": "elu",
+    "aten.square.default": "sqr",
 }
 
 

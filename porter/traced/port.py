@@ -174,6 +174,19 @@ def port_checkpoint(model_dir: Path, *, trust_remote_code: bool = False) -> Trac
     return port_config(config, meta=True)
 
 
+def port_checkpoint_weights(model_dir: Path) -> TracedPort:
+    """The traced port of a checkpoint small enough to load: traced with its real weights, so
+    every traced node can be evaluated (the tiny models of parity tests)."""
+    import torch
+
+    from porter.traced.export import _causal_lm_class
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    model = _causal_lm_class(config).from_pretrained(model_dir, dtype=torch.float32).eval()
+    return port_config(model.config, model=model)
+
+
 def write_traced_gguf(port: TracedPort, model_dir: Path, out: Path, outtype: str = "f32", *,
                       force: bool = False, progress: bool = True):
     """Write the GGUF of a traced port from the checkpoint's weights."""

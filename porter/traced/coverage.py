@@ -1,0 +1,129 @@
+"""Measure which transformers causal LMs port through the traced path, and how well.
+
+``python -m porter.traced.coverage TYPE`` ports one tiny random model of TYPE and prints one JSON
+line: ``status`` (ported | gap | export | error), the f32 logits NMSE against transformers, the
+KV-cache check (prefill + decode against transformers), and for gaps the op-gap report's first
+line. ``python -m porter.traced.coverage --all [-j N] [--json FILE]`` runs every text causal-LM
+type of the installed transformers, each in its own process (a time limit each), and prints
+the table; ``porter plugins --update-readme`` puts the result in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+GATE = 1e-6
+TIME_LIMIT = 900  # seconds per type
+
+
+def measure(model_type: str, seed: int = 0) -> dict:
+    """Port a tiny random model of ``model_type`` through the traced path and compare it."""
+    import numpy as np
+
+    from porter.parity.logits import hf_logits
+    from porter.parity.metrics import nmse
+    from porter.testing.parity import port_tiny_traced, stepped_logits
+    from porter.traced.export import ExportFailed
+    from porter.traced.port import OpGaps
+
+    t0 = time.perf_counter()
+    out: dict = {"model_type": model_type}
+    with tempfile.TemporaryDirectory(prefix="porter-cov-") as tmp:
+        try:
+            pair = port_tiny_traced(model_type, directory=Path(tmp), seed=seed)
+        except OpGaps as exc:
+            out.update(status="gap", gap=exc.report.first_line, report=exc.report.as_dict())
+            return _done(out, t0)
+        except ExportFailed as exc:
+            out.update(status="export", gap=str(exc)[:400])
+            return _done(out, t0)
+        except Exception as exc:  # noqa: BLE001 - recorded, not raised: this is a survey
+            out.update(status="error", gap=f"{type(exc).__name__}: {str(exc)[:400]}")
+            return _done(out, t0)
+        with pair:
+            try:
+                vocab = pair.porter.n_vocab
+                ids = [int(i) for i in np.random.default_rng(seed).integers(0, vocab, 24)]
+                ref = hf_logits(pair.hf, ids)
+                got = pair.porter.logits(ids)
+                cached = stepped_logits(pair.porter, ids, 9)
+                e, ec = float(nmse(ref, got)), float(nmse(ref, cached))
+                spec = pair.porter.spec
+                out.update(nmse=e, cache_nmse=ec, layers=spec.produced_by.get("layers"),
+                           export=spec.produced_by.get("export"),
+                           status="ported" if e <= GATE and ec <= GATE else "mismatch")
+            except Exception as exc:  # noqa: BLE001
+                out.update(status="error", gap=f"{type(exc).__name__}: {str(exc)[:400]}")
+    return _done(out, t0)
+
+
+def _done(out: dict, t0: float) -> dict:
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def run_all(types: list[str], jobs: int = 2, limit: int = TIME_LIMIT, progress: bool = True) -> list[dict]:
+    """Measure every type in its own process (a crash or hang costs only that type)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+               PYTHONWARNINGS="ignore")
+
+    def one(t: str) -> dict:
+        try:
+            r = subprocess.run([sys.executable, "-m", "porter.traced.coverage", t], capture_output=True, text=True,
+                               timeout=limit, env=env)
+        except subprocess.TimeoutExpired:
+            return {"model_type": t, "status": "error", "gap": f"timed out after {limit} s"}
+        for line in reversed(r.stdout.splitlines()):
+            if line.startswith("{"):
+                return json.loads(line)
+        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"model_type": t, "status": "error", "gap": f"exit {r.returncode}: {tail[:300]}"}
+
+    results = []
+    with ThreadPoolExecutor(jobs) as pool:
+        for r in pool.map(one, types):
+            results.append(r)
+            if progress:
+                print(_line(r), file=sys.stderr, flush=True)
+    return results
+
+
+def _line(r: dict) -> str:
+    if r["status"] in ("ported", "mismatch"):
+        return f"{r['model_type']:24s} {r['status']:8s} NMSE {r['nmse']:.1e} cache {r['cache_nmse']:.1e} ({r.get('seconds')} s)"
+    return f"{r['model_type']:24s} {r['status']:8s} {r.get('gap', '')[:150]}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from porter.traced.tiny import causal_lm_types
+
+    ap = argparse.ArgumentParser(prog="python -m porter.traced.coverage", description=__doc__.split("\n\n")[0])
+    ap.add_argument("types", nargs="*", help="model types (default with --all: every text causal LM)")
+    ap.add_argument("--all", action="store_true", help="every text causal-LM type of the installed transformers")
+    ap.add_argument("-j", "--jobs", type=int, default=2)
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
+    if len(args.types) == 1 and not args.all:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        print(json.dumps(measure(args.types[0])), flush=True)
+        return 0
+    types = args.types or causal_lm_types()
+    results = run_all(types, args.jobs)
+    ported = sum(r["status"] == "ported" for r in results)
+    print(f"{ported} of {len(results)} ported (f32 logits and KV cache NMSE <= {GATE:g})")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
