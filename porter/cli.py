@@ -41,6 +41,7 @@ def main():
 
     \b
     Typical session:
+      porter port     CHECKPOINT -o m.gguf          # any architecture: plugin or traced, with its certificate
       porter examples smollm2                       # a real checkpoint, offline
       porter inspect  CHECKPOINT                    # what porter sees in it
       porter convert  CHECKPOINT -o m.gguf --outtype q8_0
@@ -56,8 +57,10 @@ def _attach_optional_commands() -> None:
         return
     main.add_command(inspect_cmd)
     from porter.parity.cli import parity as parity_cmd
+    from porter.port_cli import port as port_cmd
 
     main.add_command(parity_cmd)
+    main.add_command(port_cmd)
 
 
 _attach_optional_commands()

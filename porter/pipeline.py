@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from porter.errors import ModelError
@@ -96,3 +97,109 @@ def generate(directory: Path = GENERATED_DIR, check: bool = False) -> list[str]:
             if not check:
                 path.unlink()
     return problems
+
+
+# -- porter port: declared or traced, from a model type, a checkpoint folder or a model id ------
+@dataclass
+class PortResult:
+    route: str  # "declared" | "traced"
+    model_type: str
+    checkpoint: Path
+    gguf: Path
+    spec: object
+    outtype: str
+    plugin: str | None = None  # the declared plugin's module
+    traced: object = None  # porter.traced.port.TracedPort
+    write_report: object = None
+    tiny: bool = False  # the checkpoint is a tiny random instance of a model type
+    plan: object = None
+    forced: bool = False  # traced although a plugin claims the model (--traced)
+
+
+def resolve_source(source: str, workdir: Path, *, traced: bool = False, revision: str | None = None) -> tuple[Path, bool]:
+    """(checkpoint folder, is a tiny random instance) for a checkpoint folder, a transformers
+    model_type (a tiny random model is built) or a Hugging Face model id (from the local cache,
+    or downloaded when the hub is reachable)."""
+    from transformers import CONFIG_MAPPING
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path, False
+    if source in CONFIG_MAPPING:
+        return tiny_checkpoint_of(source, workdir / "tiny-ckpt"), True
+    if "/" in source and not path.exists():
+        return _snapshot(source, revision), False
+    raise ModelError(f"{source}: not a checkpoint folder, a transformers model_type or a model id "
+                     "(organisation/name)")
+
+
+def tiny_checkpoint_of(model_type: str, directory: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny random checkpoint of any model type: the declared plugin's tiny config when a plugin
+    names the type, else the config class's defaults shrunk (porter.traced.tiny)."""
+    from porter.plugins import architectures
+    from porter.testing.models import save_tiny, tiny_checkpoint
+
+    arch = architectures().get(model_type)
+    if arch is not None:
+        return tiny_checkpoint(arch, directory, seed=seed, **overrides)
+    from porter.traced.tiny import tiny_config
+
+    return save_tiny(tiny_config(model_type, **overrides), directory, seed)
+
+
+def _snapshot(model_id: str, revision: str | None) -> Path:
+    import os
+
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - transformers depends on it
+        raise ModelError("resolving a model id needs huggingface_hub") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    try:
+        return Path(snapshot_download(model_id, revision=revision, local_files_only=offline,
+                                      allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]))
+    except Exception as exc:  # noqa: BLE001 - hub errors are many
+        where = "in the local cache (the hub is offline)" if offline else "on the hub"
+        raise ModelError(f"{model_id}: not found {where} ({type(exc).__name__}: {exc})") from None
+
+
+def claimed_by_plugin(model_dir: Path, trust_remote_code: bool = False) -> bool:
+    """Whether a declared plugin ports this checkpoint (by model_type or by a plugin's claim)."""
+    from porter.errors import UnsupportedArchitecture
+
+    try:
+        architecture(model_dir, trust_remote_code=trust_remote_code, module_tree=False)
+    except UnsupportedArchitecture:
+        return False
+    return True
+
+
+def port(source: str, *, out: Path | None = None, outtype: str = "f32", traced: bool = False, workdir: Path,
+         force: bool = False, trust_remote_code: bool = False, progress: bool = True,
+         revision: str | None = None) -> PortResult:
+    """The one command's work: resolve ``source``, take the declared path if a plugin claims it
+    (unless ``traced``), else the traced path (torch.export), and write the GGUF. Raises
+    :class:`porter.traced.port.OpGaps` when the traced graph cannot be lowered."""
+    ckpt, tiny = resolve_source(source, workdir, traced=traced, revision=revision)
+    if out is None:
+        out = (workdir if tiny else Path.cwd()) / f"{ckpt.name if not tiny else source}.{outtype}.gguf"
+    import json
+
+    try:
+        model_type = json.loads((ckpt / "config.json").read_text()).get("model_type", "?")
+    except (OSError, ValueError):
+        model_type = "?"
+    claimed = claimed_by_plugin(ckpt, trust_remote_code)
+    if not traced and claimed:
+        arch = architecture(ckpt, trust_remote_code=trust_remote_code)
+        report = convert(ckpt, out, outtype, force=force, progress=progress, trust_remote_code=trust_remote_code)
+        return PortResult("declared", model_type, ckpt, Path(out), arch.spec(), outtype,
+                          plugin=type(arch).__module__, write_report=report, tiny=tiny, plan=arch.conversion_plan())
+    from porter.traced.port import port_checkpoint, port_checkpoint_weights, write_traced_gguf
+
+    if trust_remote_code:
+        raise ModelError("the traced path does not run checkpoints' own code; port it with a plugin")
+    tp = port_checkpoint_weights(ckpt) if tiny else port_checkpoint(ckpt)
+    report = write_traced_gguf(tp, ckpt, Path(out), outtype, force=force, progress=progress)
+    return PortResult("traced", model_type, ckpt, Path(out), tp.spec, outtype, traced=tp, write_report=report,
+                      tiny=tiny, plan=tp.conversion_plan(ckpt), forced=claimed)

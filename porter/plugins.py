@@ -58,7 +58,8 @@ def architecture_for(info) -> type:
     raise UnsupportedArchitecture(
         f"no porter plugin ports model_type {info.model_type!r} (architectures: "
         f"{', '.join(info.architectures) or '?'}). Ported types: {known}. "
-        "Install a plugin that provides it, or try the traced path when it exists."
+        "`porter port CHECKPOINT` ports it through the traced path (torch.export) or reports the ops "
+        "it lacks; or install a plugin that provides it."
     )
 
 

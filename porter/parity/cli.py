@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -42,7 +41,10 @@ def plot(report, path: Path, title: str) -> None:
 
 @click.command("parity")
 @click.argument("model_dir", required=False, type=click.Path(path_type=Path))
-@click.option("--arch", "model_type", help="Instead of a checkpoint: a tiny random model of this model_type.")
+@click.option("--arch", "model_type", help="Instead of a checkpoint: a tiny random model of this model_type "
+              "(any transformers causal LM: declared plugins' types, or the traced path for the others).")
+@click.option("--traced", is_flag=True, help="Port through the traced path (torch.export) even when a plugin "
+              "claims the type (a cross-check of the plugin).")
 @click.option("-t", "--outtype", default="f32", show_default=True, help="GGUF weight type to test.")
 @click.option("-p", "--prompt", "prompts", multiple=True, help="Prompt(s) to compare on (repeatable).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full report as JSON.")
@@ -53,8 +55,9 @@ def plot(report, path: Path, title: str) -> None:
               help="Reference weights for transformers: the checkpoint's own, or the values the GGUF stores "
                    "(rounded to --outtype), which leaves only the runtime's own error.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the summary line.")
-def parity(model_dir, model_type, outtype, prompts, json_path, plot_path, n_greedy, against, quiet):
-    """Compare porter with transformers node by node (exit status 1 when over tolerance).
+def parity(model_dir, model_type, traced, outtype, prompts, json_path, plot_path, n_greedy, against, quiet):
+    """Compare porter with transformers node by node (exit status 1 when over tolerance, 2 when
+    the traced path cannot lower the model).
 
     Every graph node that corresponds to a transformers module output (embeddings, norms,
     attention, MLP, each layer, logits) is compared by NMSE, max-abs error and cosine; the
@@ -64,89 +67,67 @@ def parity(model_dir, model_type, outtype, prompts, json_path, plot_path, n_gree
     computing with them. --against gguf gives transformers the GGUF's own (dequantized) weights,
     so what remains is the port's.
     """
-    from rich.console import Console
-    from rich.table import Table
-
-    import porter
-    from porter.parity.harness import run_parity
-    from porter.parity.logits import load_reference
-    from porter.pipeline import convert
-
     if (model_dir is None) == (model_type is None):
         raise PorterError("give either a checkpoint folder or --arch MODEL_TYPE")
+    source = model_type or str(model_dir)
+    sys.exit(run_certificate(source, outtype=outtype, traced=traced, prompts=prompts, n_greedy=n_greedy,
+                             against=against, json_path=json_path, plot_path=plot_path, quiet=quiet))
+
+
+def run_certificate(source: str, *, outtype: str, traced: bool, prompts, n_greedy: int, against: str = "checkpoint",
+                    json_path: Path | None = None, plot_path: Path | None = None, quiet: bool = False,
+                    out: Path | None = None, force: bool = False, report_path: Path | None = None,
+                    spec_path: Path | None = None, parity: bool = True, announce: bool = False) -> int:
+    """Port ``source`` (to a temporary GGUF unless ``out``), compare it with transformers and
+    print the certificate; returns the exit status (0 pass, 1 over tolerance, 2 op gaps)."""
+    from rich.console import Console
+
+    from porter.parity import certificate
+    from porter.parity.logits import load_reference
+    from porter.pipeline import port
+    from porter.traced.export import ExportFailed
+    from porter.traced.port import OpGaps
+    from porter.traced.report import GapReport
+
     console = Console()
     with tempfile.TemporaryDirectory(prefix="porter-parity-") as tmp:
         tmp = Path(tmp)
-        if model_type:
-            from porter.plugins import architectures
-            from porter.testing.models import tiny_checkpoint
+        try:
+            result = port(source, out=out or tmp / "model.gguf", outtype=outtype, traced=traced, workdir=tmp,
+                          force=force or out is None, progress=announce and not quiet)
+        except (OpGaps, ExportFailed) as exc:
+            model_type = source if "/" not in source and not Path(source).is_dir() else source
+            gaps = exc.report if isinstance(exc, OpGaps) else GapReport.export_failed(model_type, str(exc))
+            console.print(gaps.rich_table())
+            console.print(gaps.summary())
+            if report_path:
+                report_path.write_text(gaps.to_json())
+                console.print(f"op-gap report: {report_path}")
+            return 2
+        if announce:
+            from porter.port_cli import describe
 
-            archs = architectures()
-            if model_type not in archs:
-                raise PorterError(f"no plugin ports {model_type!r}; known: {', '.join(archs)}")
-            model_dir = tiny_checkpoint(archs[model_type], tmp / "ckpt")
-        convert(model_dir, tmp / "model.gguf", outtype, progress=False)
+            describe(console, result, spec_path, quiet)
+        if not parity:
+            return 0
         if against == "gguf":
             from porter.parity.same_weights import checkpoint_with_gguf_weights
-            from porter.pipeline import architecture
 
-            plan = architecture(model_dir).conversion_plan()
-            checkpoint_with_gguf_weights(model_dir, plan, tmp / "model.gguf", tmp / "gguf-weights")
+            checkpoint_with_gguf_weights(result.checkpoint, result.plan, result.gguf, tmp / "gguf-weights")
             hf, tok = load_reference(tmp / "gguf-weights")
         else:
-            hf, tok = load_reference(model_dir)
-        prompts = list(prompts) or [DEFAULT_PROMPT]
-        reports = []
-        with porter.load(tmp / "model.gguf", n_ctx=512) as m:
-            for p in prompts:
-                ids = tok(p)["input_ids"] if tok is not None else list(range(1, 17))
-                report = run_parity(hf, m, ids, outtype)
-                if n_greedy and m.spec.causal:
-                    from porter.parity.logits import hf_greedy
-
-                    ref_tokens = hf_greedy(hf, ids, n_greedy)
-                    got_tokens = list(m.generate_ids(ids, n_greedy))
-                    same = next((i for i, (a, b) in enumerate(zip(ref_tokens, got_tokens)) if a != b), None)
-                    report.logits["greedy"] = {"tokens": n_greedy, "identical": same is None,
-                                               "first_difference": same}
-                reports.append(report)
-    report = max(reports, key=lambda r: r.logits["nmse"])  # the worst prompt is shown
-    if not quiet:
-        weights = "the GGUF's weights" if against == "gguf" else "the checkpoint's weights"
-        table = Table(title=f"parity of {model_dir} ({outtype}, {report.n_tokens} tokens, worst prompt; "
-                            f"transformers on {weights})")
-        for col in ("node", "transformers module", "NMSE", "max |err|", "cosine", ""):
-            table.add_column(col)
-        for n in report.nodes:
-            table.add_row(n.node, n.hf_module, f"{n.nmse:.2e}", f"{n.max_abs:.2e}", f"{n.cosine:.8f}",
-                          "[green]ok" if n.ok else "[red]over" if n.gated else "[yellow]over (not gated)")
-        console.print(table)
-    lg = report.logits
-    gate = f"gate {report.tolerance:g}" if report.tolerance != float("inf") else f"no gate for {outtype}: report only"
-    console.print(f"logits: NMSE {lg['nmse']:.3e} ({gate}), top-1 agreement {lg['top1']:.1%}, KL {lg['kl']:.2e}")
-    for i, r in enumerate(reports):
-        g = r.logits.get("greedy")
-        if g:
-            state = "identical" if g["identical"] else f"differ from step {g['first_difference']}"
-            console.print(f"prompt {i + 1}: greedy {g['tokens']} tokens {state}")
-    first = report.first_divergence
-    if first:
-        console.print(f"[red]first diverging node: {first.node} (layer {first.layer}, role {first.role}, "
-                      f"transformers {first.hf_module}) NMSE {first.nmse:.3e}")
-    elif report.first_over and not quiet:
-        console.print(f"[yellow]branch outputs over {report.tolerance:g} are not gated for {outtype} (rounded "
-                      "weights): only the residual stream and the outputs are")
+            hf, tok = load_reference(result.checkpoint)
+        reports = certificate.measure(hf, tok, result.gguf, outtype, prompts, n_greedy)
+    weights = "the GGUF's weights" if against == "gguf" else "the checkpoint's weights"
+    name = source if result.tiny else Path(str(source)).name
+    title = (f"parity of {name} ({result.route} path, {outtype}, {reports[0].n_tokens} tokens, worst prompt; "
+             f"transformers on {weights})")
+    ok = certificate.show(console, reports, title=title, outtype=outtype, quiet=quiet)
     if json_path:
-        json_path.write_text(json.dumps({"model": str(model_dir), "prompts": prompts,
-                                         "reports": [r.as_dict() for r in reports]}, indent=1))
+        certificate.write_json(json_path, str(source), prompts, reports, {"route": result.route})
         console.print(f"JSON report: {json_path}")
     if plot_path:
-        plot(report, plot_path, f"porter vs transformers: {Path(str(model_dir)).name} ({outtype})")
+        worst = max(reports, key=lambda r: r.logits["nmse"])
+        plot(worst, plot_path, f"porter vs transformers: {name} ({outtype}, {result.route})")
         console.print(f"picture: {plot_path}")
-    passed = all(r.passed for r in reports)
-    if report.tolerance == float("inf"):
-        console.print(f"REPORT ONLY: porter has no parity tolerance for {outtype} (gates exist for "
-                      "f32, f16, bf16 and q8_0)")
-    else:
-        console.print("[green]PASS" if passed else "[red]FAIL")
-    sys.exit(0 if passed else 1)
+    return 0 if ok else 1

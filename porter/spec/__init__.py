@@ -22,7 +22,6 @@ per-layer boolean: where false the node passes its first input through unchanged
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Literal, Union
 

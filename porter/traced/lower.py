@@ -24,7 +24,7 @@ from typing import Any
 import sympy
 import torch
 
-from porter.traced.values import O, RUNTIME, T, Gap, GapVal, Val, ggml_axes, ggml_shape, is_sym, numel, spec_size
+from porter.traced.values import O, RUNTIME, T, Gap, GapVal, Val, ggml_axes, ggml_shape, numel, spec_size
 
 F32 = torch.float32
 

@@ -1,0 +1,76 @@
+"""The parity certificate `porter parity` and `porter port` print: transformers against a GGUF,
+node by node, per prompt, with greedy decoding compared too."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog because"
+
+
+def measure(hf, tokenizer, gguf: Path, outtype: str, prompts, n_greedy: int = 16, n_ctx: int = 512) -> list:
+    """One :class:`~porter.parity.harness.ParityReport` per prompt (greedy tokens in ``logits``)."""
+    import porter
+    from porter.parity.harness import run_parity
+    from porter.parity.logits import hf_greedy
+
+    reports = []
+    with porter.load(gguf, n_ctx=n_ctx) as m:
+        for p in list(prompts) or [DEFAULT_PROMPT]:
+            ids = tokenizer(p)["input_ids"] if tokenizer is not None else list(range(1, 17))
+            report = run_parity(hf, m, ids, outtype)
+            if n_greedy and m.spec.causal:
+                ref_tokens = hf_greedy(hf, ids, n_greedy)
+                got_tokens = list(m.generate_ids(ids, n_greedy))
+                same = next((i for i, (a, b) in enumerate(zip(ref_tokens, got_tokens)) if a != b), None)
+                report.logits["greedy"] = {"tokens": n_greedy, "identical": same is None, "first_difference": same}
+            reports.append(report)
+    return reports
+
+
+def passed(reports) -> bool:
+    return all(r.passed for r in reports)
+
+
+def show(console, reports, *, title: str, outtype: str, quiet: bool = False) -> bool:
+    """Print the table of the worst prompt, the logits summary and the verdict; True on PASS."""
+    from rich.table import Table
+
+    report = max(reports, key=lambda r: r.logits["nmse"])  # the worst prompt is shown
+    if not quiet:
+        table = Table(title=title)
+        for col in ("node", "transformers module", "NMSE", "max |err|", "cosine", ""):
+            table.add_column(col)
+        for n in report.nodes:
+            table.add_row(n.node, n.hf_module, f"{n.nmse:.2e}", f"{n.max_abs:.2e}", f"{n.cosine:.8f}",
+                          "[green]ok" if n.ok else "[red]over" if n.gated else "[yellow]over (not gated)")
+        console.print(table)
+    lg = report.logits
+    gate = f"gate {report.tolerance:g}" if report.tolerance != float("inf") else f"no gate for {outtype}: report only"
+    console.print(f"logits: NMSE {lg['nmse']:.3e} ({gate}), top-1 agreement {lg['top1']:.1%}, KL {lg['kl']:.2e}")
+    for i, r in enumerate(reports):
+        g = r.logits.get("greedy")
+        if g:
+            state = "identical" if g["identical"] else f"differ from step {g['first_difference']}"
+            console.print(f"prompt {i + 1}: greedy {g['tokens']} tokens {state}")
+    first = report.first_divergence
+    if first:
+        console.print(f"[red]first diverging node: {first.node} (layer {first.layer}, role {first.role}, "
+                      f"transformers {first.hf_module}) NMSE {first.nmse:.3e}")
+    elif report.first_over and not quiet:
+        console.print(f"[yellow]branch outputs over {report.tolerance:g} are not gated for {outtype} (rounded "
+                      "weights): only the residual stream and the outputs are")
+    ok = passed(reports)
+    if report.tolerance == float("inf"):
+        console.print(f"REPORT ONLY: porter has no parity tolerance for {outtype} (gates exist for "
+                      "f32, f16, bf16 and q8_0)")
+    else:
+        console.print("[green]PASS" if ok else "[red]FAIL")
+    return ok
+
+
+def write_json(path: Path, model: str, prompts, reports, extra: dict | None = None) -> None:
+    data = {"model": model, "prompts": list(prompts) or [DEFAULT_PROMPT], "reports": [r.as_dict() for r in reports]}
+    data.update(extra or {})
+    Path(path).write_text(json.dumps(data, indent=1))
