@@ -114,6 +114,8 @@ class GraphBuilder:
             return o.scale(s[0], a["s"], a.get("bias", 0.0))
         if op == "softcap":
             return o.softcap(s[0], a["cap"])
+        if op == "clamp":
+            return o.clamp(s[0], a["min"], a["max"])
         if op == "rope":
             return o.rope(s[0], s[1], int(a["n_dims"]), int(a["mode"]), freq_factors=s[2] if len(s) > 2 else None,
                           freq_base=a["freq_base"], freq_scale=a.get("freq_scale", 1.0),
@@ -168,4 +170,4 @@ class GraphBuilder:
 
 
 _SIMPLE = {"silu", "gelu_erf", "gelu_tanh", "relu", "sigmoid", "tanh", "exp", "sqr", "sqrt", "cont",
-           "transpose", "sum_rows", "add", "sub", "mul", "div", "mul_mat", "get_rows", "mul_mat_id"}
+           "transpose", "sum_rows", "relu2", "add", "sub", "mul", "div", "mul_mat", "get_rows", "mul_mat_id"}

@@ -260,6 +260,18 @@ class Ops:
     def relu(self, a):
         return self._unary("relu", lib.ggml_relu, a)
 
+    def relu2(self, a):
+        """Squared ReLU, ``relu(x)^2`` (exact: both steps are exact in F32)."""
+        return self.sqr(self.relu(a))
+
+    def clamp(self, a, lo: float, hi: float):
+        """``min(max(a, lo), hi)`` into a new tensor (ggml_clamp alone overwrites ``a``: it returns a view)."""
+        _require_f32("clamp", a)
+        _require_dense("clamp", a)
+        if not lo <= hi:
+            raise ShapeError(f"clamp: min {lo} is above max {hi}")
+        return lib.ggml_clamp(self.c, lib.ggml_cont(self.c, a), float(lo), float(hi))
+
     def sigmoid(self, a):
         return self._unary("sigmoid", lib.ggml_sigmoid, a)
 

@@ -48,6 +48,8 @@ for _binary in ("add", "sub", "mul", "div", "mul_mat", "get_rows"):
 _op("mul_mat_id", 3)
 _op("scale", 1, req="s", opt="bias")
 _op("softcap", 1, req="cap")
+_op("clamp", 1, req="min max")  # min(max(x, min), max) (OLMo's clip_qkv)
+_op("relu2", 1)  # relu(x)^2 (Arcee, Nemotron: hidden_act "relu2")
 _op("rms_norm", 1, req="eps")
 _op("norm", 1, req="eps")
 _op("l2_norm", 1, req="eps")
