@@ -29,6 +29,8 @@ from porter.spec import SPEC_VERSION, Spec, check
 DEFAULT_KNOBS: dict[str, Any] = {
     "norm": "rms",  # "rms" | "layer"
     "norm_bias": False,  # LayerNorm with bias
+    "norm_weight": True,  # False: every norm without weight or bias (OLMo's LayerNorm)
+    "clip_qkv": False,  # clamp q, k, v to [-$clip_qkv, $clip_qkv]; set from the config's clip_qkv
     "fused_qkv": False,  # one attn_qkv weight, sliced into q, k, v
     "qkv_bias": False,
     "q_bias": False, "k_bias": False, "v_bias": False, "o_bias": False,
@@ -40,7 +42,7 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "attn_softcap": False,
     "alibi": False,  # ALiBi position bias instead of rope: softmax attention with kq_mask_alibi
     "mlp": "gated",  # "gated" (act(gate) * up) | "plain" (act(up))
-    "act": "silu",  # spec op name: silu | gelu_erf | gelu_tanh | relu
+    "act": "silu",  # spec op name: silu | gelu_erf | gelu_tanh | relu | relu2
     "mlp_bias": False,
     "parallel": False,  # attention and MLP read the same input
     "parallel_ffn_norm": False,  # ... each through its own norm (gpt_neox, falcon's new layout)
@@ -127,6 +129,12 @@ class Architecture:
         k["mlp_bias"] = self.has("blk.0.ffn_down.bias") or k["mlp_bias"]
         if k["rope"] and not k["rope_per_layer"]:
             k["rope_freq_factors"] = self.rope_args().freq_factors is not None
+        k["clip_qkv"] = self.clip_qkv() is not None
+
+    def clip_qkv(self) -> float | None:
+        """The bound q, k and v are clamped to (knob ``clip_qkv``), or None: the config's ``clip_qkv``."""
+        value = self.info.config.get("clip_qkv")
+        return None if value is None else float(value)
 
     # rope types whose frequency factors llama.cpp stores as a rope_freqs.weight tensor; other
     # types' factors travel inline in the spec, so stock llama.cpp sees only its own yarn keys
@@ -166,6 +174,8 @@ class Architecture:
             })
         if self.experts:
             values.update(self.expert_counts())
+        if self.resolved_knobs_cache.get("clip_qkv"):
+            values.update(clip_qkv=self.clip_qkv(), clip_qkv_min=-self.clip_qkv())
         return values
 
     def expert_counts(self) -> dict[str, int]:
