@@ -14,6 +14,9 @@ def tiny_checkpoint(arch_cls, directory: Path, seed: int = 0, **overrides) -> Pa
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
+    from porter.plugins import register_transformers_classes
+
+    register_transformers_classes(models=True)
     config = arch_cls.tiny_config(**overrides)
     torch.manual_seed(seed)
     auto = AutoModelForCausalLM if arch_cls.causal else AutoModel  # encoders: the bare model
