@@ -34,6 +34,7 @@ class GraphEdit:
     def __init__(self, rendered: dict, knobs: dict[str, Any], hparams: dict[str, Any]):
         self.graph: list[dict] = rendered["graph"]
         self.outputs: list[str] = rendered["outputs"]
+        self._rendered_outputs = list(self.outputs)  # the names the runtime reads: they stay
         self.knobs = knobs
         self.hparams = hparams
         self.constants: dict[str, dict] = {}  # name -> weight declaration carrying its values
@@ -129,9 +130,10 @@ class GraphEdit:
         return node
 
     def rewire(self, old: str, new: str, *, skip: tuple[str, ...] = ()) -> int:
-        """Every reader of ``old`` reads ``new`` instead: node inputs, the loop's ``init`` and
-        ``result``, and the graph outputs; not ``new`` itself nor the nodes named in ``skip``.
-        Returns how many references changed."""
+        """Every reader of ``old`` reads ``new`` instead: node inputs and the loop's ``init`` and
+        ``result``; not ``new`` itself nor the nodes named in ``skip``. Returns how many references
+        changed. The graph's outputs keep their names (the runtime reads ``result_output`` or
+        ``result_embd``): to put a node after an output, :meth:`rename` the output first."""
         changed = 0
         for n in self._nodes():
             if n["name"] == new or n["name"] in skip:
@@ -146,11 +148,21 @@ class GraphEdit:
                 if loop[key] == old:
                     loop[key] = new
                     changed += 1
-        for j, out in enumerate(self.outputs):
-            if out == old:
-                self.outputs[j] = new
-                changed += 1
         return changed
+
+    def rename(self, old: str, new: str) -> dict:
+        """Give node ``old`` the name ``new`` and point its readers at it. An output renamed this
+        way leaves its name free for the node that takes its place::
+
+            g.rename("result_output", "logits_raw2")
+            g.insert_after("logits_raw2", "result_output", "scale", ["logits_raw2"], {"s": 0.5})
+        """
+        if new in self:
+            raise SpecError(f"graph edit: a node named {new!r} exists already")
+        node = self.node(old)
+        node["name"] = new
+        self.rewire(old, new)
+        return node
 
     def remove(self, name: str) -> dict:
         """Remove a node nothing reads any more (rewire its readers first)."""
@@ -182,6 +194,9 @@ class GraphEdit:
 
         from porter.spec import INPUT_KINDS, SPEC_VERSION, Spec, check
 
+        if self.outputs != self._rendered_outputs:
+            raise SpecError(f"{where}: the graph's outputs must stay {self._rendered_outputs} (the runtime reads "
+                            f"them by name), got {self.outputs}; rename a node to put it in an output's place")
         nodes = set(self.names())
         used = {src for n in self._nodes() for src in n["inputs"]}
         weights = [{"name": w, "shape": [1], "layered": "{L}" in w} for w in sorted(used - nodes)

@@ -61,7 +61,8 @@ def porter_edit_graph(arch, graph):
     """Edit the rendered graph of ``arch`` (an :class:`porter.arch.Architecture` instance) in place.
 
     ``graph`` is a :class:`porter.edit.GraphEdit`: the rendered nodes with helpers to find,
-    insert after, replace and rewire nodes and to declare constant weights. It runs after the
+    insert after, replace, rewire, rename and remove nodes and to declare constant weights (the
+    graph's outputs keep their names). It runs after the
     templates render and before porter checks the graph's weights against the checkpoint; the
     graph is validated after each implementation, and an invalid result is reported with the
     plugin's name. Return nothing. Every implementation runs; check ``isinstance(arch, ...)`` to

@@ -211,6 +211,8 @@ def test_graph_edit_helpers_and_constants(load_plugin):
     ('g.replace("ffn_out-{L}", inputs=["not_a_node-{L}"])', "'not_a_node-{L}' is not an earlier node"),
     ('g.remove("attn_out-{L}")', "still read by ffn_inp-{L}"),
     ('g.constant("tryout.bad", [1, 2, 3], [2, 2])', "has 3 values, shape \\[2, 2\\] needs 4"),
+    ('g.insert_after("result_output", "res2", "scale", ["result_output"], {"s": 1.0}); g.outputs[0] = "res2"',
+     "outputs must stay \\['result_output'\\]"),
 ])
 def test_bad_graph_edits_are_reported_with_the_editor(load_plugin, edit, message):
     load_plugin(tryout(f'''
@@ -219,7 +221,7 @@ def test_bad_graph_edits_are_reported_with_the_editor(load_plugin, edit, message
     '''))
     with pytest.raises(SpecError, match=message) as info:
         spec_of(plugins.architectures()["helium"])
-    if "is not" in message or "must contain" in message:
+    if "is not" in message or "must contain" in message or "must stay" in message:
         assert "after the graph edit of Tryout.edit_graph" in str(info.value)
 
 

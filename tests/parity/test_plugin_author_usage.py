@@ -80,3 +80,23 @@ def test_porter_generate_check_passes_with_the_example_installed(installed):
     own, package = proc.stdout.strip().splitlines()[-2:]
     assert own.startswith("0 ") and "not covered (outside plugin packages): porter_highway" in own, proc.stdout
     assert package.startswith("0 ") and "porter_highway/generated (1 specs)" in package, proc.stdout
+
+
+TORCH_FREE_CONVERT = """
+import sys
+from porter.cli import main
+main(["convert", sys.argv[1], "-o", sys.argv[2], "--quiet"], standalone_mode=False)
+print("torch imported:", sys.modules.get("torch") is not None)
+"""
+
+
+def test_an_outside_model_type_converts_without_torch(installed, tmp_path):
+    """Loading the plugin imports neither transformers nor torch, and its config class
+    registers without torch: `porter convert` stays torch-free for the outside model type."""
+    ckpt, gguf = tmp_path / "ckpt", tmp_path / "highway.gguf"
+    make = ("from porter.plugins import architectures; from porter.testing.models import tiny_checkpoint; "
+            f"tiny_checkpoint(architectures()['highway'], {str(ckpt)!r})")
+    assert run([sys.executable, "-c", make], installed).returncode == 0
+    proc = run([sys.executable, "-c", TORCH_FREE_CONVERT, str(ckpt), str(gguf)], installed)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("torch imported: False") and gguf.stat().st_size > 0
