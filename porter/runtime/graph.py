@@ -2,31 +2,40 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from porter.errors import ModelError, SpecError
 from porter.runtime._lib import lib
 from porter.runtime.ops import Ops
 from porter.runtime.types import GGMLType
-from porter.spec import Node, Repeat, Spec
+from porter.spec import Node, Repeat, Spec, expr
 
-_REF = re.compile(r"^\$(\w+)(\[L\])?$")
+
+def cache_widths(spec: Spec, which: str) -> list[int]:
+    """Row width of each layer's K (or V) cache: ``kv_width_k``/``kv_width_v`` (a number or a
+    per-layer list; 0 = the layer has no cache) when the spec states them, else ``n_embd_kv``."""
+    hp = spec.hparams
+    n_layer = int(hp["n_layer"])
+    width = hp.get(f"kv_width_{which}", hp.get("n_embd_kv", 0))
+    widths = [int(w) for w in width] if isinstance(width, list) else [int(width)] * n_layer
+    if len(widths) != n_layer:
+        raise SpecError(f"kv_width_{which} lists {len(widths)} layers, n_layer is {n_layer}")
+    return widths
 
 
 class KVCache:
-    """Per-layer K and V tensors, ne [n_embd_kv, n_ctx], in one backend buffer."""
+    """Per-layer K and V tensors, ne [width, n_ctx], in one backend buffer (None for a layer
+    without attention)."""
 
     def __init__(self, backend, spec: Spec, n_ctx: int, gtype: GGMLType = GGMLType.F32):
         from porter.runtime.core import Buffer, Context
 
-        hp = spec.hparams
         self.n_ctx = n_ctx
-        self.n_layer = int(hp["n_layer"])
-        width = int(hp["n_embd_kv"])
-        self.ctx = Context(2 * self.n_layer)
-        self.k = [self.ctx.new_tensor(gtype, [width, n_ctx], f"cache_k_l{i}") for i in range(self.n_layer)]
-        self.v = [self.ctx.new_tensor(gtype, [width, n_ctx], f"cache_v_l{i}") for i in range(self.n_layer)]
+        self.n_layer = int(spec.hparams["n_layer"])
+        wk, wv = cache_widths(spec, "k"), cache_widths(spec, "v")
+        self.ctx = Context(max(1, sum(w > 0 for w in wk + wv)))
+        self.k = [self.ctx.new_tensor(gtype, [w, n_ctx], f"cache_k_l{i}") if w else None for i, w in enumerate(wk)]
+        self.v = [self.ctx.new_tensor(gtype, [w, n_ctx], f"cache_v_l{i}") if w else None for i, w in enumerate(wv)]
         self.buffer = Buffer(self.ctx, backend.buffer_type)
         lib.ggml_backend_buffer_clear(self.buffer.ptr, 0)
         self.n_past = 0  # positions 0..n_past-1 hold valid entries
@@ -58,13 +67,19 @@ class GraphBuilder:
     def value(self, v: Any, layer: int | None) -> Any:
         if isinstance(v, list):
             return [self.value(x, layer) for x in v]
-        if isinstance(v, str) and v.startswith("$"):
-            m = _REF.match(v)
-            if not m or m.group(1) not in self.values:
-                raise SpecError(f"unknown reference {v!r}")
-            out = self.values[m.group(1)]
-            return out[layer] if m.group(2) else out
+        if expr.is_reference(v):
+            return expr.evaluate(v, lambda name, per_layer: self._lookup(v, name, per_layer, layer))
         return v
+
+    def _lookup(self, text: str, name: str, per_layer: bool, layer: int | None) -> Any:
+        if name not in self.values:
+            raise SpecError(f"unknown reference {text!r}")
+        out = self.values[name]
+        if per_layer:
+            if layer is None or not isinstance(out, list) or not 0 <= layer < len(out):
+                raise SpecError(f"{text!r}: no per-layer value for layer {layer}")
+            return out[layer]
+        return out
 
     def tensor(self, name: str, layer: int | None, carry):
         if name == "$carry":
@@ -95,10 +110,12 @@ class GraphBuilder:
 
     def emit(self, node: Node, layer: int | None, carry) -> None:
         name = node.name.format(L=layer) if layer is not None else node.name
-        srcs = [self.tensor(s, layer, carry) for s in node.inputs]
         if node.when is not None and not self.value(node.when, layer):
-            self.tensors[name] = srcs[0]
+            # switched off in this layer: pass the first input through (the others, such as
+            # weights only some layers have, are not even looked up)
+            self.tensors[name] = self.tensor(node.inputs[0], layer, carry)
             return
+        srcs = [self.tensor(s, layer, carry) for s in node.inputs]
         a = {k: self.value(v, layer) for k, v in node.attrs.items()}
         out = self.apply(node.op, srcs, a, layer)
         Ops.name(out, name)
@@ -114,8 +131,6 @@ class GraphBuilder:
             return o.scale(s[0], a["s"], a.get("bias", 0.0))
         if op == "softcap":
             return o.softcap(s[0], a["cap"])
-        if op == "clamp":
-            return o.clamp(s[0], a["min"], a["max"])
         if op == "rope":
             return o.rope(s[0], s[1], int(a["n_dims"]), int(a["mode"]), freq_factors=s[2] if len(s) > 2 else None,
                           freq_base=a["freq_base"], freq_scale=a.get("freq_scale", 1.0),
@@ -130,12 +145,15 @@ class GraphBuilder:
         if op == "reshape":
             return o.reshape(s[0], [int(x) for x in a["shape"]])
         if op == "slice":
-            t = s[0]
-            start, length = int(a["start"]), int(a["length"])
-            if start < 0 or start + length > t.ne[0]:
-                raise SpecError(f"slice [{start}, {start + length}) is outside a row of {t.ne[0]}")
-            return o.view(t, [length, t.ne[1], t.ne[2], t.ne[3]], [t.nb[1], t.nb[2], t.nb[3]],
-                          start * GGMLType(t.type).type_size)
+            return o.window(s[0], int(a.get("dim", 0)), int(a["start"]), int(a["length"]), int(a.get("step", 1)))
+        if op == "clamp":
+            return o.clamp(s[0], float(a["min"]), float(a["max"]))
+        if op == "repeat":
+            return o.repeat(s[0], [int(x) for x in a["shape"]])
+        if op == "pad":
+            return o.pad(s[0], [int(x) for x in a["pads"]])
+        if op == "fill":
+            return o.fill(s[0], float(a["value"]))
         if op == "permute":
             return o.permute(s[0], a["axes"])
         if op == "concat":
@@ -147,7 +165,7 @@ class GraphBuilder:
         if op == "top_k":
             return o.top_k(s[0], int(a["k"]))
         if op == "kv_store":
-            return self.kv_store(s[0], a["cache"], layer)
+            return self.kv_store(s[0], a["cache"], int(a["layer"]) if "layer" in a else layer)
         if op == "mean_pool":
             t = s[0]  # [n_embd, n_tokens] -> [n_embd, 1]
             return o.scale(o.cont(o.transpose(o.sum_rows(o.cont(o.transpose(t))))), 1.0 / t.ne[1])
@@ -159,7 +177,11 @@ class GraphBuilder:
         if self.kv is None:
             return x
         o = self.ops
+        if layer is None or not 0 <= layer < self.kv.n_layer:
+            raise SpecError(f"kv_store outside the layer loop needs a layer attribute (got {layer})")
         cache = (self.kv.k if which == "k" else self.kv.v)[layer]
+        if cache is None:
+            raise SpecError(f"kv_store: layer {layer} has no {which.upper()} cache (its kv_width_{which} is 0)")
         if x.ne[0] * x.ne[1] != cache.ne[0]:
             raise SpecError(f"kv_store: rows of {x.ne[0]}x{x.ne[1]} do not match the cache width {cache.ne[0]}")
         rows = o.reshape(x, [x.ne[0] * x.ne[1], x.ne[2]])
@@ -170,4 +192,5 @@ class GraphBuilder:
 
 
 _SIMPLE = {"silu", "gelu_erf", "gelu_tanh", "relu", "sigmoid", "tanh", "exp", "sqr", "sqrt", "cont",
-           "transpose", "sum_rows", "relu2", "add", "sub", "mul", "div", "mul_mat", "get_rows", "mul_mat_id"}
+           "transpose", "sum_rows", "relu2", "add", "sub", "mul", "div", "mul_mat", "get_rows", "mul_mat_id",
+           "neg", "abs", "cos", "sin", "log", "recip", "softplus", "gelu_quick", "elu", "step", "cumsum"}

@@ -264,14 +264,6 @@ class Ops:
         """Squared ReLU, ``relu(x)^2`` (exact: both steps are exact in F32)."""
         return self.sqr(self.relu(a))
 
-    def clamp(self, a, lo: float, hi: float):
-        """``min(max(a, lo), hi)`` into a new tensor (ggml_clamp alone overwrites ``a``: it returns a view)."""
-        _require_f32("clamp", a)
-        _require_dense("clamp", a)
-        if not lo <= hi:
-            raise ShapeError(f"clamp: min {lo} is above max {hi}")
-        return lib.ggml_clamp(self.c, lib.ggml_cont(self.c, a), float(lo), float(hi))
-
     def sigmoid(self, a):
         return self._unary("sigmoid", lib.ggml_sigmoid, a)
 
@@ -286,6 +278,57 @@ class Ops:
 
     def sqrt(self, a):
         return self._unary("sqrt", lib.ggml_sqrt, a)
+
+    def neg(self, a):
+        return self._unary("neg", lib.ggml_neg, a)
+
+    def abs(self, a):
+        return self._unary("abs", lib.ggml_abs, a)
+
+    def cos(self, a):
+        return self._unary("cos", lib.ggml_cos, a)
+
+    def sin(self, a):
+        return self._unary("sin", lib.ggml_sin, a)
+
+    def log(self, a):
+        return self._unary("log", lib.ggml_log, a)
+
+    def softplus(self, a):
+        return self._unary("softplus", lib.ggml_softplus, a)
+
+    def gelu_quick(self, a):
+        return self._unary("gelu_quick", lib.ggml_gelu_quick, a)
+
+    def elu(self, a):
+        return self._unary("elu", lib.ggml_elu, a)
+
+    def step(self, a):
+        """1 where a > 0, else 0."""
+        return self._unary("step", lib.ggml_step, a)
+
+    def recip(self, a):
+        """1 / a (ggml has no reciprocal: a tensor of ones divided by a)."""
+        return self.div(self.fill(a, 1.0), a)
+
+    def clamp(self, a, lo: float, hi: float):
+        _require_f32("clamp", a)
+        _require_dense("clamp", a)
+        if not lo <= hi:
+            raise ShapeError(f"clamp: min {lo} is above max {hi}")
+        # ggml_clamp works in place (it returns a view of its input): clamp a copy
+        return lib.ggml_clamp(self.c, lib.ggml_cont(self.c, a), float(lo), float(hi))
+
+    def fill(self, a, value: float):
+        """A new tensor of a's shape, every element ``value``."""
+        _require_f32("fill", a)
+        return lib.ggml_fill(self.c, lib.ggml_cont(self.c, a) if not _packed(a) else a, float(value))
+
+    def cumsum(self, a):
+        """Running sum along ne[0]."""
+        _require_f32("cumsum", a)
+        _require_packed("cumsum", a)
+        return lib.ggml_cumsum(self.c, a)
 
     def softcap(self, a, cap: float):
         """``cap * tanh(a / cap)`` (gemma2 logit soft-capping)."""
@@ -381,6 +424,50 @@ class Ops:
             raise _fail("view", f"window ne={ne} at offset {offset} needs {row * ne[1] * ne[2] * ne[3]} bytes as a dense "
                                 f"block, which reach past the {lib.ggml_nbytes(root)} bytes of the viewed memory", a)
         return lib.ggml_view_4d(self.c, a, ne[0], ne[1], ne[2], ne[3], nb[0], nb[1], nb[2], int(offset))
+
+    def window(self, a, dim: int, start: int, length: int, step: int = 1):
+        """Elements [start, start + length * step) with stride ``step`` along ne[dim] (a view,
+        except for a stride along ne[0], which ggml views cannot express: that one is copied)."""
+        if not 0 <= dim < 4:
+            raise ShapeError(f"slice: dimension {dim} is not in 0..3")
+        n = int(a.ne[dim])
+        if step < 1 or start < 0 or length < 1 or start + (length - 1) * step >= n:
+            raise _fail("slice", f"window start={start} length={length} step={step} does not fit ne[{dim}]={n}", a)
+        ne = [int(a.ne[i]) for i in range(4)]
+        ne[dim] = length
+        nb = [int(a.nb[i]) for i in range(4)]
+        if dim == 0 and step > 1:
+            # x[start::step] along rows: view the row as [step, n/step] and take row `start`
+            if n % step or start >= step or length != n // step:
+                raise _fail("slice", f"a strided window along ne[0] must take every {step}-th element of the whole "
+                                     f"row (ne[0] divisible by {step}, start below it)", a)
+            if not _packed(a):
+                a = self.cont(a)
+            grid = self.reshape(a, [step, n // step, ne[1], ne[2] * ne[3]])
+            esize = GGMLType(a.type).type_size
+            picked = self.view(grid, [1, length, ne[1], ne[2] * ne[3]], [grid.nb[1], grid.nb[2], grid.nb[3]],
+                               start * esize)
+            return self.reshape(self.cont(picked), ne)
+        nb[dim] *= step
+        return self.view(a, ne, nb[1:], start * int(a.nb[dim]))
+
+    def repeat(self, a, ne: Sequence[int]):
+        """Tile ``a`` to ``ne`` (each dimension a multiple of a's)."""
+        ne = [int(n) for n in ne] + [1] * (4 - len(ne))
+        if len(ne) > 4 or any(n <= 0 or n % int(a.ne[i]) for i, n in enumerate(ne)):
+            raise _fail("repeat", f"every dimension of {ne} must be a positive multiple of the input's", a)
+        _require_f32("repeat", a)
+        return lib.ggml_repeat_4d(self.c, a, *ne)
+
+    def pad(self, a, pads: Sequence[int]):
+        """Zeros before and after along each dimension: pads = [before0, after0, before1, after1, ...]."""
+        pads = [int(x) for x in pads] + [0] * (8 - len(pads))
+        if len(pads) > 8 or min(pads) < 0:
+            raise ShapeError(f"pad: {pads} must be 8 or fewer non-negative counts")
+        _require_f32("pad", a)
+        if not _packed(a):
+            a = self.cont(a)
+        return lib.ggml_pad_ext(self.c, a, *pads)
 
     def permute(self, a, axes: Sequence[int]):
         """ggml semantics: source dimension i moves to position ``axes[i]``."""

@@ -3,7 +3,8 @@
 A spec is JSON. Its parts:
 
 - ``hparams``: named values (numbers, strings, booleans, per-layer lists) that node attributes
-  refer to as ``"$name"`` or, inside the layer loop, ``"$name[L]"``.
+  refer to as ``"$name"`` or, inside the layer loop, ``"$name[L]"``; sizes may be arithmetic on
+  references and runtime sizes, e.g. ``"$n_tokens*4"`` (:mod:`porter.spec.expr`).
 - ``inputs``: the runtime inputs the graph reads, from a closed set of kinds (:data:`INPUT_KINDS`).
 - ``weights``: every weight tensor (GGUF name, ``{L}`` standing for the layer index) and its shape.
 - ``graph``: nodes in order, and at most one ``repeat`` block (the layer loop) whose body is
@@ -29,9 +30,13 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from porter.errors import SpecError
+from porter.spec import expr
 
 SPEC_FORMAT = "porter-graph-spec"
-SPEC_VERSION = 1
+SPEC_VERSION = 2
+# Versions this porter reads: 1 (declared plugins' specs) and 2 (adds size expressions, the ops
+# the traced path needs, per-layer cache widths and specs without a layer loop).
+READABLE_VERSIONS = (1, 2)
 
 # op -> (min inputs, max inputs, required attributes, optional attributes)
 OPS: dict[str, tuple[int, int, frozenset[str], frozenset[str]]] = {}
@@ -42,14 +47,14 @@ def _op(name: str, n_min: int, n_max: int | None = None, req: str = "", opt: str
 
 
 for _unary in ("silu", "gelu_erf", "gelu_tanh", "relu", "sigmoid", "tanh", "exp", "sqr", "sqrt",
-               "cont", "transpose", "sum_rows"):
+               "cont", "transpose", "sum_rows", "neg", "abs", "cos", "sin", "log", "recip", "softplus",
+               "gelu_quick", "elu", "step", "cumsum"):
     _op(_unary, 1)
 for _binary in ("add", "sub", "mul", "div", "mul_mat", "get_rows"):
     _op(_binary, 2)
 _op("mul_mat_id", 3)
 _op("scale", 1, req="s", opt="bias")
 _op("softcap", 1, req="cap")
-_op("clamp", 1, req="min max")  # min(max(x, min), max) (OLMo's clip_qkv)
 _op("relu2", 1)  # relu(x)^2 (Arcee, Nemotron: hidden_act "relu2")
 _op("rms_norm", 1, req="eps")
 _op("norm", 1, req="eps")
@@ -59,13 +64,17 @@ _op("rope", 2, 3, req="n_dims mode freq_base",
 _op("soft_max", 1, 2, opt="scale max_bias")
 _op("flash_attn", 3, 4, req="scale", opt="max_bias softcap")
 _op("reshape", 1, req="shape")
-_op("slice", 1, req="start length")  # a window along ne[0]: elements [start, start + length)
+_op("slice", 1, req="start length", opt="dim step")  # a window along ne[dim] (default 0): [start, start + length), every step-th
+_op("clamp", 1, req="min max")
+_op("repeat", 1, req="shape")  # tile to a shape whose every dimension is a multiple of the input's
+_op("pad", 1, req="pads")  # zeros before/after along each ne dimension: [before0, after0, before1, ...]
+_op("fill", 1, req="value")  # a tensor of the input's shape filled with a constant
 _op("permute", 1, req="axes")
 _op("concat", 2, req="dim")
 _op("cast", 1, req="type")
 _op("argsort", 1, opt="descending")
 _op("top_k", 1, req="k")
-_op("kv_store", 1, req="cache")  # write into the layer's K or V cache, return all cached rows
+_op("kv_store", 1, req="cache", opt="layer")  # write into the layer's K or V cache, return all cached rows
 _op("mean_pool", 1)  # mean over tokens (encoder pooling)
 
 # Runtime inputs a graph may read; the runtime knows how to fill each kind.
@@ -166,9 +175,6 @@ class Spec(_Strict):
         return names
 
 
-_REF = re.compile(r"^\$(\w+)(\[L\])?$")
-
-
 def check(spec: Spec) -> Spec:
     """Semantic validation beyond the schema: ops, attributes, references, names."""
     problems: list[str] = []
@@ -190,14 +196,19 @@ def check(spec: Spec) -> Spec:
         if isinstance(value, list):
             for v in value:
                 check_ref_value(where, v, in_loop)
-        elif isinstance(value, str) and value.startswith("$"):
-            m = _REF.match(value)
-            if not m or m.group(1) not in spec.hparams and m.group(1) not in RUNTIME_SYMBOLS:
-                problems.append(f"{where}: {value!r} names no hparam")
-            elif m.group(2) and not in_loop:
-                problems.append(f"{where}: {value!r} indexes by layer outside the layer loop")
-            elif m.group(2) and not isinstance(spec.hparams.get(m.group(1)), list):
-                problems.append(f"{where}: {value!r} indexes an hparam that is not a per-layer list")
+        elif expr.is_reference(value):
+            try:
+                refs = expr.references(value)
+            except SpecError as exc:
+                problems.append(f"{where}: {exc}")
+                return
+            for name, per_layer in refs:
+                if name not in spec.hparams and name not in RUNTIME_SYMBOLS:
+                    problems.append(f"{where}: {value!r} names no hparam ({name})")
+                elif per_layer and not in_loop:
+                    problems.append(f"{where}: {value!r} indexes by layer outside the layer loop")
+                elif per_layer and not isinstance(spec.hparams.get(name), list):
+                    problems.append(f"{where}: {value!r} indexes an hparam that is not a per-layer list")
 
     def check_node(node: Node, in_loop: bool, local: set[str]) -> None:
         where = f"node {node.name!r}"
@@ -269,10 +280,10 @@ def loads(text: str) -> Spec:
     if not isinstance(data, dict) or data.get("format") != SPEC_FORMAT:
         raise SpecError(f"not a porter graph spec (expected \"format\": \"{SPEC_FORMAT}\")")
     version = data.get("version")
-    if version != SPEC_VERSION:
+    if version not in READABLE_VERSIONS:
         raise SpecError(
-            f"graph spec version {version!r} is not supported by this porter (it reads version "
-            f"{SPEC_VERSION}); regenerate the spec or convert the model again with this porter"
+            f"graph spec version {version!r} is not supported by this porter (it reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}); regenerate the spec or convert the model again with this porter"
         )
     try:
         spec = Spec.model_validate(data)

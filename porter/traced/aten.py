@@ -1,0 +1,947 @@
+"""One rule per ATen op: what porter's op vocabulary makes of it.
+
+Each rule receives the lowering (``lw``) and the fx node; ``lw.val(arg)`` gives an argument's
+lowered value (:class:`~porter.traced.values.Val`, or a python number/list). Shapes are torch's;
+ggml sees them reversed (see :mod:`porter.traced.values`). Fused patterns (norms, rotary
+embeddings, attention) are tried first by the rules of the ops they end in
+(:mod:`porter.traced.patterns`); when a pattern does not match, the op is lowered literally.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+
+from porter.traced import patterns
+from porter.traced.table import lowers
+from porter.traced.values import Gap, Val, ggml_shape, is_sym, numel, spec_size, static_int
+
+F32 = torch.float32
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _scalar(x):
+    """A python number for a constant argument, else None."""
+    if isinstance(x, bool):
+        return float(x)
+    if isinstance(x, (int, float)):
+        return float(x)
+    if isinstance(x, Val) and x.scalar is not None and x.tensor is None:
+        return float(x.scalar)
+    return None
+
+
+def _arg(node, i, name, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _float_val(v: Val, what: str) -> Val:
+    if not isinstance(v, Val):
+        raise Gap(what, f"expected a tensor, got {v!r}")
+    if v.dtype is not None and v.dtype not in _FLOATS:
+        raise Gap(what, f"{str(v.dtype).replace('torch.', '')} tensor on the data path (porter computes in float32)")
+    return v
+
+
+# -- elementwise helpers ------------------------------------------------------------------------
+def elementwise(lw, v: Val, op: str, attrs: dict | None = None, role: str | None = None) -> Val:
+    """Apply a shape-preserving op; lazy views (permutes, broadcasts, head repeats) are kept, the
+    op runs on the tensor underneath."""
+    v = _float_val(v, op)
+    if v.expand is not None:
+        inner = elementwise(lw, v.expand, op, attrs, role)
+        return v.with_(expand=inner, tensor=None)
+    if v.heads is not None:
+        src, dim, rep = v.heads
+        return v.with_(heads=(elementwise(lw, src, op, attrs, role), dim, rep), tensor=None)
+    if not v.dense:
+        v = lw.contiguous(v)
+    base = Val(v.tensor, _unpermuted_shape(lw, v), v.dtype, kind=v.kind)
+    out = lw.emit(op, [base], attrs or {}, shape=base.shape, kind=v.kind, role=role)
+    return out.with_(shape=v.shape, perm=v.perm)
+
+
+def _unpermuted_shape(lw, v: Val) -> tuple:
+    """The torch shape of the tensor under a pending permute (ne of the tensor, reversed)."""
+    if v.perm is None:
+        return v.shape
+    ne = ggml_shape(v.shape) + [1] * (4 - len(ggml_shape(v.shape)))
+    base = [1, 1, 1, 1]
+    for a in range(4):
+        base[a] = ne[v.perm[a]]
+    n = 4
+    while n > 1 and base[n - 1] == 1:
+        n -= 1
+    return tuple(reversed(base[:n]))
+
+
+def scale(lw, v: Val, s: float, bias: float = 0.0) -> Val:
+    attrs = {"s": float(s)}
+    if bias:
+        attrs["bias"] = float(bias)
+    return elementwise(lw, v, "scale", attrs)
+
+
+def binary(lw, op: str, a, b) -> Val:
+    """add / sub / mul / div of two tensors or a tensor and a number, torch broadcasting."""
+    sa, sb = _scalar(a), _scalar(b)
+    if sa is not None and sb is not None:
+        fn = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}[op]
+        return Val(None, (), F32, scalar=fn(sa, sb))
+    if sb is not None:
+        a = _float_val(a, op)
+        if op == "add":
+            return a if sb == 0 else scale(lw, a, 1.0, sb)
+        if op == "sub":
+            return a if sb == 0 else scale(lw, a, 1.0, -sb)
+        if op == "mul":
+            return a if sb == 1 else scale(lw, a, sb)
+        return a if sb == 1 else scale(lw, a, 1.0 / sb)
+    if sa is not None:
+        b = _float_val(b, op)
+        if op in ("add", "mul"):
+            return binary(lw, op, b, sa)
+        if op == "sub":
+            return scale(lw, b, -1.0, sa)
+        return scale(lw, elementwise(lw, b, "recip"), sa)
+    a, b = _float_val(a, op), _float_val(b, op)
+    out_shape = lw.broadcast_shape(a.shape, b.shape)
+    # same lazy permute on both sides: compute underneath, keep the view
+    if a.perm is not None and a.perm == b.perm and a.shape == b.shape and a.dense and b.dense \
+            and a.expand is None and b.expand is None and a.heads is None and b.heads is None:
+        base_a = Val(a.tensor, _unpermuted_shape(lw, a), a.dtype, kind=a.kind)
+        base_b = Val(b.tensor, _unpermuted_shape(lw, b), b.dtype, kind=b.kind)
+        out = lw.emit(op, [base_a, base_b], shape=base_a.shape)
+        return out.with_(shape=a.shape, perm=a.perm)
+    a, b = _unexpand(a, out_shape), _unexpand(b, out_shape)
+    commutes = op in ("add", "mul")
+    first, second = a, b
+    if tuple(a.shape) != tuple(out_shape) and commutes and _fits(b.shape, out_shape) and tuple(b.shape) == tuple(out_shape):
+        first, second = b, a
+    if tuple(first.shape) != tuple(out_shape):
+        first = lw.plain(Val(None, out_shape, first.dtype, kind=first.kind, expand=first))
+    if not _divides(second.shape, out_shape):
+        second = lw.plain(Val(None, out_shape, second.dtype, kind=second.kind, expand=second))
+    first, second = lw.rows(lw.plain(first)), lw.rows(lw.plain(second))
+    if len(second.shape) > len(out_shape):
+        second = lw.reshape(second, second.shape[len(second.shape) - len(out_shape):])
+    return lw.emit(op, [first, second], shape=out_shape)
+
+
+def _unexpand(v: Val, out_shape) -> Val:
+    """Drop a lazy broadcast when ggml's own broadcasting does the same."""
+    if v.expand is not None and _divides(v.expand.shape, out_shape):
+        return v.expand
+    return v
+
+
+def _fits(shape, out_shape) -> bool:
+    return len(shape) <= len(out_shape)
+
+
+def _divides(shape, out_shape) -> bool:
+    """Whether ggml can broadcast a tensor of ``shape`` over ``out_shape`` (every ggml axis divides)."""
+    if len(shape) > len(out_shape):
+        extra = shape[:len(shape) - len(out_shape)]
+        if any(d != 1 for d in extra):
+            return False
+        shape = shape[len(shape) - len(out_shape):]
+    a, b = ggml_shape((1,) * (len(out_shape) - len(shape)) + tuple(shape)), ggml_shape(out_shape)
+    a = a + [1] * (len(b) - len(a))
+    if len(a) > len(b):
+        return False
+    for x, y in zip(a, b):
+        if x == y or x == 1:
+            continue
+        xi, yi = static_int(x), static_int(y)
+        if xi is None or yi is None or yi % xi:
+            return False
+    return True
+
+
+# -- identities ---------------------------------------------------------------------------------
+@lowers("aten.alias.default", "aten.clone.default", "aten.detach.default", "aten.lift_fresh_copy.default",
+        "aten.contiguous.default")
+def identity(lw, node):
+    """the same value (copies and aliases are a matter of layout, which porter tracks itself)"""
+    return lw.val(node.args[0])
+
+
+@lowers("aten.dropout.default", "aten.native_dropout.default")
+def dropout(lw, node):
+    """the input (models are traced in eval mode)"""
+    return lw.val(node.args[0])
+
+
+@lowers("aten._assert_tensor_metadata.default", "aten._assert_scalar.default", "aten.sym_constrain_range_for_size.default")
+def assertion(lw, node):
+    """nothing (a trace-time check)"""
+    return Val(None, (), F32, scalar=0.0)
+
+
+@lowers("aten._to_copy.default", "aten.to.dtype", "aten.to.dtype_layout", "aten.type_as.default")
+def to_copy(lw, node):
+    """nothing for float32; other float types round through ggml's F16/BF16 (``cast`` twice)"""
+    v = lw.val(node.args[0])
+    dtype = node.kwargs.get("dtype") or (node.args[1] if len(node.args) > 1 and isinstance(node.args[1], torch.dtype) else None)
+    if dtype is None:
+        dtype = lw.meta_dtype(node)
+    if _scalar(v) is not None:
+        return v
+    if v.dtype == dtype or (dtype in _FLOATS and v.dtype in (torch.float32, torch.float64) and dtype in (torch.float32, torch.float64)):
+        return v.with_(dtype=dtype if dtype != torch.float64 else v.dtype)
+    if dtype in (torch.float16, torch.bfloat16) and v.dtype == F32:
+        target = "f16" if dtype == torch.float16 else "bf16"
+        c = lw.contiguous(v)
+        low = lw.emit("cast", [c], {"type": target}, shape=c.shape, dtype=dtype)
+        return low
+    if dtype == F32 and v.dtype in (torch.float16, torch.bfloat16):
+        return lw.emit("cast", [lw.contiguous(v)], {"type": "f32"}, shape=v.shape)
+    raise Gap(str(node.target), f"cast from {v.dtype} to {dtype} on the data path")
+
+
+# -- products -----------------------------------------------------------------------------------
+@lowers("aten.linear.default")
+def linear(lw, node):
+    """``mul_mat(W, x)`` (+ ``add`` of the bias): ggml's product computes x @ W.T with W as stored"""
+    x = _float_val(lw.val(node.args[0]), "linear")
+    w = lw.val(node.args[1])
+    bias = lw.val(_arg(node, 2, "bias"))
+    x = lw.rows(lw.plain(x))
+    if x.perm is not None:
+        x = lw.contiguous(x)
+    out_shape = tuple(x.shape[:-1]) + (w.shape[0],)
+    y = lw.emit("mul_mat", [lw.contiguous(w) if w.lazy else w, x], shape=out_shape, role="mul_mat")
+    if bias is not None:
+        y = binary(lw, "add", y, bias)
+    return y
+
+
+def matmul_vals(lw, a: Val, b: Val) -> Val:
+    """torch ``a @ b`` for 2-D..4-D operands: ``mul_mat(b^T, a)`` (ggml broadcasts the batch
+    dimensions of its first operand over the second's)."""
+    a, b = _float_val(a, "matmul"), _float_val(b, "matmul")
+    if b.heads is not None and b.heads[1] == b.rank - 3:
+        # grouped-query heads: ggml's product broadcasts the shared heads itself
+        src = b.heads[0]
+        bt = lw.permute(src, list(range(src.rank - 2)) + [src.rank - 1, src.rank - 2])
+    else:
+        bt = lw.permute(lw.plain(b), list(range(b.rank - 2)) + [b.rank - 1, b.rank - 2])
+    bt = lw.contiguous(bt)
+    a = lw.plain(a)
+    if a.perm is not None and a.perm[0] != 0:
+        a = lw.contiguous(a)
+    batch = lw.broadcast_shape(a.shape[:-2], b.shape[:-2])
+    out_shape = tuple(batch) + (a.shape[-2], b.shape[-1])
+    if len(a.shape) < len(out_shape):
+        a = lw.reshape(a, (1,) * (len(out_shape) - len(a.shape)) + tuple(a.shape))
+    return lw.emit("mul_mat", [bt, a], shape=out_shape, role="mul_mat")
+
+
+@lowers("aten.bmm.default", "aten.matmul.default", "aten.mm.default")
+def matmul(lw, node):
+    """``mul_mat`` of the transposed right operand and the left one"""
+    a, b = lw.val(node.args[0]), lw.val(node.args[1])
+    if a.rank == 1 or b.rank == 1:
+        raise Gap(str(node.target), "matrix-vector products")
+    return matmul_vals(lw, a, b)
+
+
+@lowers("aten.addmm.default")
+def addmm(lw, node):
+    """``mul_mat`` plus the bias (Conv1D-style weights [in, out] are transposed each pass)"""
+    bias, a, b = lw.val(node.args[0]), lw.val(node.args[1]), lw.val(node.args[2])
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    y = matmul_vals(lw, a, b)
+    if alpha != 1:
+        y = scale(lw, y, alpha)
+    if beta != 1:
+        bias = binary(lw, "mul", bias, beta)
+    return binary(lw, "add", y, bias)
+
+
+@lowers("aten.baddbmm.default")
+def baddbmm(lw, node):
+    """``mul_mat`` scaled by alpha plus beta times the input"""
+    inp, a, b = lw.val(node.args[0]), lw.val(node.args[1]), lw.val(node.args[2])
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    y = matmul_vals(lw, a, b)
+    if alpha != 1:
+        y = scale(lw, y, alpha)
+    if beta == 0:
+        return y
+    return binary(lw, "add", y, binary(lw, "mul", inp, beta) if beta != 1 else inp)
+
+
+@lowers("aten.embedding.default")
+def embedding(lw, node):
+    """``get_rows`` of the table by the token ids (or by the positions, for learned position
+    embeddings)"""
+    w = lw.val(node.args[0])
+    ids = lw.val(node.args[1])
+    if not isinstance(ids, Val) or ids.tensor not in ("tokens", "positions") and not ids.meta.get("rows_of"):
+        raise Gap("aten.embedding.default", "embedding looked up by something other than token ids or positions")
+    table = w
+    offset = ids.meta.get("offset", 0)
+    if offset:
+        rows = w.shape[0] - offset
+        table = lw.emit("slice", [w], {"dim": 1, "start": int(offset), "length": int(rows)},
+                        shape=(rows, w.shape[1]), kind="weight", dense=False)
+    out_shape = tuple(ids.shape) + (w.shape[1],)
+    flat = lw.emit("get_rows", [table, Val(ids.tensor, ids.shape, torch.int32)], shape=(numel(ids.shape), w.shape[1]))
+    return flat.with_(shape=out_shape) if len(out_shape) <= 4 else lw.reshape(flat, out_shape)
+
+
+# -- normalisation ------------------------------------------------------------------------------
+@lowers("aten.layer_norm.default")
+def layer_norm(lw, node):
+    """``norm`` over the last dimension, then ``mul`` by the weight and ``add`` of the bias"""
+    x = _float_val(lw.val(node.args[0]), "layer_norm")
+    shape = list(node.args[1])
+    w, b = lw.val(_arg(node, 2, "weight")), lw.val(_arg(node, 3, "bias"))
+    eps = float(_arg(node, 4, "eps", 1e-5))
+    n = len(shape)
+    x = lw.contiguous(x)
+    flat = x
+    if n > 1:
+        flat = lw.reshape(x, tuple(x.shape[:-n]) + (numel(x.shape[-n:]),))
+    y = lw.emit("norm", [flat], {"eps": eps}, shape=flat.shape)
+    if n > 1:
+        y = lw.reshape(y, x.shape)
+    if w is not None:
+        y = binary(lw, "mul", y, w)
+    if b is not None:
+        y = binary(lw, "add", y, b)
+    return y
+
+
+@lowers("aten.rms_norm.default")
+def rms_norm(lw, node):
+    """``rms_norm`` over the last dimension, then ``mul`` by the weight"""
+    x = _float_val(lw.val(node.args[0]), "rms_norm")
+    w = lw.val(_arg(node, 2, "weight"))
+    eps = _arg(node, 3, "eps")
+    eps = float(eps) if eps is not None else float(torch.finfo(torch.float32).eps)
+    if len(node.args[1]) != 1:
+        raise Gap("aten.rms_norm.default", "RMS norm over more than the last dimension")
+    y = lw.emit("rms_norm", [lw.contiguous(x)], {"eps": eps}, shape=x.shape)
+    return binary(lw, "mul", y, w) if w is not None else y
+
+
+# -- unary --------------------------------------------------------------------------------------
+_UNARY = {
+    "aten.silu.default": "silu", "aten.relu.default": "relu", "aten.sigmoid.default": "sigmoid",
+    "aten.tanh.default": "tanh", "aten.exp.default": "exp", "aten.log.default": "log", "aten.abs.default": "abs",
+    "aten.neg.default": "neg", "aten.sqrt.default": "sqrt", "aten.sin.default": "sin", "aten.cos.default": "cos",
+    "aten.reciprocal.default": "recip", "aten.softplus.default": "softplus", "aten.elu.default": "elu",
+}
+
+
+@lowers(*_UNARY)
+def unary(lw, node):
+    """the op of the same name (``neg``, ``exp``, ``silu``, ``sqrt``...; ``reciprocal`` is ``recip``)"""
+    v = lw.val(node.args[0])
+    s = _scalar(v)
+    if s is not None:
+        return Val(None, (), F32, scalar=_python_unary(str(node.target), s))
+    op = _UNARY[str(node.target)]
+    if op == "softplus" and (node.args[1:] or node.kwargs) and (_arg(node, 1, "beta", 1) != 1 or _arg(node, 2, "threshold", 20) != 20):
+        raise Gap("aten.softplus.default", "softplus with beta or threshold other than the defaults")
+    if op == "elu" and len(node.args) > 1 and node.args[1] != 1:
+        raise Gap("aten.elu.default", "elu with alpha other than 1")
+    return elementwise(lw, v, op)
+
+
+def _python_unary(target: str, s: float) -> float:
+    fns = {"aten.exp.default": math.exp, "aten.log.default": math.log, "aten.abs.default": abs,
+           "aten.neg.default": operator.neg, "aten.sqrt.default": math.sqrt, "aten.sin.default": math.sin,
+           "aten.cos.default": math.cos, "aten.reciprocal.default": lambda x: 1.0 / x,
+           "aten.tanh.default": math.tanh, "aten.sigmoid.default": lambda x: 1 / (1 + math.exp(-x))}
+    if target not in fns:
+        raise Gap(target, "on a constant")
+    return fns[target](s)
+
+
+@lowers("aten.rsqrt.default")
+def rsqrt(lw, node):
+    """``recip(sqrt(x))`` (the RMS-norm pattern, tried by ``mul``, usually absorbs it)"""
+    v = lw.val(node.args[0])
+    s = _scalar(v)
+    if s is not None:
+        return Val(None, (), F32, scalar=1.0 / math.sqrt(s))
+    return elementwise(lw, elementwise(lw, v, "sqrt"), "recip")
+
+
+@lowers("aten.gelu.default")
+def gelu(lw, node):
+    """``gelu_erf`` (exact), or ``gelu_tanh`` for ``approximate="tanh"``"""
+    approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+    return elementwise(lw, lw.val(node.args[0]), "gelu_tanh" if approx == "tanh" else "gelu_erf")
+
+
+@lowers("aten.pow.Tensor_Scalar")
+def pow_scalar(lw, node):
+    """``sqr`` for 2, ``sqrt`` for 0.5, ``recip`` of those for -2 / -0.5, ``x * sqr(x)`` for 3"""
+    v, p = lw.val(node.args[0]), float(node.args[1])
+    s = _scalar(v)
+    if s is not None:
+        return Val(None, (), F32, scalar=s ** p)
+    if p == 1:
+        return v
+    if p == 2:
+        return elementwise(lw, v, "sqr")
+    if p == 0.5:
+        return elementwise(lw, v, "sqrt")
+    if p == -0.5:
+        return elementwise(lw, elementwise(lw, v, "sqrt"), "recip")
+    if p == -1:
+        return elementwise(lw, v, "recip")
+    if p == -2:
+        return elementwise(lw, elementwise(lw, v, "sqr"), "recip")
+    if p == 3:
+        return binary(lw, "mul", elementwise(lw, v, "sqr"), v)
+    raise Gap("aten.pow.Tensor_Scalar", f"power {p}")
+
+
+@lowers("aten.pow.Scalar")
+def pow_scalar_base(lw, node):
+    """``exp(x * log(base))``"""
+    base, v = float(node.args[0]), lw.val(node.args[1])
+    if _scalar(v) is not None:
+        return Val(None, (), F32, scalar=base ** _scalar(v))
+    return elementwise(lw, scale(lw, v, math.log(base)), "exp")
+
+
+@lowers("aten.clamp.default", "aten.clamp_min.default", "aten.clamp_max.default", "aten.hardtanh.default")
+def clamp(lw, node):
+    """``clamp`` (an open side is +-3.4e38)"""
+    v = lw.val(node.args[0])
+    target = str(node.target)
+    if target == "aten.clamp_min.default":
+        lo, hi = node.args[1], None
+    elif target == "aten.clamp_max.default":
+        lo, hi = None, node.args[1]
+    elif target == "aten.hardtanh.default":
+        lo, hi = _arg(node, 1, "min_val", -1.0), _arg(node, 2, "max_val", 1.0)
+    else:
+        lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
+    for bound in (lo, hi):
+        if bound is not None and not isinstance(bound, (int, float)):
+            raise Gap(target, "clamp to tensor bounds")
+    big = float(torch.finfo(torch.float32).max)
+    return elementwise(lw, v, "clamp", {"min": float(lo) if lo is not None else -big,
+                                        "max": float(hi) if hi is not None else big})
+
+
+# -- elementwise binary -------------------------------------------------------------------------
+@lowers("aten.add.Tensor", "aten.add.Scalar")
+def add(lw, node):
+    """``add`` (``scale`` with a bias for a number; ``alpha`` scales the second operand)"""
+    match = patterns.try_rope(lw, node)
+    if match is not None:
+        return match
+    a, b = lw.val(node.args[0]), lw.val(node.args[1])
+    alpha = node.kwargs.get("alpha", 1)
+    if alpha != 1:
+        b = binary(lw, "mul", b, alpha)
+    return binary(lw, "add", a, b)
+
+
+@lowers("aten.sub.Tensor", "aten.sub.Scalar")
+def sub(lw, node):
+    """``sub`` (``scale`` with a bias for a number)"""
+    a, b = lw.val(node.args[0]), lw.val(node.args[1])
+    alpha = node.kwargs.get("alpha", 1)
+    if alpha != 1:
+        b = binary(lw, "mul", b, alpha)
+    return binary(lw, "sub", a, b)
+
+
+@lowers("aten.rsub.Scalar", "aten.rsub.Tensor")
+def rsub(lw, node):
+    """``b - a``"""
+    return binary(lw, "sub", lw.val(node.args[1]), lw.val(node.args[0]))
+
+
+@lowers("aten.mul.Tensor", "aten.mul.Scalar")
+def mul(lw, node):
+    """``mul`` (``scale`` for a number); the RMS-norm pattern ``x * rsqrt(mean(x^2) + eps)`` is
+    ``rms_norm``"""
+    match = patterns.try_rms_norm(lw, node)
+    if match is not None:
+        return match
+    return binary(lw, "mul", lw.val(node.args[0]), lw.val(node.args[1]))
+
+
+@lowers("aten.div.Tensor", "aten.div.Scalar")
+def div(lw, node):
+    """``div`` (``scale`` for a number)"""
+    if node.kwargs.get("rounding_mode"):
+        raise Gap("aten.div.Tensor_mode", "integer division on the data path")
+    match = patterns.try_rms_norm(lw, node)
+    if match is not None:
+        return match
+    return binary(lw, "div", lw.val(node.args[0]), lw.val(node.args[1]))
+
+
+# -- reductions ---------------------------------------------------------------------------------
+def _reduce_last(lw, v: Val, dim: int, keepdim: bool, mean: bool) -> Val:
+    v = _float_val(v, "sum")
+    dim = dim % v.rank
+    n = v.shape[dim]
+    if dim != v.rank - 1:
+        order = [d for d in range(v.rank) if d != dim] + [dim]
+        v = lw.permute(v, order)
+    c = lw.contiguous(v)
+    kept = tuple(c.shape[:-1]) + (1,)
+    out = lw.emit("sum_rows", [c], shape=kept)
+    if mean:
+        if is_sym(n):
+            raise Gap("aten.mean.dim", "mean over the sequence")
+        out = scale(lw, out, 1.0 / int(n))
+    if dim != v.rank - 1:
+        back = list(range(len(kept)))
+        # the reduced axis sits last; move it back to `dim`
+        back = back[:dim] + [len(kept) - 1] + back[dim:-1]
+        out = lw.permute(out, back)
+    if not keepdim:
+        out = lw.reshape(out, tuple(s for i, s in enumerate(out.shape) if i != dim))
+    return out
+
+
+def _reduce(lw, node, mean: bool):
+    v = lw.val(node.args[0])
+    dims = _arg(node, 1, "dim")
+    keepdim = bool(_arg(node, 2, "keepdim", False))
+    if dims is None or dims == []:
+        dims = list(range(v.rank))
+    if isinstance(dims, int):
+        dims = [dims]
+    dims = sorted({d % v.rank for d in dims}, reverse=True)
+    out = v
+    for d in dims:
+        out = _reduce_last(lw, out, d, True, mean)
+    if not keepdim:
+        out = lw.reshape(out, tuple(s for i, s in enumerate(out.shape) if i not in dims))
+    return out
+
+
+@lowers("aten.sum.dim_IntList")
+def sum_dim(lw, node):
+    """``sum_rows`` (after a permute when the dimension is not the last)"""
+    return _reduce(lw, node, mean=False)
+
+
+@lowers("aten.mean.dim")
+def mean_dim(lw, node):
+    """``sum_rows`` then ``scale`` by 1/n"""
+    return _reduce(lw, node, mean=True)
+
+
+@lowers("aten.softmax.int", "aten._softmax.default")
+def softmax(lw, node):
+    """``soft_max`` over the last dimension (after a permute for another one); the eager
+    attention pattern ``softmax(q k^T * s + mask) v`` keeps its mask from porter's runtime"""
+    v = _float_val(lw.val(node.args[0]), "softmax")
+    dim = node.args[1] % v.rank
+    if dim != v.rank - 1:
+        order = [d for d in range(v.rank) if d != dim] + [dim]
+        y = lw.emit("soft_max", [lw.contiguous(lw.permute(v, order))], shape=tuple(v.shape[d] for d in order))
+        inv = [order.index(d) for d in range(v.rank)]
+        return lw.permute(y, inv)
+    return lw.emit("soft_max", [lw.contiguous(v)], shape=v.shape)
+
+
+@lowers("aten.cumsum.default")
+def cumsum(lw, node):
+    """``cumsum`` along the last dimension"""
+    v = _float_val(lw.val(node.args[0]), "cumsum")
+    dim = node.args[1] % v.rank
+    if dim != v.rank - 1:
+        raise Gap("aten.cumsum.default", "running sum along another dimension than the last")
+    return lw.emit("cumsum", [lw.contiguous(v)], shape=v.shape)
+
+
+# -- layout -------------------------------------------------------------------------------------
+@lowers("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default")
+def view(lw, node):
+    """``reshape`` (after a ``cont`` when the source is a permuted view); grouped-query
+    ``repeat_kv`` (unsqueeze, expand, reshape) stays a broadcast ggml does by itself"""
+    match = patterns.try_repeat_kv(lw, node)
+    if match is not None:
+        return match
+    v = lw.val(node.args[0])
+    shape = _view_shape(lw, node, v)
+    return lw.reshape(v, shape)
+
+
+def _view_shape(lw, node, v: Val) -> tuple:
+    """The target shape of a view, its sequence-length dimensions labelled like the source's
+    (n_tokens, n_kv or n_out, in order)."""
+    raw = [lw.size(d) for d in node.args[1]]
+    src_labels = [d for d in v.shape if is_sym(d)]
+    out = []
+    k = 0
+    for d in raw:
+        if is_sym(d):
+            if k < len(src_labels) and _same_structure(d, src_labels[k]):
+                out.append(src_labels[k])
+            else:
+                out.append(_relabel(d, src_labels[k] if k < len(src_labels) else None))
+            k += 1
+        else:
+            out.append(d)
+    if -1 in out:
+        known = numel([d for d in out if d != -1])
+        total = numel(v.shape)
+        import sympy
+
+        missing = sympy.simplify(sympy.sympify(total) / sympy.sympify(known))
+        out[out.index(-1)] = int(missing) if missing.is_Integer else missing
+    return tuple(out)
+
+
+def _same_structure(d, label) -> bool:
+    from porter.traced.values import T
+
+    return d == label or (hasattr(d, "subs") and d.subs(T, 0) == 0 and label.free_symbols and
+                          d.subs(T, 1) == label.subs({s: 1 for s in label.free_symbols}))
+
+
+def _relabel(d, label):
+    """Replace n_tokens in ``d`` by the runtime symbol of the source dimension ``label``."""
+    from porter.traced.values import T
+
+    if label is None or not hasattr(d, "subs"):
+        return d
+    syms = [s for s in label.free_symbols]
+    return d.subs(T, syms[0]) if len(syms) == 1 else d
+
+
+@lowers("aten.flatten.using_ints")
+def flatten(lw, node):
+    """``reshape``"""
+    v = lw.val(node.args[0])
+    start = _arg(node, 1, "start_dim", 0) % max(v.rank, 1)
+    end = _arg(node, 2, "end_dim", -1) % max(v.rank, 1)
+    shape = tuple(v.shape[:start]) + (numel(v.shape[start:end + 1]),) + tuple(v.shape[end + 1:])
+    return lw.reshape(v, shape)
+
+
+@lowers("aten.unsqueeze.default")
+def unsqueeze(lw, node):
+    """a ``reshape`` (a view when the source is contiguous)"""
+    v = lw.val(node.args[0])
+    if _scalar(v) is not None:
+        return v
+    dim = node.args[1] % (v.rank + 1)
+    shape = tuple(v.shape[:dim]) + (1,) + tuple(v.shape[dim:])
+    return _reshape_view(lw, v, shape)
+
+
+@lowers("aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze.default")
+def squeeze(lw, node):
+    """a ``reshape`` dropping size-one dimensions"""
+    v = lw.val(node.args[0])
+    if _scalar(v) is not None:
+        return v
+    dims = _arg(node, 1, "dim")
+    if dims is None:
+        dims = [i for i, d in enumerate(v.shape) if d == 1]
+    if isinstance(dims, int):
+        dims = [dims]
+    dims = {d % v.rank for d in dims if v.shape[d % v.rank] == 1}
+    return _reshape_view(lw, v, tuple(d for i, d in enumerate(v.shape) if i not in dims))
+
+
+def _reshape_view(lw, v: Val, shape) -> Val:
+    """Add or drop size-one dimensions (a view of a contiguous tensor; a broadcast stays lazy)."""
+    if v.expand is not None and len(shape) >= v.rank:
+        src = v.expand
+        src_shape = (1,) * (v.rank - src.rank) + tuple(src.shape)
+        src = lw.reshape(lw.plain(src), src_shape) if src_shape != tuple(src.shape) else src
+        grown = _insert_ones(src.shape, v.shape, shape)
+        return Val(None, tuple(shape), v.dtype, kind=v.kind, expand=lw.reshape(lw.plain(src), grown))
+    return lw.reshape(lw.plain(v), shape)
+
+
+def _insert_ones(src_shape, old, new):
+    """Apply to ``src_shape`` (broadcastable to ``old``, same rank) the size-one insertions and
+    removals that turn ``old`` into ``new``."""
+    out, i = [], 0
+    for d in new:
+        if i < len(old) and d == old[i]:
+            out.append(src_shape[i])
+            i += 1
+        elif d == 1:
+            out.append(1)
+        else:
+            while i < len(old) and old[i] == 1:
+                i += 1
+            out.append(src_shape[i])
+            i += 1
+    return tuple(out)
+
+
+@lowers("aten.permute.default")
+def permute(lw, node):
+    """a lazy ``permute`` (a view; two of them may cancel)"""
+    return lw.permute(lw.val(node.args[0]), list(node.args[1]))
+
+
+@lowers("aten.transpose.int")
+def transpose(lw, node):
+    """a lazy ``permute`` swapping two dimensions"""
+    v = lw.val(node.args[0])
+    a, b = node.args[1] % v.rank, node.args[2] % v.rank
+    dims = list(range(v.rank))
+    dims[a], dims[b] = dims[b], dims[a]
+    return lw.permute(v, dims)
+
+
+@lowers("aten.t.default")
+def t(lw, node):
+    """a lazy ``permute`` of a matrix"""
+    v = lw.val(node.args[0])
+    return lw.permute(v, [1, 0]) if v.rank == 2 else v
+
+
+@lowers("aten.expand.default")
+def expand(lw, node):
+    """a lazy broadcast (ggml's binary ops broadcast their second operand; elsewhere ``repeat``)"""
+    v = lw.val(node.args[0])
+    sizes = [lw.size(d) for d in node.args[1]]
+    if _scalar(v) is not None:
+        return v
+    src = list(v.shape)
+    src = [1] * (len(sizes) - len(src)) + src
+    out = tuple(s if (isinstance(n, int) and n == -1) else n for s, n in zip(src, sizes))
+    out = tuple(s if (is_sym(s) and is_sym(n)) else n for s, n in zip(src, out))
+    if tuple(out) == tuple(v.shape):
+        return v
+    return Val(None, out, v.dtype, kind=v.kind, expand=v)
+
+
+@lowers("aten.slice.Tensor")
+def slice_(lw, node):
+    """``slice`` along the ggml axis of the dimension (a view)"""
+    v = lw.plain(lw.val(node.args[0]))
+    dim = _arg(node, 1, "dim", 0) % v.rank
+    n = v.shape[dim]
+    start, end, step = _arg(node, 2, "start", 0), _arg(node, 3, "end", None), _arg(node, 4, "step", 1)
+    start = 0 if start is None else lw.size(start)
+    end = n if end is None else lw.size(end)
+    if isinstance(end, int) and end >= 2**62:
+        end = n
+    if isinstance(start, int) and start < 0:
+        start = n + start
+    if isinstance(end, int) and end < 0:
+        end = n + end
+    if isinstance(end, int) and isinstance(n, int):
+        end = min(end, n)
+    if start == 0 and end == n and step == 1:
+        return v
+    if is_sym(start) or (is_sym(end) and end != n):
+        raise Gap("aten.slice.Tensor", "a window whose bounds depend on the sequence length")
+    length = (end - start + step - 1) // step
+    shape = list(v.shape)
+    shape[dim] = length
+    axis = lw.axis(v, dim)
+    if step > 1 and axis == 0 and v.perm is not None:
+        v = lw.contiguous(v)
+    base = lw.tensor(v)
+    return lw.emit("slice", [base], {"dim": axis, "start": start, "length": length, **({"step": step} if step > 1 else {})},
+                   shape=tuple(shape), kind=v.kind, dense=False).with_(dense=step > 1 and axis == 0)
+
+
+@lowers("aten.select.int")
+def select(lw, node):
+    """a length-one ``slice`` and a ``reshape`` dropping the dimension"""
+    v = lw.plain(lw.val(node.args[0]))
+    dim = node.args[1] % v.rank
+    idx = node.args[2]
+    n = v.shape[dim]
+    if is_sym(idx) or is_sym(n) and idx < 0:
+        raise Gap("aten.select.int", "selecting a position that depends on the sequence length")
+    idx = idx + n if idx < 0 else idx
+    shape = list(v.shape)
+    shape[dim] = 1
+    base = lw.tensor(v)
+    w = lw.emit("slice", [base], {"dim": lw.axis(v, dim), "start": idx, "length": 1}, shape=tuple(shape),
+                kind=v.kind, dense=False)
+    return lw.reshape(w, tuple(s for i, s in enumerate(shape) if i != dim))
+
+
+@lowers("aten.split.Tensor", "aten.split_with_sizes.default", "aten.unbind.int", "aten.chunk.default")
+def split(lw, node):
+    """``slice`` windows (views), one per piece"""
+    v = lw.plain(lw.val(node.args[0]))
+    target = str(node.target)
+    dim = (_arg(node, 2, "dim", 0) if target != "aten.unbind.int" else _arg(node, 1, "dim", 0)) % v.rank
+    n = v.shape[dim]
+    if is_sym(n):
+        raise Gap(target, "splitting along the sequence")
+    if target == "aten.split_with_sizes.default":
+        sizes = list(node.args[1])
+    elif target == "aten.unbind.int":
+        sizes = [1] * n
+    elif target == "aten.chunk.default":
+        c = node.args[1]
+        step = -(-n // c)
+        sizes = [min(step, n - i) for i in range(0, n, step)]
+    else:
+        s = node.args[1]
+        sizes = [min(s, n - i) for i in range(0, n, s)]
+    axis = lw.axis(v, dim)
+    base = lw.tensor(v)
+    items, start = [], 0
+    for size in sizes:
+        shape = list(v.shape)
+        shape[dim] = size
+        piece = lw.emit("slice", [base], {"dim": axis, "start": start, "length": size}, shape=tuple(shape),
+                        kind=v.kind, dense=False)
+        if target == "aten.unbind.int":
+            piece = lw.reshape(piece, tuple(x for i, x in enumerate(shape) if i != dim))
+        items.append(piece)
+        start += size
+    return Val(None, (), None, items=items)
+
+
+@lowers("getitem")
+def getitem(lw, node):
+    """one piece of a split, or one result of an op returning several"""
+    v = lw.val(node.args[0])
+    if v.items is None:
+        raise Gap("getitem", "indexing a value that is not a tuple")
+    item = v.items[node.args[1]]
+    if isinstance(item, Gap):
+        raise item
+    return item
+
+
+@lowers("aten.cat.default")
+def cat(lw, node):
+    """``concat`` along the ggml axis of the dimension, pairwise"""
+    vals = [lw.val(x) for x in node.args[0]]
+    vals = [v for v in vals if numel(v.shape) != 0]
+    dim = _arg(node, 1, "dim", 0)
+    if len(vals) == 1:
+        return vals[0]
+    rank = vals[0].rank
+    dim = dim % rank
+    out = lw.plain(vals[0])
+    for v in vals[1:]:
+        v = lw.plain(v)
+        shape = list(out.shape)
+        shape[dim] = out.shape[dim] + v.shape[dim]
+        a, b = lw.rows(out), lw.rows(v)
+        out = lw.emit("concat", [a, b], {"dim": lw.axis(out, dim)}, shape=tuple(shape))
+    return out
+
+
+@lowers("aten.stack.default")
+def stack(lw, node):
+    """``concat`` of the inputs each given a new size-one dimension"""
+    vals = [lw.val(x) for x in node.args[0]]
+    dim = _arg(node, 1, "dim", 0) % (vals[0].rank + 1)
+    grown = [_reshape_view(lw, v, tuple(v.shape[:dim]) + (1,) + tuple(v.shape[dim:])) for v in vals]
+    out = grown[0]
+    for g in grown[1:]:
+        shape = list(out.shape)
+        shape[dim] = out.shape[dim] + 1
+        out = lw.emit("concat", [lw.rows(out), lw.rows(g)], {"dim": lw.axis(out, dim)}, shape=tuple(shape))
+    return out
+
+
+@lowers("aten.repeat.default")
+def repeat(lw, node):
+    """``repeat`` (torch's repeat tiles, as ggml's does)"""
+    v = lw.plain(lw.val(node.args[0]))
+    reps = list(node.args[1])
+    src = (1,) * (len(reps) - v.rank) + tuple(v.shape)
+    out = tuple(s * r for s, r in zip(src, reps))
+    if len(src) > v.rank:
+        v = lw.reshape(v, src)
+    return lw.emit("repeat", [lw.rows(v)], {"shape": [spec_size(d) for d in ggml_shape(out)]}, shape=out, kind=v.kind)
+
+
+@lowers("aten.repeat_interleave.self_int")
+def repeat_interleave(lw, node):
+    """a lazy head repeat (``reshape`` + ``repeat`` + ``reshape`` where it must be materialized)"""
+    v = lw.val(node.args[0])
+    rep = node.args[1]
+    dim = _arg(node, 2, "dim")
+    if dim is None or not isinstance(rep, int):
+        raise Gap("aten.repeat_interleave.self_int", "repeat_interleave without a dimension or with tensor repeats")
+    dim = dim % v.rank
+    shape = list(v.shape)
+    shape[dim] = shape[dim] * rep
+    return Val(None, tuple(shape), v.dtype, kind=v.kind, heads=(v, dim, rep))
+
+
+@lowers("aten.constant_pad_nd.default")
+def constant_pad(lw, node):
+    """``pad`` with zeros (other fill values are a gap)"""
+    v = lw.val(node.args[0])
+    pads = list(node.args[1])
+    value = _arg(node, 2, "value", 0)
+    if value not in (0, 0.0):
+        raise Gap("aten.constant_pad_nd.default", f"padding with {value}")
+    if any(p < 0 for p in pads):
+        raise Gap("aten.constant_pad_nd.default", "negative padding (cropping)")
+    shape = list(v.shape)
+    gp = [0] * 8
+    for i in range(len(pads) // 2):
+        dim = v.rank - 1 - i
+        shape[dim] = shape[dim] + pads[2 * i] + pads[2 * i + 1]
+        axis = lw.axis(v, dim)
+        gp[2 * axis], gp[2 * axis + 1] = pads[2 * i], pads[2 * i + 1]
+    return lw.emit("pad", [lw.contiguous(v)], {"pads": gp}, shape=tuple(shape))
+
+
+@lowers("aten.full_like.default", "aten.zeros_like.default", "aten.ones_like.default")
+def full_like(lw, node):
+    """``fill`` of a tensor of the same shape"""
+    v = lw.val(node.args[0])
+    target = str(node.target)
+    value = {"aten.zeros_like.default": 0.0, "aten.ones_like.default": 1.0}.get(target)
+    if value is None:
+        value = float(node.args[1])
+    return lw.emit("fill", [lw.contiguous(v)], {"value": value}, shape=v.shape)
+
+
+@lowers("aten.scaled_dot_product_attention.default")
+def sdpa(lw, node):
+    """``kv_store`` of keys and values, then ``flash_attn`` with porter's runtime mask"""
+    return patterns.attention(lw, node)
+
+
+@lowers("aten.topk.default")
+def topk(lw, node):
+    """``top_k`` (indices) and ``get_rows`` (their values)"""
+    return patterns.topk(lw, node)
+
+
+@lowers("aten.gather.default")
+def gather(lw, node):
+    """``get_rows`` on the source viewed one element per row (routing weights of the chosen experts)"""
+    return patterns.gather(lw, node)
+
+
+@lowers("aten.index.Tensor")
+def index(lw, node):
+    """experts' weights indexed by the chosen experts feed ``mul_mat_id`` (the batched_mm experts)"""
+    return patterns.index_experts(lw, node)
+
+
+@lowers("aten.argsort.default", "aten.sort.default")
+def argsort(lw, node):
+    """``argsort`` along the last dimension"""
+    return patterns.argsort(lw, node)
+
+
+__all__ = ["binary", "elementwise", "matmul_vals", "scale"]

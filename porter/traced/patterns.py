@@ -1,0 +1,506 @@
+"""Pattern rewrites: where a few ATen ops together are one fused ggml op and speed depends on it.
+
+- **attention**: ``scaled_dot_product_attention`` becomes ``kv_store`` of its keys and values
+  (the KV cache) and ``flash_attn`` with porter's runtime mask, recognised from the traced mask
+  (causal, sliding window or full); grouped-query ``repeat_kv`` stays a broadcast.
+- **RMS norm**: ``x * rsqrt(mean(x^2) + eps)`` (or ``x / sqrt(...)``) is ``rms_norm``.
+- **rotary embedding**: ``x * cos + rotate(x) * sin`` with cos/sin computed from the positions is
+  ``rope``: the rotation (halves or adjacent pairs) is found by running the traced rotation on a
+  probe, the frequencies and scaling from the traced tables.
+- **mixture of experts**: see :func:`index_experts`.
+
+A pattern that does not match returns None and the op is lowered literally.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from porter.traced.values import K, T, Gap, Val, is_sym, numel
+
+F32 = torch.float32
+ROPE_NORMAL, ROPE_NEOX = 0, 2
+
+
+def _t(node) -> str:
+    from porter.traced.lower import target_name
+
+    return target_name(node) if hasattr(node, "op") and node.op == "call_function" else ""
+
+
+def _node(x):
+    import torch.fx
+
+    return x if isinstance(x, torch.fx.Node) else None
+
+
+def _skip_identity(x):
+    """Through casts to float32, clones and aliases."""
+    while _node(x) is not None and _t(x) in ("aten._to_copy.default", "aten.to.dtype", "aten.clone.default",
+                                                "aten.alias.default", "aten._assert_tensor_metadata.default"):
+        v = x.meta.get("val")
+        src = x.args[0].meta.get("val") if _node(x.args[0]) is not None else None
+        if v is None or src is None or getattr(v, "dtype", None) != getattr(src, "dtype", None):
+            if not (getattr(v, "dtype", None) == torch.float32 and getattr(src, "dtype", None) == torch.float32):
+                break
+        x = x.args[0]
+    return x
+
+
+# -- grouped-query attention -------------------------------------------------------------------
+def try_repeat_kv(lw, node):
+    """view(clone(expand(unsqueeze(x, d)))) merging the new dim into d-1: repeat_interleave of x's
+    heads, kept lazy (flash_attn and mul_mat broadcast heads themselves)."""
+    src = node.args[0]
+    if _t(src) == "aten.clone.default":
+        src = src.args[0]
+    if _t(src) != "aten.expand.default":
+        return None
+    u = src.args[0]
+    if _t(u) != "aten.unsqueeze.default":
+        return None
+    base = u.args[0]
+    base_shape = lw.meta_shape(base)
+    d = u.args[1] % (len(base_shape) + 1)
+    if d == 0:
+        return None
+    exp_shape = lw.meta_shape(src)
+    rep = exp_shape[d]
+    if not isinstance(rep, int):
+        return None
+    target = list(base_shape)
+    target[d - 1] = target[d - 1] * rep
+    if tuple(lw.meta_shape(node)) != tuple(target):
+        return None
+    v = lw.val(base)
+    shape = list(v.shape)
+    shape[d - 1] = shape[d - 1] * rep
+    if rep == 1:
+        return v
+    return Val(None, tuple(shape), v.dtype, kind=v.kind, heads=(v, d - 1, rep))
+
+
+# -- RMS norm ----------------------------------------------------------------------------------
+def try_rms_norm(lw, node):
+    """x * rsqrt(mean(x^2, -1, keepdim) + eps)  or  x / sqrt(mean(x^2) + eps)  ->  rms_norm(x, eps)"""
+    t = _t(node)
+    a, b = node.args[0], node.args[1]
+    for x, r in ((a, b), (b, a)) if t == "aten.mul.Tensor" else ((a, b),):
+        if _node(x) is None or _node(r) is None:
+            continue
+        want = "aten.rsqrt.default" if t == "aten.mul.Tensor" else "aten.sqrt.default"
+        if _t(r) != want:
+            continue
+        s = r.args[0]
+        if _t(s) not in ("aten.add.Tensor", "aten.add.Scalar"):
+            continue
+        m, eps = s.args[0], s.args[1]
+        if _node(eps) is not None and _node(m) is not None and _t(m) != "aten.mean.dim":
+            m, eps = eps, m
+        if _node(eps) is not None or _t(m) != "aten.mean.dim":
+            continue
+        dims = m.args[1] if len(m.args) > 1 else None
+        keep = m.args[2] if len(m.args) > 2 else m.kwargs.get("keepdim", False)
+        rank = len(m.args[0].meta["val"].shape)
+        if dims is None or len(dims) != 1 or dims[0] % rank != rank - 1 or not keep:
+            continue
+        sq = m.args[0]
+        if _t(sq) == "aten.pow.Tensor_Scalar" and float(sq.args[1]) == 2.0:
+            y = sq.args[0]
+        elif _t(sq) == "aten.mul.Tensor" and sq.args[0] is sq.args[1]:
+            y = sq.args[0]
+        else:
+            continue
+        if _skip_identity(y) is not _skip_identity(x):
+            continue
+        v = lw.val(x)
+        return lw.emit("rms_norm", [lw.contiguous(v)], {"eps": float(eps)}, shape=v.shape)
+    return None
+
+
+# -- rotary embeddings -------------------------------------------------------------------------
+def try_rope(lw, node):
+    """add(mul(x, cos), mul(rotate(x), sin)) with cos/sin tables of the positions -> rope(x)."""
+    if _t(node) != "aten.add.Tensor" or len(node.args) < 2:
+        return None
+    a, b = node.args[0], node.args[1]
+    for first, second in ((a, b), (b, a)):
+        got = _rope_terms(lw, first, second)
+        if got is not None:
+            return got
+    return None
+
+
+def _split_mul(lw, n):
+    """(data operand, aux operand) of a mul node, or None."""
+    if _t(n) != "aten.mul.Tensor":
+        return None
+    p, q = n.args[0], n.args[1]
+    if _node(p) is None or _node(q) is None:
+        return None
+    dp, dq = lw.deps.get(p.name), lw.deps.get(q.name)
+    if dp == "data" and dq == "aux":
+        return p, q
+    if dq == "data" and dp == "aux":
+        return q, p
+    return None
+
+
+def _rope_terms(lw, cos_term, sin_term):
+    c = _split_mul(lw, cos_term)
+    s = _split_mul(lw, sin_term)
+    if c is None or s is None:
+        return None
+    x, cos_node = c
+    r, sin_node = s
+    if r is x:
+        return None
+    x_shape = lw.meta_shape(x)
+    if lw.meta_shape(r) != x_shape or not x_shape or is_sym(x_shape[-1]):
+        return None
+    dim = int(x_shape[-1])
+    if dim % 2:
+        return None
+    mode = _rotation_mode(lw, x, r)
+    if mode is None:
+        return None
+    try:
+        cos_v = lw.aux.concrete(cos_node)
+        sin_v = lw.aux.concrete(sin_node)
+    except Gap:
+        return None
+    freqs = _fit_frequencies(cos_v, sin_v, dim, mode)
+    if freqs is None:
+        return None
+    inv_freq, attn_factor = freqs
+    buffer = _inv_freq_buffer(lw, cos_node, dim // 2)
+    if buffer is not None and torch.allclose(buffer.to(torch.float64), inv_freq, rtol=1e-5, atol=0):
+        inv_freq = buffer.to(torch.float64)  # the exact values transformers multiplies by
+    return _emit_rope(lw, x, inv_freq, attn_factor, mode, dim)
+
+
+def _rotation_mode(lw, x, r) -> int | None:
+    """Run the traced rotation r(x) on a probe and compare with the two rope layouts."""
+    nodes = _between(x, r)
+    if nodes is None:
+        return None
+    allowed = {"aten.slice.Tensor", "aten.neg.default", "aten.cat.default", "aten.stack.default",
+               "aten.flatten.using_ints", "aten.view.default", "aten._unsafe_view.default", "aten.reshape.default",
+               "aten.unsqueeze.default", "aten.select.int", "aten.mul.Tensor", "aten.clone.default",
+               "aten.squeeze.dim", "aten.expand.default", "aten.alias.default"}
+    if any(_t(n) not in allowed for n in nodes):
+        return None
+    shape = [int(d) if not is_sym(d) else 13 for d in lw.meta_shape(x)]
+    g = torch.Generator().manual_seed(7)
+    probe = torch.randn(shape, generator=g)
+    values = {x.name: probe}
+    try:
+        for n in nodes:
+            args = _sub(n.args, values)
+            kwargs = _sub(n.kwargs, values)
+            values[n.name] = n.target(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - not a pure rotation
+        return None
+    got = values[r.name]
+    half = probe.shape[-1] // 2
+    neox = torch.cat((-probe[..., half:], probe[..., :half]), dim=-1)
+    pairs = torch.stack((-probe[..., 1::2], probe[..., ::2]), dim=-1).flatten(-2)
+    if torch.equal(got, neox):
+        return ROPE_NEOX
+    if torch.equal(got, pairs):
+        return ROPE_NORMAL
+    return None
+
+
+def _sub(obj, values):
+    import torch.fx
+
+    if isinstance(obj, torch.fx.Node):
+        if obj.name in values:
+            return values[obj.name]
+        v = obj.meta.get("val")
+        if isinstance(v, torch.SymInt):
+            return 13
+        raise KeyError(obj.name)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_sub(o, values) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _sub(v, values) for k, v in obj.items()}
+    if isinstance(obj, torch.SymInt):
+        return 13
+    return obj
+
+
+def _between(x, r):
+    """The nodes computing r from x (in graph order), if r depends on nothing else but sizes."""
+    order = []
+    seen = set()
+
+    def visit(n) -> bool:
+        if n is x:
+            return True
+        if n.name in seen:
+            return True
+        seen.add(n.name)
+        if n.op != "call_function":
+            return False
+        for a in n.all_input_nodes:
+            v = a.meta.get("val")
+            if a is not x and isinstance(v, torch.SymInt):
+                continue
+            if not visit(a):
+                return False
+        order.append(n)
+        return True
+
+    return order if visit(r) else None
+
+
+def _fit_frequencies(cos_v, sin_v, dim: int, mode: int):
+    """(inv_freq [dim/2], attention factor) such that the tables are factor * cos/sin(p * f)."""
+    c = cos_v.to(torch.float64)
+    s = sin_v.to(torch.float64)
+    while c.dim() > 2:
+        if c.shape[0] != 1 and c.dim() > 2:
+            # per-head copies must agree
+            if not all(torch.equal(c[0], c[i]) for i in range(c.shape[0])):
+                return None
+        c = c[0] if c.shape[0] == 1 or c.dim() > 2 else c
+    while s.dim() > 2:
+        s = s[0]
+    if c.dim() == 1 or c.shape[-1] != dim or s.shape != c.shape:
+        # tables broadcast over positions or the wrong size: not a rotary table of this x
+        if c.dim() == 2 and c.shape[0] == 1:
+            return None
+        if c.shape[-1] != dim:
+            return None
+    n_pos = c.shape[0]
+    if n_pos < 3:
+        return None
+    if mode == ROPE_NEOX:
+        c1, c2, s1, s2 = c[:, :dim // 2], c[:, dim // 2:], s[:, :dim // 2], s[:, dim // 2:]
+    else:
+        c1, c2, s1, s2 = c[:, ::2], c[:, 1::2], s[:, ::2], s[:, 1::2]
+    if not (torch.allclose(c1, c2, rtol=0, atol=1e-6) and torch.allclose(s1, s2, rtol=0, atol=1e-6)):
+        return None
+    factor = float(c1[0].mean())
+    if factor <= 0 or not torch.allclose(c1[0], torch.full_like(c1[0], factor), atol=1e-6) or \
+            not torch.allclose(s1[0], torch.zeros_like(s1[0]), atol=1e-6):
+        return None  # position 0 must be unrotated
+    f = torch.atan2(s1[1] / factor, c1[1] / factor)
+    pos = torch.arange(n_pos, dtype=torch.float64)[:, None]
+    # refine with the last position (unwrap the angle by the first estimate)
+    last = n_pos - 1
+    raw = torch.atan2(s1[last] / factor, c1[last] / factor)
+    turns = torch.round((f * last - raw) / (2 * math.pi))
+    f = (raw + 2 * math.pi * turns) / last
+    fit_c = factor * torch.cos(pos * f)
+    fit_s = factor * torch.sin(pos * f)
+    scale = max(1.0, abs(factor))
+    if (fit_c - c1).abs().max() > 2e-5 * scale or (fit_s - s1).abs().max() > 2e-5 * scale:
+        return None
+    return f, factor
+
+
+def _emit_rope(lw, x, inv_freq, attn_factor, mode, dim):
+    v = lw.val(x)
+    shape = v.shape
+    seq = [i for i, d in enumerate(shape) if is_sym(d)]
+    if len(seq) != 1:
+        return None
+    si = seq[0]
+    others = [i for i in range(len(shape) - 1) if i != si and shape[i] != 1]
+    if len(others) > 1:
+        return None
+    # ggml rope rotates ne [dim, heads, tokens]: torch order (tokens, heads, dim)
+    order = [si] + others + [len(shape) - 1]
+    ones = [i for i in range(len(shape)) if i not in order]
+    moved = lw.permute(v, ones + order)
+    heads = shape[others[0]] if others else 1
+    if ones:
+        moved = _drop_leading_ones(lw, moved, len(ones))
+    if not others:
+        moved = lw.reshape(lw.contiguous(moved), (shape[si], 1, dim))
+    base, factors = _rope_base(inv_freq, dim)
+    pos = lw.input("positions", "positions", (shape[si],), torch.int32)
+    inputs = [lw.rows(moved), pos]
+    if factors is not None:
+        inputs.append(lw.constant(torch.tensor(factors, dtype=torch.float32), "rope_freqs"))
+    attrs = {"n_dims": dim, "mode": mode, "freq_base": base, "freq_scale": 1.0, "ext_factor": 0.0,
+             "attn_factor": float(attn_factor), "beta_fast": 32.0, "beta_slow": 1.0, "n_ctx_orig": 0}
+    out = lw.emit("rope", inputs, attrs, shape=(shape[si], heads, dim), role="rope")
+    if not others:
+        out = lw.reshape(out, (shape[si], dim))
+        back_order = [si, len(shape) - 1]
+    else:
+        back_order = order
+    # out has torch shape [shape[i] for i in back_order]; restore x's layout
+    full = tuple(1 for _ in ones) + tuple(out.shape)
+    out = out.with_(shape=full) if len(full) <= 4 else lw.reshape(out, full)
+    src_dims = ones + back_order
+    inv = [src_dims.index(i) for i in range(len(shape))]
+    return lw.permute(out, inv)
+
+
+def _drop_leading_ones(lw, v: Val, n: int) -> Val:
+    shape = tuple(v.shape[n:])
+    if v.perm is None:
+        return lw.reshape(v, shape)
+    return v.with_(shape=shape) if all(d == 1 for d in v.shape[:n]) else lw.reshape(lw.contiguous(v), shape)
+
+
+def _rope_base(inv_freq, dim: int):
+    """ggml's rope computes theta_j = p * base^(-2j/n) / factor_j: a base that reproduces the
+    traced frequencies, with per-pair factors only where it does not (scaled rope types).
+    A base within 1e-5 of a round number is taken as that number (transformers computes its
+    frequencies in float32 from one), and factors within float32 rounding of 1 are dropped."""
+    f = inv_freq.to(torch.float64)
+    half = dim // 2
+    base = 10000.0
+    if half >= 2 and float(f[1]) > 0 and float(f[0]) > 0:
+        base = float((f[0] / f[1]) ** (dim / 2))
+    if not math.isfinite(base) or base <= 1:
+        base = 10000.0
+    for digits in range(0, 7):
+        snapped = float(f"{base:.{digits}g}") if digits else float(round(base))
+        if abs(snapped - base) <= 1e-5 * base:
+            base = snapped
+            break
+    j = torch.arange(half, dtype=torch.float64)
+    factors = (base ** (-2 * j / dim)) / f
+    if torch.allclose(factors, torch.ones_like(factors), rtol=0, atol=1e-6):
+        return base, None
+    return base, [float(x) for x in factors]
+
+
+def _inv_freq_buffer(lw, node, half: int):
+    """An inverse-frequency buffer (``rotary_emb.inv_freq``) the rotary table is computed from."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.op == "placeholder":
+            b = lw.trace.buffers.get(n.name)
+            if b is not None and b.is_floating_point() and b.numel() == half:
+                return b.reshape(-1)
+        stack.extend(n.all_input_nodes)
+    return None
+
+
+# -- attention and the KV cache --------------------------------------------------------------
+def _mask_input(lw, mask: Val | None, is_causal: bool, node) -> str | None:
+    """The runtime mask input for an attention call (and the spec's causality)."""
+    if mask is None:
+        kind = {"kind": "causal"} if is_causal else {"kind": "full"}
+    else:
+        kind = mask.meta.get("mask")
+        if kind is None:
+            raise Gap("attention", "an attention mask computed from the tokens or weights", node)
+    causal = kind["kind"] != "full"
+    if lw.causal is not None and lw.causal != causal:
+        raise Gap("attention", "some layers attend causally and others both ways", node)
+    lw.causal = causal
+    if kind["kind"] == "sliding":
+        window = lw.window_of(kind["window"])
+        old = lw.hparams.get("sliding_window")
+        if old is not None and old != window:
+            raise Gap("attention", f"two sliding windows ({old} and {window})", node)
+        lw.hparams["sliding_window"] = window
+        lw.inputs["kq_mask_swa"] = "kq_mask_swa"
+        return "kq_mask_swa"
+    lw.inputs["kq_mask"] = "kq_mask"
+    return "kq_mask"
+
+
+def cached(lw, x: Val, which: str, node) -> Val:
+    """Store keys or values of this pass in the layer's cache; the result holds every cached
+    position (n_kv of them) in the layout of ``x``."""
+    from porter.traced.lower import module_path
+
+    layer, _ = lw.layers.split(module_path(node))
+    if layer is None:
+        raise Gap("attention", "attention outside the model's layer list", node)
+    x = lw.plain(x)
+    seq = [i for i, d in enumerate(x.shape) if is_sym(d)]
+    if len(seq) != 1 or x.shape[seq[0]] != T:
+        raise Gap("attention", f"keys/values of shape {list(x.shape)} (one sequence dimension expected)", node)
+    si = seq[0]
+    order = [si] + [i for i in range(x.rank) if i != si]
+    moved = lw.contiguous(lw.permute(x, order))
+    rest = [d for d in moved.shape[1:] if d != 1] or [1]
+    if any(is_sym(d) for d in rest):
+        raise Gap("attention", "keys/values with more than one sequence dimension", node)
+    width = int(numel(rest))
+    rows = (T, int(numel(rest[:-1])) if len(rest) > 1 else 1, int(rest[-1]))
+    stored_in = lw.reshape(moved, rows)
+    prev = lw.kv_width[which][layer]
+    if prev and prev != width:
+        raise Gap("attention", "two attention calls in one layer", node)
+    lw.kv_width[which][layer] = width
+    attrs = {"cache": which, "layer": layer}  # the loop body drops the layer (fold)
+    out = lw.emit("kv_store", [stored_in], attrs, shape=(K, rows[1], rows[2]), role=f"{which}_cache")
+    back_shape = (K,) + tuple(moved.shape[1:])
+    out = lw.reshape(out, back_shape)
+    inv = [order.index(i) for i in range(x.rank)]
+    return lw.permute(out, inv)
+
+
+def attention(lw, node):
+    """scaled_dot_product_attention -> kv_store (k, v) + flash_attn with the runtime mask."""
+    args = list(node.args) + [None] * (8 - len(node.args))
+    q, k, v = lw.val(args[0]), lw.val(args[1]), lw.val(args[2])
+    mask_node = args[3] if args[3] is not None else node.kwargs.get("attn_mask")
+    dropout = args[4] if args[4] is not None else node.kwargs.get("dropout_p", 0.0)
+    is_causal = args[5] if args[5] is not None else node.kwargs.get("is_causal", False)
+    scale = args[6] if args[6] is not None else node.kwargs.get("scale")
+    del dropout
+    mask = lw.val(mask_node) if mask_node is not None else None
+    if mask is not None and mask.meta.get("mask") is None:
+        raise Gap("attention", "an attention mask computed from the tokens or weights", node)
+    q = lw.plain(q)
+    if q.rank != 4 or q.shape[2] != T:
+        raise Gap("attention", f"queries of shape {list(q.shape)} (expected [batch, heads, tokens, dim])", node)
+    kb, vb = _shared_heads(k), _shared_heads(v)
+    mask_name = _mask_input(lw, mask, bool(is_causal), node)
+    kc = cached(lw, kb, "k", node)
+    vc = cached(lw, vb, "v", node)
+    d = q.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    mask_val = Val(mask_name, (1, 1, T, K), torch.float16)
+    out = lw.emit("flash_attn", [q, kc, vc, mask_val], {"scale": float(scale)},
+                  shape=(q.shape[0], q.shape[2], q.shape[1], vb.shape[-1]), role="flash_attn")
+    return lw.permute(out, [0, 2, 1, 3])
+
+
+def _shared_heads(v: Val) -> Val:
+    """Keys/values before grouped-query broadcasting (flash_attn broadcasts heads itself)."""
+    if v.heads is not None and v.heads[1] == v.rank - 3:
+        return v.heads[0]
+    if v.expand is not None:
+        src = v.expand
+        if src.rank == v.rank and all(a == b for i, (a, b) in enumerate(zip(src.shape, v.shape)) if i != v.rank - 3) \
+                and src.shape[v.rank - 3] == 1:
+            return src
+    return v
+
+
+# -- mixture of experts (batched_mm) ----------------------------------------------------------
+def topk(lw, node):
+    raise Gap("aten.topk.default", "expert routing is not lowered yet", node)
+
+
+def gather(lw, node):
+    raise Gap("aten.gather.default", "gathers are not lowered yet", node)
+
+
+def index_experts(lw, node):
+    raise Gap("aten.index.Tensor", "advanced indexing is not lowered yet", node)
+
+
+def argsort(lw, node):
+    raise Gap(str(node.target), "sorting is not lowered yet", node)

@@ -1,0 +1,169 @@
+"""The traced path end to end: a transformers config -> export -> lowering -> graph spec -> GGUF.
+
+:class:`TracedPort` is to the traced path what an :class:`~porter.arch.Architecture` is to the
+declared one: it produces the spec and the conversion plan. The GGUF of a traced port keeps the
+checkpoint's own tensor names (no llama.cpp renaming: llama.cpp cannot run an architecture it
+does not know, whatever the names), stores porter's spec, tokenizer and chat template as for
+declared types, and says ``general.architecture = porter``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+from porter.errors import PorterError
+
+log = logging.getLogger("porter.traced")
+
+GGUF_ARCH = "porter"  # general.architecture of traced files: only porter runs them
+WINDOW_STAND_IN = 5  # a real config's sliding window is traced as this (masks are evaluated on 13 tokens)
+
+
+class OpGaps(PorterError):
+    """The traced graph needs ops porter cannot lower; ``report`` says which and where."""
+
+    def __init__(self, report):
+        super().__init__(report.summary())
+        self.report = report
+
+
+@dataclass
+class TracedPort:
+    model_type: str
+    config: object
+    trace: object
+    lowered: object
+    spec: object
+
+    # -- the GGUF --------------------------------------------------------------------------
+    def conversion_plan(self, name: str = ""):
+        from porter.convert.plan import ConversionPlan, TensorPlan
+        from porter.runtime import repack
+
+        spec = self.spec
+        matrix_only = repack.weights_used_only_as(spec, {("mul_mat", 0), ("get_rows", 0), ("mul_mat_id", 0)})
+        tensors = []
+        for w in spec.weights:
+            if w.data is not None:
+                continue
+            names = [w.name.format(L=i) for i in range(int(spec.hparams["n_layer"]))] if w.layered else [w.name]
+            for n in names:
+                tensors.append(TensorPlan(gguf_name=n, sources=[n], keep_f32=w.name not in matrix_only))
+        cfg = self.config
+        kv = {
+            f"{GGUF_ARCH}.context_length": int(getattr(cfg, "max_position_embeddings", 0) or 2048),
+            f"{GGUF_ARCH}.block_count": int(spec.hparams["n_layer"]),
+            f"{GGUF_ARCH}.vocab_size": int(spec.hparams["n_vocab"]),
+            "porter.traced.model_type": self.model_type,
+            "porter.traced.model_class": self.trace.model_class,
+        }
+        return ConversionPlan(gguf_arch=GGUF_ARCH, kv=kv, tensors=tensors, spec_json=spec.to_json(),
+                              name=name or getattr(cfg, "_name_or_path", "") or self.model_type,
+                              ignored=("rotary_emb.", "inv_freq"))
+
+
+def trace_config(config, *, meta: bool, model=None, seed: int = 0):
+    """Export the causal LM of ``config``. A real configuration (``meta=True``) with a sliding
+    window longer than the example is traced with a short stand-in window, so that the traced
+    masks show it; the real window is put back into the spec."""
+    from porter.traced.export import EXAMPLE_TOKENS, trace
+
+    shift = None
+    window = getattr(config, "sliding_window", None)
+    if meta and isinstance(window, int) and window >= EXAMPLE_TOKENS - 2:
+        config = config.__class__.from_dict(config.to_dict())
+        config.sliding_window = WINDOW_STAND_IN
+        shift = (window, WINDOW_STAND_IN)
+    t = trace(config, meta=meta, model=model, seed=seed)
+    t.window_shift = shift
+    return t
+
+
+def lower_trace(t, model_type: str):
+    """Lower a trace to a checked graph spec (OpGaps when something cannot be lowered)."""
+    from porter.spec import SPEC_VERSION, Spec, check
+    from porter.traced import fold
+    from porter.traced.lower import Lowering
+    from porter.traced.report import GapReport
+
+    lw = Lowering(t)
+    lowered = lw.run()
+    if lowered.gaps or lowered.output is None:
+        raise OpGaps(GapReport.from_gaps(model_type, lowered.gaps, t))
+    graph, extra, layered = fold.fold(lowered, lw.layers.container)
+    hparams = {"n_layer": lowered.n_layer, "n_vocab": int(getattr(t.config, "vocab_size", 0) or 0)}
+    hparams.update(lowered.hparams)
+    widths_k, widths_v = lowered.kv_width_k, lowered.kv_width_v
+    hparams["kv_width_k"] = widths_k if len(set(widths_k)) > 1 else widths_k[0]
+    hparams["kv_width_v"] = widths_v if len(set(widths_v)) > 1 else widths_v[0]
+    hparams.update(extra)
+    weights = []
+    seen = set()
+    for name, shape in lowered.weights.items():
+        pattern = next((p for p in layered if _matches(p, name)), None)
+        if pattern is not None:
+            if pattern not in seen:
+                seen.add(pattern)
+                weights.append({"name": pattern, "shape": shape, "layered": True})
+        else:
+            weights.append({"name": name, "shape": shape})
+    for name, (shape, data) in lowered.constants.items():
+        weights.append({"name": name, "shape": shape, "data": data})
+    import torch
+
+    spec = Spec(
+        version=SPEC_VERSION, architecture=model_type,
+        produced_by={"traced": f"torch.export of {t.model_class}", "porter": _porter_version(),
+                     "transformers": version("transformers"), "torch": torch.__version__.split("+")[0],
+                     "export": "static" if t.static else "dynamic sequence length",
+                     "layers": "loop" if any("repeat" in g for g in graph) else "unrolled"},
+        causal=lowered.causal, hparams=hparams,
+        inputs=[{"name": k, "kind": v} for k, v in lowered.inputs.items()],
+        weights=weights, graph=graph, outputs=["result_output"],
+    )
+    return check(spec), lowered
+
+
+def _matches(pattern: str, name: str) -> bool:
+    import re
+
+    return re.fullmatch(re.escape(pattern).replace(r"\{L\}", r"\d+"), name) is not None
+
+
+def _porter_version() -> str:
+    from porter import __version__
+
+    return __version__
+
+
+def port_config(config, *, model=None, meta: bool = False, seed: int = 0) -> TracedPort:
+    """Trace and lower the causal LM of a transformers config (real weights unless ``meta``)."""
+    t = trace_config(config, meta=meta, model=model, seed=seed)
+    spec, lowered = lower_trace(t, config.model_type)
+    return TracedPort(config.model_type, t.config, t, lowered, spec)
+
+
+def port_checkpoint(model_dir: Path, *, trust_remote_code: bool = False) -> TracedPort:
+    """The traced port of a checkpoint's real configuration, traced without its weights."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
+        raise PorterError(f"{model_dir}: transformers cannot read its config ({exc})") from None
+    return port_config(config, meta=True)
+
+
+def write_traced_gguf(port: TracedPort, model_dir: Path, out: Path, outtype: str = "f32", *,
+                      force: bool = False, progress: bool = True):
+    """Write the GGUF of a traced port from the checkpoint's weights."""
+    from porter.convert.tokenizer import tokenizer_kv
+    from porter.convert.writer import write_gguf
+
+    plan = port.conversion_plan()
+    if (Path(model_dir) / "tokenizer.json").exists():
+        plan.kv.update(tokenizer_kv(Path(model_dir)))
+    return write_gguf(Path(model_dir), plan, Path(out), outtype, force=force, progress=progress)
