@@ -357,7 +357,7 @@ class Architecture:
 
     def edit_graph(self, graph) -> None:
         """Change the rendered graph before its weights are checked (a :class:`porter.edit.GraphEdit`:
-        insert_after, replace, rewire, remove, constant). Default: nothing. Override and call
+        insert_after, replace, rewire, rename, remove, constant). Default: nothing. Override and call
         ``super().edit_graph(graph)`` to keep a parent's edits."""
 
     def conversion_plan(self) -> ConversionPlan:
