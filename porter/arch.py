@@ -29,6 +29,8 @@ from porter.spec import SPEC_VERSION, Spec, check
 DEFAULT_KNOBS: dict[str, Any] = {
     "norm": "rms",  # "rms" | "layer"
     "norm_bias": False,  # LayerNorm with bias
+    "norm_weight": True,  # False: every norm without weight or bias (OLMo's LayerNorm)
+    "clip_qkv": False,  # clamp q, k, v to [-$clip_qkv, $clip_qkv]; set from the config's clip_qkv
     "fused_qkv": False,  # one attn_qkv weight, sliced into q, k, v
     "qkv_bias": False,
     "q_bias": False, "k_bias": False, "v_bias": False, "o_bias": False,
@@ -40,7 +42,7 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "attn_softcap": False,
     "alibi": False,  # ALiBi position bias instead of rope: softmax attention with kq_mask_alibi
     "mlp": "gated",  # "gated" (act(gate) * up) | "plain" (act(up))
-    "act": "silu",  # spec op name: silu | gelu_erf | gelu_tanh | relu
+    "act": "silu",  # spec op name: silu | gelu_erf | gelu_tanh | relu | relu2
     "mlp_bias": False,
     "parallel": False,  # attention and MLP read the same input
     "parallel_ffn_norm": False,  # ... each through its own norm (gpt_neox, falcon's new layout)
@@ -58,6 +60,7 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "residual_scale": False,  # granite's residual_multiplier
     "lm_head": True,  # false for encoders: the output is the final hidden state
     "final_norm": True,
+    "blocks": {},  # slot -> plugin macro, "namespace/file.j2:macro" (porter/render.py SLOTS); merged along the classes
     "output_bias": False,
     "logit_scale": False,  # logits *= $logit_scale (granite 1/logits_scaling, cohere logit_scale)
     "final_softcap": False,  # gemma2 final logit soft-capping
@@ -101,6 +104,12 @@ class Architecture:
     knobs: ClassVar[dict[str, Any]] = {}
     # tensors the checkpoint may hold that porter deliberately does not use
     ignored_tensors: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
+    # transformers classes of a model type the plugin defines itself, "package.module:Class" for
+    # keys config, causal_lm, model; porter registers them with transformers' Auto classes
+    transformers_classes: ClassVar[dict[str, str]] = {}
+    # where `porter generate --package` keeps this architecture's rendered spec: a folder relative
+    # to the plugin module's own (porter's built-ins: generated/)
+    specs_dir: ClassVar[str | None] = None
 
     def __init__(self, info: ModelInfo):
         self.info = info
@@ -111,8 +120,11 @@ class Architecture:
         """Template knobs: defaults, then each class's ``knobs`` from the base down, then
         :meth:`configure` for choices that depend on the checkpoint."""
         k = dict(DEFAULT_KNOBS)
+        blocks: dict[str, str] = {}
         for cls in reversed(type(self).__mro__):
             k.update(cls.__dict__.get("knobs", {}))
+            blocks.update(cls.__dict__.get("knobs", {}).get("blocks", {}))
+        k["blocks"] = blocks
         k["act"] = ACTIVATIONS.get(self.hp.hidden_act, self.hp.hidden_act)
         k["tied"] = self.tied
         k["output_weight"] = "token_embd" if self.tied else "output"  # the linear macro adds .weight
@@ -127,6 +139,12 @@ class Architecture:
         k["mlp_bias"] = self.has("blk.0.ffn_down.bias") or k["mlp_bias"]
         if k["rope"] and not k["rope_per_layer"]:
             k["rope_freq_factors"] = self.rope_args().freq_factors is not None
+        k["clip_qkv"] = self.clip_qkv() is not None
+
+    def clip_qkv(self) -> float | None:
+        """The bound q, k and v are clamped to (knob ``clip_qkv``), or None: the config's ``clip_qkv``."""
+        value = self.info.config.get("clip_qkv")
+        return None if value is None else float(value)
 
     # rope types whose frequency factors llama.cpp stores as a rope_freqs.weight tensor; other
     # types' factors travel inline in the spec, so stock llama.cpp sees only its own yarn keys
@@ -166,6 +184,8 @@ class Architecture:
             })
         if self.experts:
             values.update(self.expert_counts())
+        if self.resolved_knobs_cache.get("clip_qkv"):
+            values.update(clip_qkv=self.clip_qkv(), clip_qkv_min=-self.clip_qkv())
         return values
 
     def expert_counts(self) -> dict[str, int]:
@@ -296,33 +316,49 @@ class Architecture:
     def spec(self) -> Spec:
         from porter.render import render_graph
 
+        from porter.edit import GraphEdit
+        from porter.plugins import edit_graph
+
         knobs = self.resolved_knobs_cache
         hparams = self.spec_hparams()
-        graph = render_graph(self.template, knobs, hparams)
+        edit = GraphEdit(render_graph(self.template, knobs, hparams), knobs, hparams)
+        edit_graph(self, edit)  # the class's edit_graph, then other plugins' porter_edit_graph
+        graph = {"graph": edit.graph, "outputs": edit.outputs}
         used = {src for item in graph["graph"] for n in (item.get("body") or [item]) for src in n["inputs"]}
         shapes = self.weight_shapes()
         weights = [{"name": n, "shape": s, "layered": "{L}" in n} for n, s in shapes.items()
-                   if n in used]
+                   if n in used and n not in edit.constants]
+        weights += [c for n, c in edit.constants.items() if n in used]
         if knobs.get("rope_freq_factors") and not self.rope_factors_in_gguf:
             factors = [float(x) for x in self.rope_args().freq_factors]
             weights = [w for w in weights if w["name"] != "rope_freqs.weight"]
             weights.append({"name": "rope_freqs.weight", "shape": [len(factors)], "data": factors})
-        missing = sorted(u for u in used if "." in u and u not in shapes)
+        missing = sorted(u for u in used if "." in u and u not in shapes and u not in edit.constants)
         if missing:
             from porter.errors import ModelError
 
             raise ModelError(f"{self.model_type}: the graph needs tensors the checkpoint lacks: {', '.join(missing)}")
         input_kinds = [i for i in ("tokens", "positions", "token_types", "kq_mask", "kq_mask_swa", "kq_mask_alibi", "out_ids") if i in used
                        or any(isinstance(v, list) and i in v for v in hparams.values())]
+        produced_by = {"plugin": type(self).__module__, "class": type(self).__qualname__,
+                       "template": self.template, "porter": __version__}
+        if knobs.get("blocks"):
+            produced_by["blocks"] = ", ".join(f"{slot}={ref}" for slot, ref in sorted(knobs["blocks"].items()))
+        if edit.edited_by:
+            produced_by["edited_by"] = ", ".join(edit.edited_by)
         spec = Spec(
             version=SPEC_VERSION, architecture=self.model_type,
-            produced_by={"plugin": type(self).__module__, "class": type(self).__qualname__,
-                         "template": self.template, "porter": __version__},
+            produced_by=produced_by,
             causal=self.causal, hparams=hparams,
             inputs=[{"name": i, "kind": i} for i in input_kinds],
             weights=weights, graph=graph["graph"], outputs=graph["outputs"],
         )
         return check(spec)
+
+    def edit_graph(self, graph) -> None:
+        """Change the rendered graph before its weights are checked (a :class:`porter.edit.GraphEdit`:
+        insert_after, replace, rewire, rename, remove, constant). Default: nothing. Override and call
+        ``super().edit_graph(graph)`` to keep a parent's edits."""
 
     def conversion_plan(self) -> ConversionPlan:
         return ConversionPlan(gguf_arch=self.gguf_arch, kv=self.gguf_kv(), tensors=self.tensor_plans(),
@@ -353,6 +389,9 @@ class Architecture:
         """A tiny random-model config of this architecture (every size field shrunk)."""
         from transformers import AutoConfig
 
+        from porter.plugins import register_transformers_classes
+
+        register_transformers_classes(models=False)
         fields = {"vocab_size": 97, "hidden_size": 64, "intermediate_size": 112, "num_hidden_layers": 2,
                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
                   "max_position_embeddings": 256, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
@@ -361,3 +400,28 @@ class Architecture:
             fields.update(cls_.__dict__.get("tiny", {}))
         fields.update(overrides)
         return AutoConfig.for_model(cls.model_type, **fields)
+
+
+
+def __getattr__(name: str):
+    """porter's built-in architecture classes (and the shared bases of ``plugins/_common.py``) as
+    bases for plugins: ``from porter.arch import Llama``, not ``from plugins.llama import Llama``
+    (a top-level name any project may have). Looked up in porter's own plugin modules, without
+    the plugin manager (an outside plugin imports this while the manager loads it)."""
+    if name.startswith("__"):  # import machinery probing (__path__, ...)
+        raise AttributeError(name)
+    import importlib
+    import pkgutil
+
+    from porter.plugins import BUILTIN_DIR
+
+    found = []
+    for info in pkgutil.iter_modules([str(BUILTIN_DIR)]):
+        module = importlib.import_module(f"plugins.{info.name}")
+        cls = vars(module).get(name)
+        if isinstance(cls, type) and issubclass(cls, Architecture) and cls.__module__ == module.__name__:
+            return cls
+        found += [c.__name__ for c in vars(module).values()
+                  if isinstance(c, type) and issubclass(c, Architecture) and c.__module__ == module.__name__]
+    raise AttributeError(f"module 'porter.arch' has no attribute {name!r} (porter's architecture classes: "
+                         f"{', '.join(sorted(found))})")

@@ -36,7 +36,10 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", message=_versions())
-def main():
+@click.option("--plugin", "plugin_modules", multiple=True, metavar="MODULE",
+              help="Load a plugin that is not installed: a module name (from the current folder too) or a "
+                   ".py path; repeatable. The PORTER_PLUGINS environment variable does the same (comma-separated).")
+def main(plugin_modules):
     """porter ports Hugging Face transformers models to the ggml runtime, with parity proof.
 
     \b
@@ -48,6 +51,11 @@ def main():
       porter run      m.gguf -p "Hello" -n 32
       porter parity   CHECKPOINT                    # node-by-node comparison with transformers
     """
+    if plugin_modules:
+        from porter.plugins import add_plugin
+
+        for module in plugin_modules:
+            add_plugin(module)
 
 
 def _attach_optional_commands() -> None:
@@ -147,20 +155,36 @@ def embed(model, texts, as_json, show, threads):
 
 
 @main.command()
-@click.option("--check", is_flag=True, help="Regenerate in memory and fail if generated/ differs.")
-def generate(check):
-    """Render every plugin's graph spec into generated/ (or check that it is up to date)."""
-    from porter.pipeline import GENERATED_DIR, generate as do_generate
+@click.option("--check", is_flag=True, help="Regenerate in memory and fail if the committed specs differ.")
+@click.option("--package", help="An outside plugin package (top-level module name) instead of porter's own plugins.")
+@click.option("-o", "--out", "directory", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of the specs (default: generated/, or the folder the package's classes name).")
+def generate(check, package, directory):
+    """Render porter's plugins' graph specs into generated/ (or check that it is up to date).
 
-    problems = do_generate(GENERATED_DIR, check=check)
+    With --package, the same for an outside plugin package, in the folder its architecture
+    classes name (specs_dir) or -o DIR. porter's own check never judges other packages' specs.
+    """
+    from porter.pipeline import generate as do_generate, generation_targets
+    from porter.plugins import architectures, is_builtin, package_of
+
+    targets = generation_targets(package, directory)
+    problems = do_generate(directory, check=check, package=package)
+    where = ", ".join(f"{folder} ({len(archs)} specs)" for folder, archs in targets.items())
     if check:
         if problems:
             for p in problems:
                 click.secho(p, fg="red", err=True)
-            raise PorterError("generated/ is stale: run `porter generate` (or `make generate`) and commit the result")
-        click.echo(f"generated/ is up to date ({len(list(GENERATED_DIR.glob('*.json')))} specs)")
+            again = "porter generate" + (f" --package {package}" if package else "") + (f" -o {directory}" if directory else "")
+            raise PorterError(f"specs are stale in {where}: run `{again}` (or `make generate`) and commit the result")
+        click.echo(f"up to date: {where}")
     else:
-        click.echo(f"wrote {len(list(GENERATED_DIR.glob('*.json')))} specs into {GENERATED_DIR}")
+        click.echo(f"wrote {where}")
+    if package is None:
+        outside = sorted({package_of(c) for c in architectures().values() if not is_builtin(c)})
+        if outside:
+            click.echo(f"not covered (outside plugin packages): {', '.join(outside)}; "
+                       f"`porter generate --package NAME [--check]` covers one")
 
 
 @main.command()

@@ -42,3 +42,37 @@ def porter_config_space(model_type):
     tied embeddings, rope theta) is drawn by porter. porter answers for every Architecture from
     its ``space`` attribute; a plugin answers only to add to the space of its own model types.
     """
+
+
+@hookspec
+def porter_templates():
+    """Return ``{namespace: folder}``: Jinja templates (block macros, layouts) this plugin adds.
+
+    A template ``blocks.j2`` in the folder is then named ``"<namespace>/blocks.j2"``: by an
+    Architecture's ``template`` (a layout of its own) or by a ``blocks`` knob (a macro of its
+    own in one of porter's slots, ``{"mlp": "<namespace>/blocks.j2:my_mlp"}``). Templates of any
+    namespace can import porter's own as ``"blocks.j2"`` or ``"porter/blocks.j2"``. The namespace
+    ``porter`` is porter's; two plugins claiming one namespace for different folders is an error.
+    """
+
+
+@hookspec
+def porter_edit_graph(arch, graph):
+    """Edit the rendered graph of ``arch`` (an :class:`porter.arch.Architecture` instance) in place.
+
+    ``graph`` is a :class:`porter.edit.GraphEdit`: the rendered nodes with helpers to find,
+    insert after, replace, rewire, rename and remove nodes and to declare constant weights (the
+    graph's outputs keep their names). It runs after the
+    templates render and before porter checks the graph's weights against the checkpoint; the
+    graph is validated after each implementation, and an invalid result is reported with the
+    plugin's name. Return nothing. Every implementation runs; check ``isinstance(arch, ...)`` to
+    edit only your own architectures. (``Architecture.edit_graph`` is the same thing for one class
+    and its subclasses: porter calls it through this hook, before other plugins' implementations.)
+    """
+
+
+@hookspec
+def porter_features():
+    """Return ``{name: one-line description}``: names an Architecture's ``features`` may use
+    beyond porter's own list (:data:`porter.features.FEATURES`). A feature no plugin declares
+    is rejected when the architectures load."""

@@ -454,6 +454,9 @@ def introspect(source: str | Path, *, trust_remote_code: bool = False, module_tr
     ``modules`` and ``runtime_parameters`` stay empty and hparams come from the config and the
     safetensors names alone. Conversion of a model_type a plugin ports needs nothing more.
     """
+    from porter.plugins import register_transformers_classes
+
+    register_transformers_classes(models=module_tree)  # model types plugins define themselves
     kind, value = _resolve_source(source)
     notes: list[str] = []
     with _quiet_transformers():
@@ -518,6 +521,9 @@ def introspect_config(
 
     With no ``checkpoint`` the parameters are those transformers would save for this config.
     """
+    from porter.plugins import register_transformers_classes
+
+    register_transformers_classes(models=True)
     notes = list(notes or [])
     model_type = str(getattr(config, "model_type", "") or "")
     architectures = list(getattr(config, "architectures", None) or [])

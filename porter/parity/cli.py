@@ -39,6 +39,31 @@ def plot(report, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def config_settings(arch_cls, settings) -> dict:
+    """``KEY=VALUE`` strings -> config overrides of ``arch_cls``'s tiny model; keys must be fields of
+    its transformers config (transformers accepts any keyword silently, so a typo would test nothing)."""
+    import difflib
+
+    overrides = {}
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise PorterError(f"--set {item!r}: write KEY=VALUE, e.g. --set clip_qkv=0.5")
+        try:
+            overrides[key] = json.loads(raw)
+        except ValueError:
+            overrides[key] = raw
+    if overrides:
+        fields = set(arch_cls.tiny_config().to_dict())
+        for key in overrides:
+            if key not in fields:
+                close = difflib.get_close_matches(key, sorted(fields), n=3)
+                raise PorterError(f"--set {key}: not a field of the {arch_cls.model_type} config"
+                                  + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    return overrides
+
+
 @click.command("parity")
 @click.argument("model_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--arch", "model_type", help="Instead of a checkpoint: a tiny random model of this model_type "
@@ -54,10 +79,18 @@ def plot(report, path: Path, title: str) -> None:
 @click.option("--against", type=click.Choice(["checkpoint", "gguf"]), default="checkpoint", show_default=True,
               help="Reference weights for transformers: the checkpoint's own, or the values the GGUF stores "
                    "(rounded to --outtype), which leaves only the runtime's own error.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="With --arch: a config field of the tiny model (VALUE read as JSON, else as text); repeatable, "
+                   "e.g. --set clip_qkv=0.5 --set num_hidden_layers=3.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the summary line.")
+<<<<<<< HEAD
 def parity(model_dir, model_type, traced, outtype, prompts, json_path, plot_path, n_greedy, against, quiet):
     """Compare porter with transformers node by node (exit status 1 when over tolerance, 2 when
     the traced path cannot lower the model).
+=======
+def parity(model_dir, model_type, outtype, prompts, json_path, plot_path, n_greedy, against, settings, quiet):
+    """Compare porter with transformers node by node (exit status 1 when over tolerance).
+>>>>>>> issue-12
 
     Every graph node that corresponds to a transformers module output (embeddings, norms,
     attention, MLP, each layer, logits) is compared by NMSE, max-abs error and cosine; the
@@ -69,6 +102,7 @@ def parity(model_dir, model_type, traced, outtype, prompts, json_path, plot_path
     """
     if (model_dir is None) == (model_type is None):
         raise PorterError("give either a checkpoint folder or --arch MODEL_TYPE")
+<<<<<<< HEAD
     source = model_type or str(model_dir)
     sys.exit(run_certificate(source, outtype=outtype, traced=traced, prompts=prompts, n_greedy=n_greedy,
                              against=against, json_path=json_path, plot_path=plot_path, quiet=quiet))
@@ -89,6 +123,10 @@ def run_certificate(source: str, *, outtype: str, traced: bool, prompts, n_greed
     from porter.traced.port import OpGaps
     from porter.traced.report import GapReport
 
+=======
+    if settings and model_type is None:
+        raise PorterError("--set changes the tiny model of --arch; a checkpoint folder keeps its own config.json")
+>>>>>>> issue-12
     console = Console()
     with tempfile.TemporaryDirectory(prefix="porter-parity-") as tmp:
         tmp = Path(tmp)
@@ -107,9 +145,17 @@ def run_certificate(source: str, *, outtype: str, traced: bool, prompts, n_greed
         if announce:
             from porter.port_cli import describe
 
+<<<<<<< HEAD
             describe(console, result, spec_path, quiet)
         if not parity:
             return 0
+=======
+            archs = architectures()
+            if model_type not in archs:
+                raise PorterError(f"no plugin ports {model_type!r}; known: {', '.join(archs)}")
+            model_dir = tiny_checkpoint(archs[model_type], tmp / "ckpt", **config_settings(archs[model_type], settings))
+        convert(model_dir, tmp / "model.gguf", outtype, progress=False)
+>>>>>>> issue-12
         if against == "gguf":
             from porter.parity.same_weights import checkpoint_with_gguf_weights
 

@@ -37,8 +37,9 @@ def reference_class(model_type: str):
     is the final hidden state), AutoModelForCausalLM otherwise."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from porter.plugins import architectures
+    from porter.plugins import architectures, register_transformers_classes
 
+    register_transformers_classes(models=True)
     arch = architectures().get(model_type)
     return AutoModel if arch is not None and not arch.causal else AutoModelForCausalLM
 
@@ -54,6 +55,9 @@ def load_reference(model_dir: str | Path):
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
+    from porter.plugins import register_transformers_classes
+
+    register_transformers_classes(models=True)
     torch.manual_seed(0)
     auto = reference_class(AutoConfig.from_pretrained(model_dir).model_type)
     model = auto.from_pretrained(model_dir, dtype=torch.float32)

@@ -192,5 +192,5 @@ class GraphBuilder:
 
 
 _SIMPLE = {"silu", "gelu_erf", "gelu_tanh", "relu", "sigmoid", "tanh", "exp", "sqr", "sqrt", "cont",
-           "transpose", "sum_rows", "add", "sub", "mul", "div", "mul_mat", "get_rows", "mul_mat_id",
+           "transpose", "sum_rows", "relu2", "add", "sub", "mul", "div", "mul_mat", "get_rows", "mul_mat_id",
            "neg", "abs", "cos", "sin", "log", "recip", "softplus", "gelu_quick", "elu", "step", "cumsum"}

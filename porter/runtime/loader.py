@@ -89,7 +89,8 @@ def load_gguf(path: str | Path, *, n_threads: int | None = None, use_repack: boo
     if missing:
         raise ModelError(f"{path}: tensors the graph needs are missing: {', '.join(missing[:8])}"
                          f"{' ...' if len(missing) > 8 else ''}")
-    inline = {w.name: np.asarray(w.data, dtype=np.float32) for w in spec.weights if w.data is not None}
+    inline = {w.name: np.asarray(w.data, dtype=np.float32).reshape([int(d) for d in w.shape])
+              for w in spec.weights if w.data is not None}  # shapes checked by porter.spec.check
     patterns = repack.matmul_only_weights(spec) if use_repack else set()
     to_repack = set()
     for name in expected:
@@ -114,7 +115,7 @@ def load_gguf(path: str | Path, *, n_threads: int | None = None, use_repack: boo
         gtype = GGMLType.F16 if name in as_f16 else GGMLType(int(rt.tensor_type))
         weights[name] = (rctx if name in to_repack else ctx).new_tensor(gtype, ne, name)
     for name, values in inline.items():
-        weights[name] = ctx.new_tensor(GGMLType.F32, [values.size], name)
+        weights[name] = ctx.new_tensor(GGMLType.F32, list(reversed(values.shape)), name)
     buffer = Buffer(ctx, backend.buffer_type)
     rbuffer = Buffer(rctx, repack.repack_buffer_type()) if to_repack else None
     for name, values in inline.items():

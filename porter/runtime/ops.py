@@ -260,6 +260,10 @@ class Ops:
     def relu(self, a):
         return self._unary("relu", lib.ggml_relu, a)
 
+    def relu2(self, a):
+        """Squared ReLU, ``relu(x)^2`` (exact: both steps are exact in F32)."""
+        return self.sqr(self.relu(a))
+
     def sigmoid(self, a):
         return self._unary("sigmoid", lib.ggml_sigmoid, a)
 

@@ -22,6 +22,7 @@ per-layer boolean: where false the node passes its first input through unchanged
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -53,6 +54,7 @@ for _binary in ("add", "sub", "mul", "div", "mul_mat", "get_rows"):
 _op("mul_mat_id", 3)
 _op("scale", 1, req="s", opt="bias")
 _op("softcap", 1, req="cap")
+_op("relu2", 1)  # relu(x)^2 (Arcee, Nemotron: hidden_act "relu2")
 _op("rms_norm", 1, req="eps")
 _op("norm", 1, req="eps")
 _op("l2_norm", 1, req="eps")
@@ -180,6 +182,10 @@ def check(spec: Spec) -> Spec:
         if i.kind not in INPUT_KINDS:
             problems.append(f"input {i.name!r} has unknown kind {i.kind!r} (known: {', '.join(INPUT_KINDS)})")
     weights = {w.name for w in spec.weights}
+    for w in spec.weights:
+        if w.data is not None and not (all(isinstance(d, int) and d > 0 for d in w.shape) and len(w.shape) <= 4
+                                       and math.prod(w.shape) == len(w.data)):
+            problems.append(f"constant weight {w.name!r}: shape {w.shape} does not hold its {len(w.data)} values")
     defined: set[str] = set()
     loops = [g for g in spec.graph if isinstance(g, Repeat)]
     if len(loops) > 1:

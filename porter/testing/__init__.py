@@ -6,6 +6,6 @@ The pytest plugin (``porter.testing.plugin``) loads automatically once porter is
 """
 
 from porter.testing.parity import PortedPair, assert_cache_consistent, assert_parity, port_tiny, stepped_logits
-from porter.testing.strategies import configs, shapes
+from porter.testing.strategies import MIN_VOCAB, configs, shapes
 
-__all__ = ["PortedPair", "assert_cache_consistent", "assert_parity", "configs", "port_tiny", "shapes", "stepped_logits"]
+__all__ = ["MIN_VOCAB", "PortedPair", "assert_cache_consistent", "assert_parity", "configs", "port_tiny", "shapes", "stepped_logits"]

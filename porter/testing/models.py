@@ -40,5 +40,8 @@ def tiny_checkpoint(arch_cls, directory: Path, seed: int = 0, **overrides) -> Pa
     """Save a tiny random transformers model of ``arch_cls`` (safetensors, float32) into ``directory``."""
     from transformers import AutoModel, AutoModelForCausalLM
 
+    from porter.plugins import register_transformers_classes
+
+    register_transformers_classes(models=True)
     config = arch_cls.tiny_config(**overrides)
     return save_tiny(config, directory, seed, AutoModelForCausalLM if arch_cls.causal else AutoModel)

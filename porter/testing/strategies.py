@@ -13,6 +13,10 @@ from hypothesis import strategies as st
 from porter.plugins import config_space
 
 
+# The smallest vocabulary shapes() draws: token ids below it are valid in every drawn config.
+MIN_VOCAB = 41
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -31,7 +35,7 @@ def shapes(draw) -> dict:
         "head_dim": head_dim,
         "intermediate_size": draw(st.sampled_from([40, 64, 88])),
         "num_hidden_layers": draw(st.integers(1, 3)),
-        "vocab_size": draw(st.integers(20, 150)) * 2 + 1,  # odd sizes
+        "vocab_size": draw(st.integers((MIN_VOCAB - 1) // 2, 150)) * 2 + 1,  # odd sizes, MIN_VOCAB up
         "tie_word_embeddings": draw(st.booleans()),
     }
 

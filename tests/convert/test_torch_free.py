@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from porter.pipeline import convert, needs_torch_to_convert
-from porter.plugins import architectures
+from porter.plugins import architectures, builtin_architectures
 from porter.testing.models import tiny_checkpoint
 
 CLI_LOOP = """
@@ -22,7 +22,7 @@ print(json.dumps({"torch_imported": sys.modules.get("torch") is not None}))
 
 def test_cli_convert_without_torch_writes_the_same_bytes_for_every_plugin(tmp_path):
     jobs = []
-    for model_type, cls in architectures().items():
+    for model_type, cls in builtin_architectures().items():
         ckpt = tiny_checkpoint(cls, tmp_path / model_type)
         assert not needs_torch_to_convert(ckpt)
         convert(ckpt, tmp_path / f"{model_type}.full.gguf", "q8_0", progress=False)

@@ -291,6 +291,8 @@ OPS = {
     "gelu_tanh": lambda g, o: o.gelu_tanh(any_tensor(g)),
     "exp": lambda g, o: o.exp(any_tensor(g)),
     "softcap": lambda g, o: o.softcap(any_tensor(g), 30.0),
+    "clamp": lambda g, o: o.clamp(any_tensor(g), -1.0, float(rng.choice([-2.0, 1.0]))),
+    "relu2": lambda g, o: o.relu2(any_tensor(g)),
     "rope": lambda g, o: o.rope(any_tensor(g), tensor(g, T.I32), int(rng.choice([2, 4, 32])),
                                 int(rng.choice([0, 2])), freq_factors=any_tensor(g) if rng.random() < 0.3 else None),
     "soft_max": lambda g, o: o.soft_max(any_tensor(g), any_tensor(g) if rng.random() < 0.6 else None, 1.0,

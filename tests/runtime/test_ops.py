@@ -120,8 +120,9 @@ _T64 = {
     "exp": torch.exp,
     "sqr": torch.square,
     "sqrt": torch.sqrt,
+    "relu2": lambda x: torch.square(torch.relu(x)),
 }
-_EXACT_UNARY = {"relu", "sqr"}
+_EXACT_UNARY = {"relu", "sqr", "relu2"}
 
 
 @pytest.mark.parametrize("op", sorted(_T64))
@@ -152,6 +153,30 @@ def test_softcap(backend, shape, seed, cap):
     got = run(backend, lambda g: g.ops.softcap(g.input(a), cap)).reshape(shape)
     ref = cap * np.tanh(a.astype(np.float64) / cap)
     check("softcap", max_rel(got, ref), 1e-6)
+
+
+@given(shape=shapes, seed=seeds, lo=st.sampled_from([-8.0, -1.5, 0.0, 0.25]), width=st.sampled_from([0.0, 0.5, 3.0]),
+       mag=magnitudes)
+def test_clamp(backend, shape, seed, lo, width, mag):
+    """Bit-exact against numpy, and the clamped tensor's other readers still see it unclamped
+    (ggml_clamp by itself writes into its input)."""
+    a = (rng_for(seed).standard_normal(shape) * mag * 4).astype(np.float32)
+    hi = lo + width
+
+    def build(g):
+        x = g.ops.scale(g.input(a), 1.0)  # a computed node, as in a graph (inputs are not reused)
+        return [g.ops.clamp(x, lo, hi), g.ops.add(x, x)]
+
+    got, doubled = run(backend, build)
+    exact("clamp", got.reshape(shape), np.clip(a, np.float32(lo), np.float32(hi)))
+    exact("clamp leaves its input alone", doubled.reshape(shape), a + a)
+
+
+def test_clamp_refuses_an_empty_range(backend):
+    from porter.errors import ShapeError
+
+    with pytest.raises(ShapeError, match="min 1.0 is above max -1.0"):
+        run(backend, lambda g: g.ops.clamp(g.input(np.zeros(4, np.float32)), 1.0, -1.0))
 
 
 # -- layout ------------------------------------------------------------------------------------
