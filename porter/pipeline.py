@@ -160,7 +160,8 @@ class PortResult:
     forced: bool = False  # traced although a plugin claims the model (--traced)
 
 
-def resolve_source(source: str, workdir: Path, *, traced: bool = False, revision: str | None = None) -> tuple[Path, bool]:
+def resolve_source(source: str, workdir: Path, *, revision: str | None = None,
+                   overrides: dict | None = None) -> tuple[Path, bool]:
     """(checkpoint folder, is a tiny random instance) for a checkpoint folder, a transformers
     model_type (a tiny random model is built) or a Hugging Face model id (from the local cache,
     or downloaded when the hub is reachable)."""
@@ -170,7 +171,7 @@ def resolve_source(source: str, workdir: Path, *, traced: bool = False, revision
     if path.is_dir():
         return path, False
     if source in CONFIG_MAPPING:
-        return tiny_checkpoint_of(source, workdir / "tiny-ckpt"), True
+        return tiny_checkpoint_of(source, workdir / "tiny-ckpt", **(overrides or {})), True
     if "/" in source and not path.exists():
         return _snapshot(source, revision), False
     raise ModelError(f"{source}: not a checkpoint folder, a transformers model_type or a model id "
@@ -220,11 +221,11 @@ def claimed_by_plugin(model_dir: Path, trust_remote_code: bool = False) -> bool:
 
 def port(source: str, *, out: Path | None = None, outtype: str = "f32", traced: bool = False, workdir: Path,
          force: bool = False, trust_remote_code: bool = False, progress: bool = True,
-         revision: str | None = None) -> PortResult:
+         revision: str | None = None, overrides: dict | None = None) -> PortResult:
     """The one command's work: resolve ``source``, take the declared path if a plugin claims it
     (unless ``traced``), else the traced path (torch.export), and write the GGUF. Raises
     :class:`porter.traced.port.OpGaps` when the traced graph cannot be lowered."""
-    ckpt, tiny = resolve_source(source, workdir, traced=traced, revision=revision)
+    ckpt, tiny = resolve_source(source, workdir, revision=revision, overrides=overrides)
     if out is None:
         out = (workdir if tiny else Path.cwd()) / f"{ckpt.name if not tiny else source}.{outtype}.gguf"
     import json

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -39,9 +40,9 @@ def plot(report, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def config_settings(arch_cls, settings) -> dict:
-    """``KEY=VALUE`` strings -> config overrides of ``arch_cls``'s tiny model; keys must be fields of
-    its transformers config (transformers accepts any keyword silently, so a typo would test nothing)."""
+def config_settings(model_type: str, settings) -> dict:
+    """``KEY=VALUE`` strings -> config overrides of ``model_type``'s tiny model; keys must be fields
+    of its transformers config (transformers accepts any keyword silently, so a typo would test nothing)."""
     import difflib
 
     overrides = {}
@@ -55,11 +56,15 @@ def config_settings(arch_cls, settings) -> dict:
         except ValueError:
             overrides[key] = raw
     if overrides:
-        fields = set(arch_cls.tiny_config().to_dict())
+        from porter.plugins import architectures
+        from porter.traced.tiny import tiny_config
+
+        arch = architectures().get(model_type)
+        fields = set((arch.tiny_config() if arch is not None else tiny_config(model_type)).to_dict())
         for key in overrides:
             if key not in fields:
                 close = difflib.get_close_matches(key, sorted(fields), n=3)
-                raise PorterError(f"--set {key}: not a field of the {arch_cls.model_type} config"
+                raise PorterError(f"--set {key}: not a field of the {model_type} config"
                                   + (f" (did you mean {', '.join(close)}?)" if close else ""))
     return overrides
 
@@ -83,14 +88,9 @@ def config_settings(arch_cls, settings) -> dict:
               help="With --arch: a config field of the tiny model (VALUE read as JSON, else as text); repeatable, "
                    "e.g. --set clip_qkv=0.5 --set num_hidden_layers=3.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the summary line.")
-<<<<<<< HEAD
-def parity(model_dir, model_type, traced, outtype, prompts, json_path, plot_path, n_greedy, against, quiet):
+def parity(model_dir, model_type, traced, outtype, prompts, json_path, plot_path, n_greedy, against, settings, quiet):
     """Compare porter with transformers node by node (exit status 1 when over tolerance, 2 when
     the traced path cannot lower the model).
-=======
-def parity(model_dir, model_type, outtype, prompts, json_path, plot_path, n_greedy, against, settings, quiet):
-    """Compare porter with transformers node by node (exit status 1 when over tolerance).
->>>>>>> issue-12
 
     Every graph node that corresponds to a transformers module output (embeddings, norms,
     attention, MLP, each layer, logits) is compared by NMSE, max-abs error and cosine; the
@@ -102,16 +102,20 @@ def parity(model_dir, model_type, outtype, prompts, json_path, plot_path, n_gree
     """
     if (model_dir is None) == (model_type is None):
         raise PorterError("give either a checkpoint folder or --arch MODEL_TYPE")
-<<<<<<< HEAD
+    if settings and model_type is None:
+        raise PorterError("--set changes the tiny model of --arch; a checkpoint folder keeps its own config.json")
     source = model_type or str(model_dir)
+    overrides = config_settings(model_type, settings) if settings else None
     sys.exit(run_certificate(source, outtype=outtype, traced=traced, prompts=prompts, n_greedy=n_greedy,
-                             against=against, json_path=json_path, plot_path=plot_path, quiet=quiet))
+                             against=against, json_path=json_path, plot_path=plot_path, quiet=quiet,
+                             overrides=overrides))
 
 
 def run_certificate(source: str, *, outtype: str, traced: bool, prompts, n_greedy: int, against: str = "checkpoint",
                     json_path: Path | None = None, plot_path: Path | None = None, quiet: bool = False,
                     out: Path | None = None, force: bool = False, report_path: Path | None = None,
-                    spec_path: Path | None = None, parity: bool = True, announce: bool = False) -> int:
+                    spec_path: Path | None = None, parity: bool = True, announce: bool = False,
+                    overrides: dict | None = None) -> int:
     """Port ``source`` (to a temporary GGUF unless ``out``), compare it with transformers and
     print the certificate; returns the exit status (0 pass, 1 over tolerance, 2 op gaps)."""
     from rich.console import Console
@@ -123,16 +127,12 @@ def run_certificate(source: str, *, outtype: str, traced: bool, prompts, n_greed
     from porter.traced.port import OpGaps
     from porter.traced.report import GapReport
 
-=======
-    if settings and model_type is None:
-        raise PorterError("--set changes the tiny model of --arch; a checkpoint folder keeps its own config.json")
->>>>>>> issue-12
     console = Console()
     with tempfile.TemporaryDirectory(prefix="porter-parity-") as tmp:
         tmp = Path(tmp)
         try:
             result = port(source, out=out or tmp / "model.gguf", outtype=outtype, traced=traced, workdir=tmp,
-                          force=force or out is None, progress=announce and not quiet)
+                          force=force or out is None, progress=announce and not quiet, overrides=overrides)
         except (OpGaps, ExportFailed) as exc:
             model_type = source if "/" not in source and not Path(source).is_dir() else source
             gaps = exc.report if isinstance(exc, OpGaps) else GapReport.export_failed(model_type, str(exc))
@@ -145,17 +145,9 @@ def run_certificate(source: str, *, outtype: str, traced: bool, prompts, n_greed
         if announce:
             from porter.port_cli import describe
 
-<<<<<<< HEAD
             describe(console, result, spec_path, quiet)
         if not parity:
             return 0
-=======
-            archs = architectures()
-            if model_type not in archs:
-                raise PorterError(f"no plugin ports {model_type!r}; known: {', '.join(archs)}")
-            model_dir = tiny_checkpoint(archs[model_type], tmp / "ckpt", **config_settings(archs[model_type], settings))
-        convert(model_dir, tmp / "model.gguf", outtype, progress=False)
->>>>>>> issue-12
         if against == "gguf":
             from porter.parity.same_weights import checkpoint_with_gguf_weights
 
