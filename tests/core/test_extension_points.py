@@ -284,7 +284,6 @@ def test_parity_set_errors(args, message):
 def test_parity_set_values_are_json_or_text():
     from porter.parity.cli import config_settings
 
-    olmo = plugins.architectures()["olmo"]
-    assert config_settings(olmo, ["clip_qkv=0.5", "hidden_act=relu2", 'rope_parameters={"rope_type": "default", '
+    assert config_settings("olmo", ["clip_qkv=0.5", "hidden_act=relu2", 'rope_parameters={"rope_type": "default", '
                                   '"rope_theta": 100.0}']) == {
         "clip_qkv": 0.5, "hidden_act": "relu2", "rope_parameters": {"rope_type": "default", "rope_theta": 100.0}}
