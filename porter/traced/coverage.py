@@ -45,7 +45,7 @@ def measure(model_type: str, seed: int = 0) -> dict:
             out.update(status="export", gap=str(exc)[:400])
             return _done(out, t0)
         except Exception as exc:  # noqa: BLE001 - recorded, not raised: this is a survey
-            out.update(status="error", gap=f"{type(exc).__name__}: {str(exc)[:400]}")
+            out.update(status="error", gap=f"{type(exc).__name__}: {str(exc)[:400]}", where=_where(exc))
             return _done(out, t0)
         with pair:
             try:
@@ -62,6 +62,15 @@ def measure(model_type: str, seed: int = 0) -> dict:
             except Exception as exc:  # noqa: BLE001
                 out.update(status="error", gap=f"{type(exc).__name__}: {str(exc)[:400]}")
     return _done(out, t0)
+
+
+def _where(exc: BaseException) -> str:
+    """file:line of the innermost porter frame of a traceback (for the survey's error column)."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/porter/" in f.filename]
+    f = frames[-1] if frames else None
+    return f"{Path(f.filename).name}:{f.lineno} {f.name}" if f else ""
 
 
 def _done(out: dict, t0: float) -> dict:

@@ -524,31 +524,27 @@ class Lowering:
                        gaps=self.gaps)
 
     def root_gaps(self, gap: Gap) -> list[Gap]:
-        """Every gap the output depends on (each GapVal reachable from the failing node)."""
-        found: dict[str, Gap] = {}
-        stack = [gap.node] if gap.node is not None else []
+        """The gaps the output really depends on: follow failed values (GapVal) back from the
+        failing node to those whose own inputs lowered fine. Failed values that a pattern
+        bypassed are not on this path."""
+        start = gap.node
+        if start is None:
+            return [gap]
+        roots: dict[str, Gap] = {}
         seen = set()
+        stack = [start]
         while stack:
             n = stack.pop()
-            if n is None or n.name in seen:
+            if n.name in seen:
                 continue
             seen.add(n.name)
+            failed = [a for a in n.all_input_nodes if isinstance(self.vals.get(a.name), GapVal)]
+            if failed:
+                stack.extend(failed)
+                continue
             v = self.vals.get(n.name)
-            if isinstance(v, GapVal):
-                g = v.gap
-                if g.node is not None and g.node.name == n.name or g.node is None:
-                    found.setdefault(n.name, g)
-            stack.extend(n.all_input_nodes)
-        if not found:
-            found[gap.node.name if gap.node is not None else "?"] = gap
-        # keep the earliest gaps: those whose own inputs lowered fine
-        roots = []
-        for name, g in found.items():
-            node = g.node
-            upstream = node is not None and any(isinstance(self.vals.get(a.name), GapVal) for a in node.all_input_nodes)
-            if not upstream:
-                roots.append(g)
-        return roots or list(found.values())
+            roots.setdefault(n.name, v.gap if isinstance(v, GapVal) else gap)
+        return list(roots.values()) or [gap]
 
 
 def _attr(v):
