@@ -161,7 +161,7 @@ class PortResult:
 
 
 def resolve_source(source: str, workdir: Path, *, revision: str | None = None,
-                   overrides: dict | None = None) -> tuple[Path, bool]:
+                   overrides: dict | None = None, traced: bool = False) -> tuple[Path, bool]:
     """(checkpoint folder, is a tiny random instance) for a checkpoint folder, a transformers
     model_type (a tiny random model is built) or a Hugging Face model id (from the local cache,
     or downloaded when the hub is reachable)."""
@@ -171,21 +171,22 @@ def resolve_source(source: str, workdir: Path, *, revision: str | None = None,
     if path.is_dir():
         return path, False
     if source in CONFIG_MAPPING:
-        return tiny_checkpoint_of(source, workdir / "tiny-ckpt", **(overrides or {})), True
+        return tiny_checkpoint_of(source, workdir / "tiny-ckpt", traced=traced, **(overrides or {})), True
     if "/" in source and not path.exists():
         return _snapshot(source, revision), False
     raise ModelError(f"{source}: not a checkpoint folder, a transformers model_type or a model id "
                      "(organisation/name)")
 
 
-def tiny_checkpoint_of(model_type: str, directory: Path, seed: int = 0, **overrides) -> Path:
+def tiny_checkpoint_of(model_type: str, directory: Path, seed: int = 0, traced: bool = False, **overrides) -> Path:
     """A tiny random checkpoint of any model type: the declared plugin's tiny config when a plugin
-    names the type, else the config class's defaults shrunk (porter.traced.tiny)."""
+    names the type (for the traced path only a causal one: it traces causal LMs), else the config
+    class's defaults shrunk (porter.traced.tiny)."""
     from porter.plugins import architectures
     from porter.testing.models import save_tiny, tiny_checkpoint
 
     arch = architectures().get(model_type)
-    if arch is not None:
+    if arch is not None and (arch.causal or not traced):
         return tiny_checkpoint(arch, directory, seed=seed, **overrides)
     from porter.traced.tiny import tiny_config
 
@@ -225,7 +226,7 @@ def port(source: str, *, out: Path | None = None, outtype: str = "f32", traced: 
     """The one command's work: resolve ``source``, take the declared path if a plugin claims it
     (unless ``traced``), else the traced path (torch.export), and write the GGUF. Raises
     :class:`porter.traced.port.OpGaps` when the traced graph cannot be lowered."""
-    ckpt, tiny = resolve_source(source, workdir, revision=revision, overrides=overrides)
+    ckpt, tiny = resolve_source(source, workdir, revision=revision, overrides=overrides, traced=traced)
     if out is None:
         out = (workdir if tiny else Path.cwd()) / f"{ckpt.name if not tiny else source}.{outtype}.gguf"
     import json

@@ -152,9 +152,9 @@ def run_certificate(source: str, *, outtype: str, traced: bool, prompts, n_greed
             from porter.parity.same_weights import checkpoint_with_gguf_weights
 
             checkpoint_with_gguf_weights(result.checkpoint, result.plan, result.gguf, tmp / "gguf-weights")
-            hf, tok = load_reference(tmp / "gguf-weights")
+            hf, tok = load_reference(tmp / "gguf-weights", traced=result.route == "traced")
         else:
-            hf, tok = load_reference(result.checkpoint)
+            hf, tok = load_reference(result.checkpoint, traced=result.route == "traced")
         reports = certificate.measure(hf, tok, result.gguf, outtype, prompts, n_greedy)
     weights = "the GGUF's weights" if against == "gguf" else "the checkpoint's weights"
     name = source if result.tiny else Path(str(source)).name

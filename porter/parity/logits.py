@@ -32,14 +32,17 @@ class PromptParity:
         return d
 
 
-def reference_class(model_type: str):
+def reference_class(model_type: str, traced: bool = False):
     """The transformers Auto class porter compares with: AutoModel for encoders (whose output
-    is the final hidden state), AutoModelForCausalLM otherwise."""
+    is the final hidden state), AutoModelForCausalLM otherwise (always for a traced port, which
+    traces the causal-LM class)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     from porter.plugins import architectures, register_transformers_classes
 
     register_transformers_classes(models=True)
+    if traced:
+        return AutoModelForCausalLM
     arch = architectures().get(model_type)
     return AutoModel if arch is not None and not arch.causal else AutoModelForCausalLM
 
@@ -50,8 +53,9 @@ def model_output(out):
     return out.last_hidden_state if logits is None else logits
 
 
-def load_reference(model_dir: str | Path):
-    """The transformers model in float32, eval mode, and its tokenizer."""
+def load_reference(model_dir: str | Path, traced: bool = False):
+    """The transformers model in float32, eval mode, and its tokenizer (the causal-LM class for
+    a traced port)."""
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
@@ -59,7 +63,7 @@ def load_reference(model_dir: str | Path):
 
     register_transformers_classes(models=True)
     torch.manual_seed(0)
-    auto = reference_class(AutoConfig.from_pretrained(model_dir).model_type)
+    auto = reference_class(AutoConfig.from_pretrained(model_dir).model_type, traced=traced)
     model = auto.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     tok = AutoTokenizer.from_pretrained(model_dir) if (Path(model_dir) / "tokenizer.json").exists() else None

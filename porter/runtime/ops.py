@@ -294,6 +294,10 @@ class Ops:
     def log(self, a):
         return self._unary("log", lib.ggml_log, a)
 
+    def expm1(self, a):
+        """exp(a) - 1, accurate near 0."""
+        return self._unary("expm1", lib.ggml_expm1, a)
+
     def softplus(self, a):
         return self._unary("softplus", lib.ggml_softplus, a)
 

@@ -21,7 +21,7 @@ class PortedPair:
 
         self.checkpoint, self.gguf, self.outtype = checkpoint, gguf, outtype
         self.porter = porter.load(gguf, n_threads=None, n_ctx=n_ctx)
-        auto = reference_class(self.porter.spec.architecture)
+        auto = reference_class(self.porter.spec.architecture, traced="traced" in self.porter.spec.produced_by)
         self.hf = auto.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
     def close(self):
@@ -124,7 +124,7 @@ def port_tiny_traced(model_type: str, overrides: dict | None = None, directory: 
 
     directory = Path(directory or tempfile.mkdtemp(prefix="porter-traced-"))
     if config is None:
-        arch = architectures().get(model_type)
+        arch = architectures().get(model_type)  # an encoder plugin's tiny config is not a decoder's
         config = arch.tiny_config(**(overrides or {})) if arch is not None and arch.causal else \
             tiny_config(model_type, **(overrides or {}))
     ckpt = save_tiny(config, directory / "ckpt", seed)

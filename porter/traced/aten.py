@@ -42,7 +42,7 @@ def _arg(node, i, name, default=None):
 def _float_val(v: Val, what: str) -> Val:
     if not isinstance(v, Val):
         raise Gap(what, f"expected a tensor, got {v!r}")
-    if v.dtype is not None and v.dtype not in _FLOATS:
+    if v.dtype is not None and v.dtype not in _FLOATS and v.dtype != torch.bool:
         raise Gap(what, f"{str(v.dtype).replace('torch.', '')} tensor on the data path (porter computes in float32)")
     return v
 
@@ -193,6 +193,10 @@ def to_copy(lw, node):
         dtype = lw.meta_dtype(node)
     if _scalar(v) is not None:
         return v
+    if v.dtype == torch.bool and dtype in _FLOATS:
+        return v.with_(dtype=F32)  # booleans are held as 0/1 floats already
+    if dtype == torch.bool and v.dtype in _FLOATS:
+        return ne_zero(lw, v)
     if v.dtype == dtype or (dtype in _FLOATS and v.dtype in (torch.float32, torch.float64) and dtype in (torch.float32, torch.float64)):
         return v.with_(dtype=dtype if dtype != torch.float64 else v.dtype)
     if dtype in (torch.float16, torch.bfloat16) and v.dtype == F32:
@@ -303,7 +307,14 @@ def embedding(lw, node):
     """``get_rows`` of the table by the token ids (or by the positions, for learned position
     embeddings)"""
     w = lw.val(node.args[0])
-    ids = lw.val(node.args[1])
+    ids = patterns.positions_from_tokens(lw, node.args[1]) or lw.val(node.args[1])
+    if isinstance(ids, Val) and ids.meta.get("fill") is not None:
+        # one row for every position (token types of a single segment): a broadcast row
+        c = int(ids.meta["fill"])
+        row = lw.emit("slice", [w], {"dim": 1, "start": c, "length": 1}, shape=(1, w.shape[1]), kind="weight",
+                      dense=False)
+        shape = tuple(ids.shape) + (w.shape[1],)
+        return Val(None, shape, F32, kind="weight", expand=lw.reshape(lw.contiguous(row), (1,) * len(ids.shape) + (w.shape[1],)))
     if not isinstance(ids, Val) or ids.tensor not in ("tokens", "positions") and not ids.meta.get("rows_of"):
         raise Gap("aten.embedding.default", "embedding looked up by something other than token ids or positions")
     table = w
@@ -359,7 +370,7 @@ _UNARY = {
     "aten.tanh.default": "tanh", "aten.exp.default": "exp", "aten.log.default": "log", "aten.abs.default": "abs",
     "aten.neg.default": "neg", "aten.sqrt.default": "sqrt", "aten.sin.default": "sin", "aten.cos.default": "cos",
     "aten.reciprocal.default": "recip", "aten.softplus.default": "softplus", "aten.elu.default": "elu",
-    "aten.square.default": "sqr",
+    "aten.square.default": "sqr", "aten.expm1.default": "expm1",
 }
 
 
@@ -937,6 +948,128 @@ def full_like(lw, node):
     if value is None:
         value = float(node.args[1])
     return lw.emit("fill", [lw.contiguous(v)], {"value": value}, shape=v.shape)
+
+
+# -- comparisons and selection: booleans are 0/1 floats -------------------------------------------
+BIG = float(torch.finfo(torch.float32).max)
+
+
+def _bool(v: Val) -> Val:
+    return v.with_(dtype=torch.bool)
+
+
+def ne_zero(lw, v: Val) -> Val:
+    return _bool(elementwise(lw, elementwise(lw, v, "abs"), "step"))
+
+
+def _diff(lw, a, b):
+    return binary(lw, "sub", a, b)
+
+
+def _compare(lw, op: str, a, b) -> Val:
+    """a OP b as 0/1: ``step`` (1 where its input is > 0) of a difference."""
+    if op == "gt":
+        return _bool(elementwise(lw, _diff(lw, a, b), "step"))
+    if op == "lt":
+        return _bool(elementwise(lw, _diff(lw, b, a), "step"))
+    if op == "ge":
+        return _bool(scale(lw, elementwise(lw, _diff(lw, b, a), "step"), -1.0, 1.0))
+    if op == "le":
+        return _bool(scale(lw, elementwise(lw, _diff(lw, a, b), "step"), -1.0, 1.0))
+    if op == "ne":
+        return ne_zero(lw, _diff(lw, a, b))
+    if op == "eq":
+        return _bool(scale(lw, ne_zero(lw, _diff(lw, a, b)), -1.0, 1.0))
+    raise Gap(op, "comparison")
+
+
+@lowers("aten.gt.Scalar", "aten.gt.Tensor", "aten.lt.Scalar", "aten.lt.Tensor", "aten.ge.Scalar", "aten.ge.Tensor",
+        "aten.le.Scalar", "aten.le.Tensor", "aten.eq.Scalar", "aten.eq.Tensor", "aten.ne.Scalar", "aten.ne.Tensor")
+def compare(lw, node):
+    """0/1 floats from ``step`` of a difference (``gt``: step(a - b); ``eq``: 1 - step(|a - b|))"""
+    a, b = lw.val(node.args[0]), lw.val(node.args[1])
+    op = str(node.target).split(".")[1]
+    if _scalar(a) is not None and _scalar(b) is not None:
+        fn = {"gt": operator.gt, "lt": operator.lt, "ge": operator.ge, "le": operator.le, "eq": operator.eq,
+              "ne": operator.ne}[op]
+        return Val(None, (), torch.bool, scalar=float(fn(_scalar(a), _scalar(b))))
+    return _compare(lw, op, a, b)
+
+
+@lowers("aten.logical_not.default", "aten.bitwise_not.default")
+def logical_not(lw, node):
+    """``1 - m``"""
+    v = lw.val(node.args[0])
+    if v.meta.get("mask") is not None:
+        return v.with_(meta={"mask": dict(v.meta["mask"], inverted=not v.meta["mask"].get("inverted", False))})
+    return _bool(scale(lw, v, -1.0, 1.0))
+
+
+@lowers("aten.logical_and.default", "aten.bitwise_and.Tensor", "aten.__and__.Tensor", "aten.mul.Tensor_bool")
+def logical_and(lw, node):
+    """``m1 * m2``"""
+    return _bool(binary(lw, "mul", lw.val(node.args[0]), lw.val(node.args[1])))
+
+
+@lowers("aten.logical_or.default", "aten.bitwise_or.Tensor", "aten.__or__.Tensor")
+def logical_or(lw, node):
+    """``m1 + m2 - m1 * m2``"""
+    a, b = lw.val(node.args[0]), lw.val(node.args[1])
+    return _bool(binary(lw, "sub", binary(lw, "add", a, b), binary(lw, "mul", a, b)))
+
+
+def select_where(lw, c, a, b) -> Val:
+    """torch.where(c, a, b) with c a 0/1 float: ``c*a + (1-c)*b``; an infinite (or float32-extreme)
+    branch is ``other -/+ (1 or 0)*BIG``, which keeps the other branch exact and never makes 0*inf.
+    A traced attention mask choosing between the scores and -inf is porter's runtime mask."""
+    from porter.traced import patterns
+
+    sa, sb = _scalar(a), _scalar(b)
+    if isinstance(c, Val) and c.meta.get("mask") is not None:
+        inv = c.meta["mask"].get("inverted", False)
+        keep, fill = (b, sa) if inv else (a, sb)
+        if fill is not None and fill <= -BIG / 2:
+            mask = patterns.runtime_mask(lw, c.with_(meta={"mask": {k: v for k, v in c.meta["mask"].items()
+                                                                      if k != "inverted"}}))
+            return binary(lw, "add", keep, mask)
+        raise Gap("aten.where.self", "an attention mask selecting something else than -inf")
+    if _scalar(c) is not None:
+        return a if _scalar(c) else b
+    c = _float_val(c, "where")
+    if sb is not None and abs(sb) >= BIG / 2:
+        return binary(lw, "add", a, binary(lw, "mul", scale(lw, c, -1.0, 1.0), -BIG if sb < 0 else BIG))
+    if sa is not None and abs(sa) >= BIG / 2:
+        return binary(lw, "add", b, binary(lw, "mul", c, -BIG if sa < 0 else BIG))
+    return binary(lw, "add", binary(lw, "mul", c, a), binary(lw, "mul", scale(lw, c, -1.0, 1.0), b))
+
+
+@lowers("aten.where.self", "aten.where.ScalarSelf", "aten.where.ScalarOther", "aten.where.Scalar")
+def where(lw, node):
+    """``c*a + (1-c)*b`` (see :func:`select_where`)"""
+    return select_where(lw, lw.val(node.args[0]), lw.val(node.args[1]), lw.val(node.args[2]))
+
+
+@lowers("aten.masked_fill.Scalar", "aten.masked_fill.Tensor")
+def masked_fill(lw, node):
+    """``where(mask, value, x)``"""
+    return select_where(lw, lw.val(node.args[1]), lw.val(node.args[2]), lw.val(node.args[0]))
+
+
+@lowers("aten.minimum.default", "aten.min.other", "aten.maximum.default", "aten.max.other")
+def min_max(lw, node):
+    """``clamp`` against a number; ``a - relu(a - b)`` / ``a + relu(b - a)`` between tensors"""
+    a, b = lw.val(node.args[0]), lw.val(node.args[1])
+    is_min = str(node.target) in ("aten.minimum.default", "aten.min.other")
+    sa, sb = _scalar(a), _scalar(b)
+    if sa is not None and sb is not None:
+        return Val(None, (), F32, scalar=min(sa, sb) if is_min else max(sa, sb))
+    if sa is not None:
+        a, b, sa, sb = b, a, sb, sa
+    if sb is not None:
+        return elementwise(lw, a, "clamp", {"min": -BIG, "max": sb} if is_min else {"min": sb, "max": BIG})
+    if is_min:
+        return binary(lw, "sub", a, elementwise(lw, binary(lw, "sub", a, b), "relu"))
+    return binary(lw, "add", a, elementwise(lw, binary(lw, "sub", b, a), "relu"))
 
 
 @lowers("aten.scaled_dot_product_attention.default")

@@ -52,6 +52,10 @@ class AuxAnalysis:
         if n_seq == 0:
             return self._constant(self.concrete(node), node)
         value = self.concrete(node)
+        if not value.is_floating_point() and value.numel() and bool((value == value.reshape(-1)[0]).all()) \
+                and value.dtype != torch.bool:
+            # the same integer everywhere (token type ids of a single segment): usable as an index
+            return Val(None, shape, value.dtype, meta={"fill": int(value.reshape(-1)[0])})
         if n_seq == 1 and not value.is_floating_point():
             offset = _position_offset(value)
             if offset is not None:
@@ -69,6 +73,9 @@ class AuxAnalysis:
         if value.dim() == 0 or value.numel() == 1 and value.dim() <= 1:
             return Val(None, (), F32, scalar=float(value.reshape(()).item()))
         if not value.is_floating_point():
+            flat = value.reshape(-1)
+            if value.dtype != torch.bool and bool((flat == flat[0]).all()):
+                return Val(None, tuple(value.shape), value.dtype, meta={"fill": int(flat[0])})
             raise Gap(_target(node), f"integer constant {list(value.shape)} on the data path", node)
         if value.numel() > MAX_INLINE:
             raise Gap(_target(node), f"computed constant of {value.numel()} elements (porter carries at most "
@@ -108,6 +115,17 @@ class AuxAnalysis:
         window = int(visible[-1].sum())
         if 0 < window < n_q and torch.equal(visible, causal & (k > q - window)):
             return {"kind": "sliding", "window": window}
+        if v.dtype == torch.bool and not getattr(self, "_inverting", False):
+            # a mask of the positions to hide (masked_fill(scores, ~visible, -inf))
+            self._inverting = True
+            try:
+                kind = self.mask_kind(node, ~v)
+            except Gap:
+                kind = None
+            finally:
+                self._inverting = False
+            if kind is not None:
+                return dict(kind, inverted=True)
         raise Gap(_target(node), "an attention mask that is neither causal, full nor a sliding window "
                                  f"({int(visible.sum())} of {visible.numel()} visible)", node)
 

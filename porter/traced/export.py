@@ -51,8 +51,9 @@ class Trace:
     meta: bool  # weights on the meta device (only weight-free nodes can be evaluated)
     buffers: dict  # buffer / constant values on the CPU, by placeholder name
     parameters: dict  # placeholder name -> state_dict name
-    aliases: dict  # state_dict name -> the name the checkpoint stores it under (tied weights)
+    aliases: dict  # state_dict name -> the one name porter uses for a parameter shared under several (tied)
     parameter_values: dict = field(default_factory=dict)  # placeholder -> CPU tensor (real weights only)
+    tie_groups: dict = field(default_factory=dict)  # porter's name of a tied parameter -> all its names
     _values: dict | None = None
 
     # -- evaluation --------------------------------------------------------------------------
@@ -130,20 +131,10 @@ def _quiet():
 
 
 def prepare_config(config):
-    """The config as traced: no KV cache, SDPA attention where the model supports it."""
+    """The config as traced: a copy (the export itself switches the KV cache off)."""
     config = config.__class__.from_dict(config.to_dict())
     config.use_cache = False
-    if hasattr(config, "is_decoder") and getattr(config, "add_cross_attention", False) is False \
-            and config.model_type in _ENCODER_STYLE_DECODERS:
-        config.is_decoder = True  # BERT-style LM heads attend both ways unless told they decode
     return config
-
-
-# BERT-style architectures whose causal-LM class is a decoder only with ``is_decoder=True``.
-_ENCODER_STYLE_DECODERS = {
-    "bert", "bert-generation", "big_bird", "camembert", "data2vec-text", "electra", "ernie", "megatron-bert",
-    "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "xlm-roberta", "xlm-roberta-xl", "xmod",
-}
 
 
 def _causal_lm_class(config):
@@ -200,7 +191,10 @@ def export_model(model, config, *, meta: bool) -> Trace:
     device = "meta" if meta else "cpu"
     vocab = int(getattr(config, "vocab_size", 0) or 2)
     g = torch.Generator().manual_seed(1)
-    example = torch.randint(0, max(2, min(vocab, 1000)), (1, EXAMPLE_TOKENS), generator=g)
+    # ids above the special tokens (pad, bos, eos usually sit at the start): a model that computes
+    # positions from the ids (RoBERTa skips padding) sees an unpadded input, as porter's always is
+    low = min(8, max(0, vocab - 2))
+    example = torch.randint(low, max(low + 2, min(vocab, 1000)), (1, EXAMPLE_TOKENS), generator=g)
     max_len = int(getattr(config, "max_position_embeddings", 0) or 4096)
     errors = []
     program, static = None, False
@@ -258,7 +252,8 @@ def _trace(program, static, model, config, example, meta) -> Trace:
     parameter_values = {} if meta else {ph: state[name].detach() for ph, name in parameters.items() if name in state}
     return Trace(program=program, config=config, model_class=type(model).__name__, example=example,
                  seq_symbols=frozenset(symbols), static=static, meta=meta, buffers=buffers,
-                 parameters=parameters, aliases=tied_aliases(model), parameter_values=parameter_values)
+                 parameters=parameters, aliases=tied_aliases(model), parameter_values=parameter_values,
+                 tie_groups=tie_groups(model))
 
 
 def _user_inputs(program) -> set[str]:
@@ -283,6 +278,15 @@ def tied_aliases(model) -> dict:
         else:
             first[key] = name
     return aliases
+
+
+def tie_groups(model) -> dict:
+    """porter's name of each tied parameter -> every name it goes by (the checkpoint stores one
+    of them: which one is found at conversion)."""
+    groups: dict = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return {names[0]: names for names in groups.values() if len(names) > 1}
 
 
 def trace(config, *, meta: bool = False, seed: int = 0, model=None) -> Trace:

@@ -518,6 +518,32 @@ def _shared_heads(v: Val) -> Val:
     return v
 
 
+# -- positions computed from the token ids ------------------------------------------------------
+def positions_from_tokens(lw, ids_node):
+    """Position ids the model derives from the token ids (RoBERTa: cumsum of ``ids != pad``, plus
+    the padding index) are porter's positions plus that offset, porter never padding its input.
+    Recognised by value on the example (which holds no padding token)."""
+    from porter.traced.aux import _position_offset
+
+    if _node(ids_node) is None or ids_node.op != "call_function" or lw.deps.get(ids_node.name) != "data":
+        return None
+    values = lw.trace.evaluate(only={ids_node.name})
+    value = values.get(ids_node.name)
+    if value is None or value.is_floating_point():
+        return None
+    offset = _position_offset(value)
+    if offset is None:
+        flat = value.reshape(-1)
+        if flat.numel() and bool((flat == flat[0]).all()):
+            # one index for every token (token types gathered from an all-zero buffer)
+            return Val(None, lw.meta_shape(ids_node), value.dtype, meta={"fill": int(flat[0])})
+        return None
+    pos = lw.input("positions", "positions", lw.meta_shape(ids_node), torch.int32)
+    if offset:
+        pos.meta["offset"] = offset
+    return pos
+
+
 # -- mixture of experts (batched_mm) ----------------------------------------------------------
 def topk(lw, node):
     """topk(x, k) over the last dimension: indices by ``top_k``, values by ``get_rows``."""

@@ -61,6 +61,8 @@ class TracedPort:
             names = [w.name.format(L=i) for i in range(int(spec.hparams["n_layer"]))] if w.layered else [w.name]
             for n in names:
                 src = sources.get(n)
+                if src is None:  # a tied parameter stored under another of its names
+                    src = next((sources[a] for a in self.trace.tie_groups.get(n, []) if a in sources), None)
                 if src is None:
                     missing.append(n)
                     continue

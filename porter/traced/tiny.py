@@ -52,7 +52,12 @@ LAYERS = 2
 # fields of the per-layer-list kind whose length follows num_hidden_layers
 PER_LAYER_KINDS = (list, tuple)
 
+# BERT-style architectures whose causal-LM head attends both ways unless told it decodes
+ENCODER_STYLE = ("bert", "bert-generation", "big_bird", "camembert", "data2vec-text", "electra", "ernie",
+                 "megatron-bert", "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "xlm-roberta",
+                 "xlm-roberta-xl", "xmod")
 FIXUPS: dict[str, dict[str, Any]] = {
+    **{t: {"is_decoder": True} for t in ENCODER_STYLE},
     "cohere_compass_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
     "dbrx": {"attn_config": {"clip_qkv": None, "kv_n_heads": 2, "rope_theta": 10000.0}},
     "lfm2_moe": {"layer_types": None},
