@@ -302,7 +302,11 @@ class Ops:
         return self._unary("softplus", lib.ggml_softplus, a)
 
     def gelu_quick(self, a):
-        return self._unary("gelu_quick", lib.ggml_gelu_quick, a)
+        """x * sigmoid(1.702 x), composed from F32 ops (ggml_gelu_quick reads an fp16 table, ~4e-3 off)."""
+        _require_f32("gelu_quick", a)
+        _require_dense("gelu_quick", a)
+        x = a if _packed(a) else self.cont(a)
+        return self.mul(x, self.sigmoid(self.scale(x, 1.702)))
 
     def elu(self, a):
         return self._unary("elu", lib.ggml_elu, a)
@@ -313,6 +317,8 @@ class Ops:
 
     def recip(self, a):
         """1 / a (ggml has no reciprocal: a tensor of ones divided by a)."""
+        _require_f32("recip", a)
+        _require_dense("recip", a)
         return self.div(self.fill(a, 1.0), a)
 
     def clamp(self, a, lo: float, hi: float):
@@ -437,6 +443,10 @@ class Ops:
         n = int(a.ne[dim])
         if step < 1 or start < 0 or length < 1 or start + (length - 1) * step >= n:
             raise _fail("slice", f"window start={start} length={length} step={step} does not fit ne[{dim}]={n}", a)
+        if a.nb[0] != lib.ggml_type_size(a.type):
+            # a permuted source whose ne[0] is not adjacent in memory: ggml views always take
+            # ne[0] dense (ggml_view_4d sets nb[0] to the element size), so copy it first
+            a = self.cont(a)
         ne = [int(a.ne[i]) for i in range(4)]
         ne[dim] = length
         nb = [int(a.nb[i]) for i in range(4)]
@@ -458,9 +468,11 @@ class Ops:
     def repeat(self, a, ne: Sequence[int]):
         """Tile ``a`` to ``ne`` (each dimension a multiple of a's)."""
         ne = [int(n) for n in ne] + [1] * (4 - len(ne))
-        if len(ne) > 4 or any(n <= 0 or n % int(a.ne[i]) for i, n in enumerate(ne)):
+        if len(ne) > 4 or any(n <= 0 or a.ne[i] <= 0 or n % int(a.ne[i]) for i, n in enumerate(ne)):
             raise _fail("repeat", f"every dimension of {ne} must be a positive multiple of the input's", a)
         _require_f32("repeat", a)
+        if a.nb[0] != lib.ggml_type_size(a.type):  # ggml's kernel asserts adjacent row elements (abort)
+            a = self.cont(a)
         return lib.ggml_repeat_4d(self.c, a, *ne)
 
     def pad(self, a, pads: Sequence[int]):
