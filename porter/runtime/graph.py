@@ -23,19 +23,28 @@ def cache_widths(spec: Spec, which: str) -> list[int]:
     return widths
 
 
+def cache_names(spec: Spec) -> list[str]:
+    """The caches a spec's layers keep: k and v, plus k1, v1, ... for layers that attend more than
+    once to different keys or values (``kv_width_k1``...)."""
+    extra = sorted(k[len("kv_width_"):] for k in spec.hparams if k.startswith("kv_width_") and k not in
+                   ("kv_width_k", "kv_width_v"))
+    return ["k", "v"] + extra
+
+
 class KVCache:
-    """Per-layer K and V tensors, ne [width, n_ctx], in one backend buffer (None for a layer
-    without attention)."""
+    """Per-layer cache tensors (K, V, and any extra ones), ne [width, n_ctx], in one backend
+    buffer (None for a layer without that cache)."""
 
     def __init__(self, backend, spec: Spec, n_ctx: int, gtype: GGMLType = GGMLType.F32):
         from porter.runtime.core import Buffer, Context
 
         self.n_ctx = n_ctx
         self.n_layer = int(spec.hparams["n_layer"])
-        wk, wv = cache_widths(spec, "k"), cache_widths(spec, "v")
-        self.ctx = Context(max(1, sum(w > 0 for w in wk + wv)))
-        self.k = [self.ctx.new_tensor(gtype, [w, n_ctx], f"cache_k_l{i}") if w else None for i, w in enumerate(wk)]
-        self.v = [self.ctx.new_tensor(gtype, [w, n_ctx], f"cache_v_l{i}") if w else None for i, w in enumerate(wv)]
+        widths = {name: cache_widths(spec, name) for name in cache_names(spec)}
+        self.ctx = Context(max(1, sum(w > 0 for ws in widths.values() for w in ws)))
+        self.caches = {name: [self.ctx.new_tensor(gtype, [w, n_ctx], f"cache_{name}_l{i}") if w else None
+                              for i, w in enumerate(ws)] for name, ws in widths.items()}
+        self.k, self.v = self.caches["k"], self.caches["v"]
         self.buffer = Buffer(self.ctx, backend.buffer_type)
         lib.ggml_backend_buffer_clear(self.buffer.ptr, 0)
         self.n_past = 0  # positions 0..n_past-1 hold valid entries
@@ -179,7 +188,9 @@ class GraphBuilder:
         o = self.ops
         if layer is None or not 0 <= layer < self.kv.n_layer:
             raise SpecError(f"kv_store outside the layer loop needs a layer attribute (got {layer})")
-        cache = (self.kv.k if which == "k" else self.kv.v)[layer]
+        if which not in self.kv.caches:
+            raise SpecError(f"kv_store: no cache named {which!r} (the spec states kv_width_{which})")
+        cache = self.kv.caches[which][layer]
         if cache is None:
             raise SpecError(f"kv_store: layer {layer} has no {which.upper()} cache (its kv_width_{which} is 0)")
         if x.ne[0] * x.ne[1] != cache.ne[0]:

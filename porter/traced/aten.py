@@ -269,7 +269,7 @@ def _product_batch(a, b) -> tuple:
 def matmul(lw, node):
     """``mul_mat`` of the transposed right operand and the left one"""
     a, b = lw.val(node.args[0]), lw.val(node.args[1])
-    if a.meta.get("experts") is not None:
+    if a.meta.get("experts") is not None or b.meta.get("experts") is not None:
         return patterns.expert_product(lw, a, b, node)
     if a.rank == 1 or b.rank == 1:
         raise Gap(str(node.target), "matrix-vector products")
@@ -397,6 +397,15 @@ def _python_unary(target: str, s: float) -> float:
     if target not in fns:
         raise Gap(target, "on a constant")
     return fns[target](s)
+
+
+@lowers("aten.log1p.default")
+def log1p(lw, node):
+    """``log(1 + x)``"""
+    v = lw.val(node.args[0])
+    if _scalar(v) is not None:
+        return Val(None, (), F32, scalar=math.log1p(_scalar(v)))
+    return elementwise(lw, scale(lw, v, 1.0, 1.0), "log")
 
 
 @lowers("aten.rsqrt.default")

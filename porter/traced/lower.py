@@ -116,8 +116,7 @@ class Lowered:
     output: str
     causal: bool
     n_layer: int
-    kv_width_k: list[int]
-    kv_width_v: list[int]
+    kv_widths: dict[str, list[int]]  # cache name (k, v, k1, v1...) -> width per layer
     hf_outputs: dict[str, str] = field(default_factory=dict)  # spec node -> transformers module
     gaps: list[Gap] = field(default_factory=list)
 
@@ -360,6 +359,9 @@ class Lowering:
         if dims == list(range(v.rank)):
             return v
         out_shape = tuple(v.shape[d] for d in dims)
+        if v.meta.get("experts") is not None and dims[0] == 0:  # experts' weights picked per row
+            w, ids = v.meta["experts"]
+            return Val(None, out_shape, v.dtype, meta={"experts": (self.permute(w, dims), ids)})
         if v.heads is not None:  # permute what is repeated; the repeated dim moves along
             src, hdim, rep = v.heads
             return Val(None, out_shape, v.dtype, kind=v.kind, heads=(self.permute(src, dims), dims.index(hdim), rep))
@@ -520,7 +522,7 @@ class Lowering:
         return Lowered(nodes=self.nodes, inputs=dict(self.inputs), weights=dict(self.weights),
                        constants=dict(self.constants), hparams=dict(self.hparams), output=output,
                        causal=self.causal if self.causal is not None else True, n_layer=self.n_layer,
-                       kv_width_k=list(self.kv_width["k"]), kv_width_v=list(self.kv_width["v"]),
+                       kv_widths={k: list(v) for k, v in self.kv_width.items()},
                        gaps=self.gaps)
 
     def root_gaps(self, gap: Gap) -> list[Gap]:

@@ -425,6 +425,9 @@ def cached(lw, x: Val, which: str, node) -> Val:
     if layer is None:
         raise Gap("attention", "attention outside the model's layer list", node)
     x = lw.plain(x)
+    memo = lw._cache.get(("kv", layer, which, x.tensor, x.perm, tuple(map(str, x.shape))))
+    if memo is not None:  # the same keys (or values) attended to twice in a layer
+        return memo
     seq = [i for i, d in enumerate(x.shape) if is_sym(d)]
     if len(seq) != 1 or x.shape[seq[0]] != T:
         raise Gap("attention", f"keys/values of shape {list(x.shape)} (one sequence dimension expected)", node)
@@ -437,11 +440,14 @@ def cached(lw, x: Val, which: str, node) -> Val:
     width = int(numel(rest))
     rows = (T, int(numel(rest[:-1])) if len(rest) > 1 else 1, int(rest[-1]))
     stored_in = lw.reshape(moved, rows)
-    prev = lw.kv_width[which][layer]
-    if prev and prev != width:
-        raise Gap("attention", "two attention calls in one layer", node)
-    lw.kv_width[which][layer] = width
-    attrs = {"cache": which, "layer": layer}  # the loop body drops the layer (fold)
+    key = ("kv", layer, which, x.tensor, x.perm, tuple(map(str, x.shape)))
+    slot, n = which, 0
+    while lw._cache.get(("kv-slot", layer, slot)):  # a second attention to other values: its own cache
+        n += 1
+        slot = f"{which}{n}"
+    lw._cache[("kv-slot", layer, slot)] = True
+    lw.kv_width.setdefault(slot, [0] * lw.n_layer)[layer] = width
+    attrs = {"cache": slot, "layer": layer}  # the loop body drops the layer (fold)
     out = lw.emit("kv_store", [stored_in], attrs, shape=(K, rows[1], rows[2]), role=f"{which}_cache")
     back_shape = (K,) + tuple(moved.shape[1:])
     out = lw.reshape(out, back_shape)
@@ -634,7 +640,17 @@ def _index_constant(lw, src: Val, dim: int, idx_node, node) -> Val:
 
 def expert_product(lw, a: Val, b: Val, node):
     """bmm(W[ids], x[..., None]) of the batched_mm experts: mul_mat_id(W, x, ids). The gathered
-    rows are tokens x chosen experts, token-major (transformers repeats each token k times)."""
+    rows are tokens x chosen experts, token-major (transformers repeats each token k times).
+    The transposed form bmm(x[:, None], W[ids]) (experts stored [in, out]) transposes W."""
+    if b.meta.get("experts") is not None:
+        # x [S, 1, D] @ W_sel [S, D, N]: the same product with W^T [E, N, D]
+        w, ids = b.meta["experts"]
+        if a.rank != 3 or a.shape[1] != 1:
+            raise Gap("aten.bmm.default", "an experts product that is not vector-by-matrix", node)
+        wt = lw.contiguous(lw.permute(w, [0, 2, 1]))
+        out = expert_product(lw, Val(None, (ids.shape[0],) + tuple(wt.shape[1:]), F32, meta={"experts": (wt, ids)}),
+                             _unsqueeze_last(lw, a), node)
+        return lw.reshape(out, (a.shape[0], 1, wt.shape[1]))
     w, ids = a.meta["experts"]
     if b.rank != 3 or b.shape[-1] != 1 or w.shape[2] != b.shape[1]:
         raise Gap("aten.bmm.default", "an experts product that is not matrix-by-vector", node)
@@ -657,6 +673,15 @@ def expert_product(lw, a: Val, b: Val, node):
         x3 = lw.reshape(lw.contiguous(x), (n_tok, k, w.shape[2]))
     out = lw.emit("mul_mat_id", [w, x3, ids2], shape=(n_tok, k, w.shape[1]), role="mul_mat_id")
     return lw.reshape(out, (rows, w.shape[1], 1))
+
+
+def _unsqueeze_last(lw, a: Val) -> Val:
+    """[S, 1, D] -> [S, D, 1], keeping a per-token repeat lazy."""
+    if a.heads is not None and a.heads[1] == 0:
+        src = a.heads[0]
+        src2 = lw.reshape(lw.contiguous(src), (src.shape[0], a.shape[2], 1))
+        return Val(None, (a.shape[0], a.shape[2], 1), a.dtype, heads=(src2, 0, a.heads[2]))
+    return lw.reshape(lw.plain(a), (a.shape[0], a.shape[2], 1))
 
 
 def argsort(lw, node):

@@ -115,9 +115,8 @@ def lower_trace(t, model_type: str):
     graph, extra, layered = fold.fold(lowered, lw.layers.container)
     hparams = {"n_layer": lowered.n_layer, "n_vocab": int(getattr(t.config, "vocab_size", 0) or 0)}
     hparams.update(lowered.hparams)
-    widths_k, widths_v = lowered.kv_width_k, lowered.kv_width_v
-    hparams["kv_width_k"] = widths_k if len(set(widths_k)) > 1 else widths_k[0]
-    hparams["kv_width_v"] = widths_v if len(set(widths_v)) > 1 else widths_v[0]
+    for name, widths in lowered.kv_widths.items():
+        hparams[f"kv_width_{name}"] = widths if len(set(widths)) > 1 else widths[0]
     hparams.update(extra)
     weights = []
     seen = set()

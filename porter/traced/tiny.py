@@ -44,8 +44,10 @@ SIZES: dict[str, int] = {
     "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2,
     "linear_num_value_heads": 4, "mamba_n_heads": 4, "mamba_d_state": 16, "mamba_d_head": 16,
     "mamba_chunk_size": 8, "chunk_size": 8, "state_size": 16, "time_step_rank": 8, "mamba_dt_rank": 8,
-    "swa_head_dim": 16, "attention_hidden_size": 64,
+    "swa_head_dim": 16, "attention_hidden_size": 64, "rotary_dim": 8,
 }
+# sizes that a config may leave unset by default but the model needs (experts counts)
+FILL_IF_NONE = ("n_routed_experts", "num_experts_per_tok", "n_shared_experts", "num_local_experts")
 TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "sep_token_id": 3, "unk_token_id": 3,
              "decoder_start_token_id": 1}
 LAYERS = 2
@@ -58,13 +60,16 @@ ENCODER_STYLE = ("bert", "bert-generation", "big_bird", "camembert", "data2vec-t
                  "xlm-roberta-xl", "xmod")
 FIXUPS: dict[str, dict[str, Any]] = {
     **{t: {"is_decoder": True} for t in ENCODER_STYLE},
-    "cohere_compass_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
-    "dbrx": {"attn_config": {"clip_qkv": None, "kv_n_heads": 2, "rope_theta": 10000.0}},
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    "dbrx": {"attn_config": {"clip_qkv": 8.0, "kv_n_heads": 2, "rope_theta": 10000.0}},
+    "dots3_note_text": {"per_layer_config": {}},
     "lfm2_moe": {"layer_types": None},
 }
 
 
 def _shrink_value(key: str, value: Any, n_layers_before: int | None, vocab: int) -> Any:
+    if value is None and key in FILL_IF_NONE:
+        return SIZES[key]
     if isinstance(value, bool) or value is None:
         return value
     if key in SIZES and isinstance(value, int):
@@ -96,6 +101,12 @@ def shrink_dict(d: dict) -> dict:
     out = {}
     for k, v in d.items():
         out[k] = _shrink_value(k, v, n_before, vocab)
+    if out.get("kv_lora_rank") and "num_attention_heads" in out and "num_key_value_heads" in out:
+        out["num_key_value_heads"] = out["num_attention_heads"]  # latent attention: keys per head
+        if "qk_rope_head_dim" in out and "head_dim" in out:
+            out["head_dim"] = out["qk_rope_head_dim"]  # the rotary tables' width
+    if all(k in out for k in ("mamba_n_heads", "mamba_d_head", "hidden_size")) and out.get("mamba_expand"):
+        out["mamba_d_head"] = int(out["mamba_expand"] * out["hidden_size"] // out["mamba_n_heads"])
     return out
 
 
