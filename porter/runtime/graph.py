@@ -23,6 +23,9 @@ def cache_widths(spec: Spec, which: str) -> list[int]:
     return widths
 
 
+_ABSENT = object()  # a node switched off in a layer whose first input that layer lacks
+
+
 def cache_names(spec: Spec) -> list[str]:
     """The caches a spec's layers keep: k and v, plus k1, v1, ... for layers that attend more than
     once to different keys or values (``kv_width_k1``...)."""
@@ -99,6 +102,8 @@ class GraphBuilder:
             name = name.format(L=layer)
         for table in (self.tensors, self.inputs, self.weights):
             t = table.get(name)
+            if t is _ABSENT:
+                raise SpecError(f"graph node input {name!r} is switched off (when) in layer {layer} but read")
             if t is not None:
                 return t
         raise ModelError(f"graph node input {name!r} is neither a node, an input nor a loaded weight")
@@ -121,8 +126,12 @@ class GraphBuilder:
         name = node.name.format(L=layer) if layer is not None else node.name
         if node.when is not None and not self.value(node.when, layer):
             # switched off in this layer: pass the first input through (the others, such as
-            # weights only some layers have, are not even looked up)
-            self.tensors[name] = self.tensor(node.inputs[0], layer, carry)
+            # weights only some layers have, are not even looked up); a first input the layer
+            # does not have makes the node absent, an error only if something reads it
+            try:
+                self.tensors[name] = self.tensor(node.inputs[0], layer, carry)
+            except ModelError:
+                self.tensors[name] = _ABSENT
             return
         srcs = [self.tensor(s, layer, carry) for s in node.inputs]
         a = {k: self.value(v, layer) for k, v in node.attrs.items()}

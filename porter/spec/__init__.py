@@ -118,6 +118,7 @@ class WeightDecl(_Strict):
     name: str
     shape: list[Union[int, str]]  # numpy order; "$hparam" allowed
     layered: bool = False  # name contains {L}: one tensor per layer
+    layers: list[int] | None = None  # a layered weight only these layers have (the others skip its nodes)
     data: list[float] | None = None  # an F32 constant carried in the spec itself, not in the GGUF
 
 
@@ -168,7 +169,7 @@ class Spec(_Strict):
             if w.data is not None:
                 continue
             if w.layered:
-                names.extend(w.name.format(L=i) for i in range(n_layer))
+                names.extend(w.name.format(L=i) for i in (w.layers if w.layers is not None else range(n_layer)))
             else:
                 names.append(w.name)
         return names

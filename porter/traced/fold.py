@@ -129,27 +129,34 @@ def _fold(lowered, container: str, n_layer: int):
             raise NotFoldable(f"layer {i} reads {len(carry_src)} values of layer {i - 1}")
         carries.append(next(iter(carry_src), None))
         sigs.append(sig)
-    # the structure (names, ops, number of inputs) must agree across layers
-    ref = sigs[0]
-    for sig in sigs[1:]:
-        if len(sig) != len(ref) or any(a[0] != b[0] or a[1] != b[1] or len(a[2]) != len(b[2]) for a, b in zip(sig, ref)):
-            raise NotFoldable("layers differ in structure")
+    # layers of different kinds (dense/MoE, attention/other) share one body: the union of their
+    # nodes, each switched on (``when``) in the layers that have it
+    ops_by_name: dict = {}
+    by_layer = [_rename_conflicts({x[0]: x for x in sig}, sig, ops_by_name) for sig in sigs]
+    sigs = [list(d.values()) for d in by_layer]
+    union = _union_order([[x[0] for x in sig] for sig in sigs])
+    present = {name: [i for i in range(n_layer) if name in by_layer[i]] for name in union}
     # the carried value: the same node pattern of every layer
     results = {pattern(c) for c in carries[1:] if c is not None}
     if len(results) != 1:
         raise NotFoldable("no single carried value")
     result = results.pop()
+    if len(present.get(result, [])) != n_layer:
+        raise NotFoldable("the carried value is not computed in every layer")
     # layer 0: the input in the carry's place, which becomes $carry there too
     init = None
-    for j, node_sig in enumerate(sigs[1]):
-        for k, src in enumerate(node_sig[2]):
+    for name, sig1 in by_layer[1].items():
+        sig0 = by_layer[0].get(name)
+        for k, src in enumerate(sig1[2]):
             if src == "$carry":
-                cand = sigs[0][j][2][k]
+                if sig0 is None or k >= len(sig0[2]):
+                    raise NotFoldable("layer 0 does not read the carry where layer 1 does")
+                cand = sig0[2][k]
                 if init is None:
                     init = cand
                 elif init != cand:
                     raise NotFoldable("layer 0 reads two values in the carry's place")
-                sigs[0][j][2][k] = "$carry"
+                sig0[2][k] = "$carry"
     if init is None:
         raise NotFoldable("no carry")
     last_result = result.replace("{L}", str(n_layer - 1))
@@ -167,56 +174,116 @@ def _fold(lowered, container: str, n_layer: int):
         post_items.append(_node_dict(n, inputs=ins))
     # values that differ between layers become per-layer hparam lists
     hparams: dict = {}
+    masks: dict[tuple, str] = {}
     body = []
-    for j, node_sig in enumerate(ref):
-        name, op, ins, attrs, hf = node_sig
+    for name in union:
+        layers_on = present[name]
+        first = by_layer[layers_on[0]][name]
+        _, op, ins, attrs, hf = first
+        for i in layers_on:
+            if len(by_layer[i][name][2]) != len(ins):
+                raise NotFoldable(f"{name} has a different number of inputs in layer {i}")
+
+        def per_layer(get):
+            return [get(by_layer[i][name]) if i in layers_on else get(first) for i in range(n_layer)]
+
         new_ins = []
         for k in range(len(ins)):
-            values = [sigs[i][j][2][k] for i in range(n_layer)]
-            if len(set(values)) == 1:
-                new_ins.append(values[0])
+            values = per_layer(lambda x, k=k: x[2][k])
+            if len({values[i] for i in layers_on}) == 1:
+                new_ins.append(values[layers_on[0]])
             else:
                 key = _hp_name(name, f"in{k}")
                 hparams[key] = values
                 new_ins.append(f"${key}[L]")
         new_attrs = {}
-        keys = list(dict.fromkeys(a for i in range(n_layer) for a in sigs[i][j][3]))
+        keys = list(dict.fromkeys(a for i in layers_on for a in by_layer[i][name][3]))
         for a in keys:
-            values = [sigs[i][j][3].get(a) for i in range(n_layer)]
-            if any(v is None for v in values):
+            values = per_layer(lambda x, a=a: x[3].get(a))
+            if any(values[i] is None for i in layers_on):
                 raise NotFoldable(f"attribute {a} of {name} only in some layers")
-            if all(v == values[0] for v in values):
-                new_attrs[a] = values[0]
+            if all(values[i] == values[layers_on[0]] for i in layers_on):
+                new_attrs[a] = values[layers_on[0]]
             else:
-                key = _hp_name(name, a)
                 if any(isinstance(v, list) for v in values):
                     raise NotFoldable(f"list attribute {a} of {name} differs between layers")
                 if any(isinstance(v, str) and v.startswith("$") for v in values):
                     raise NotFoldable(f"attribute {a} of {name} is an expression that differs between layers")
+                key = _hp_name(name, a)
                 hparams[key] = values
                 new_attrs[a] = f"${key}[L]"
-        hfs = {sigs[i][j][4] for i in range(n_layer)}
         d = {"name": name, "op": op, "inputs": new_ins, "attrs": new_attrs}
+        hfs = {by_layer[i][name][4] for i in layers_on}
         if len(hfs) == 1 and hf:
             d["hf"] = hf
+        if len(layers_on) != n_layer:
+            on = tuple(i in layers_on for i in range(n_layer))
+            if on not in masks:
+                masks[on] = f"layer_kind_{len(masks)}"
+                hparams[masks[on]] = list(on)
+            d["when"] = f"${masks[on]}[L]"
         body.append(d)
-    # per-layer weights must have the same shape in every layer
-    layered = {}
+    _check_order(body, pre_names | set(lowered.inputs) | set(lowered.constants) | set(lowered.weights))
+    # per-layer weights: the same shape in every layer that has them
+    layered: dict = {}
     for wname, shape in lowered.weights.items():
         m = weight_re.match(wname)
         if m:
             p = f"{container}.{{L}}." + wname[m.end():]
-            if p in layered and layered[p] != shape:
+            if p in layered and layered[p][0] != shape:
                 raise NotFoldable(f"{p} differs in shape between layers")
-            layered[p] = shape
-    for p in layered:
-        for i in range(n_layer):
-            if p.format(L=i) not in lowered.weights:
-                raise NotFoldable(f"{p} is missing in layer {i}")
+            layered.setdefault(p, (shape, []))[1].append(int(m.group(1)))
+    layered = {p: (shape, None if sorted(ls) == list(range(n_layer)) else sorted(ls)) for p, (shape, ls) in layered.items()}
     graph = [_node_dict(n) for n in pre]
     graph.append({"repeat": "n_layer", "init": init, "result": result, "body": body})
     graph.extend(post_items)
     return graph, hparams, layered
+
+
+def _rename_conflicts(d: dict, sig: list, table: dict) -> dict:
+    """Node names that mean a different op in another layer kind get the op as a suffix
+    (``table``: name -> op of the first layer that has it, shared by the whole fold)."""
+    renames = {}
+    for name, op, *_ in sig:
+        seen = table.setdefault(name, op)
+        if seen != op:
+            renames[name] = f"{name[:-4]}~{op}-{{L}}" if name.endswith("-{L}") else f"{name}~{op}"
+    if not renames:
+        return d
+    out = {}
+    for name, op, ins, attrs, hf in sig:
+        new = renames.get(name, name)
+        out[new] = (new, op, [renames.get(x, x) for x in ins], attrs, hf)
+    return out
+
+
+def _union_order(orders: list[list[str]]) -> list[str]:
+    """One order of every layer kind's node names that keeps each kind's own order."""
+    union: list[str] = []
+    for order in orders:
+        pos = -1
+        for name in order:
+            if name in union:
+                at = union.index(name)
+                if at < pos:
+                    raise NotFoldable("layer kinds order their common nodes differently")
+                pos = at
+            else:
+                union.insert(pos + 1, name)
+                pos += 1
+    return union
+
+
+def _check_order(body: list[dict], outside: set) -> None:
+    """Every input of a body node is computed before it (or comes from outside the loop)."""
+    defined = {"$carry"}
+    for d in body:
+        for src in d["inputs"]:
+            if src.startswith("$") and src != "$carry":
+                continue  # per-layer choice; its candidates are body nodes checked by name below
+            if src not in defined and src not in outside:
+                raise NotFoldable(f"{d['name']} reads {src} before it is computed")
+        defined.add(d["name"])
 
 
 def _hp_name(node: str, what: str) -> str:

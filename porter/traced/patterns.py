@@ -440,7 +440,7 @@ def cached(lw, x: Val, which: str, node) -> Val:
     width = int(numel(rest))
     rows = (T, int(numel(rest[:-1])) if len(rest) > 1 else 1, int(rest[-1]))
     stored_in = lw.reshape(moved, rows)
-    key = ("kv", layer, which, x.tensor, x.perm, tuple(map(str, x.shape)))
+    ("kv", layer, which, x.tensor, x.perm, tuple(map(str, x.shape)))
     slot, n = which, 0
     while lw._cache.get(("kv-slot", layer, slot)):  # a second attention to other values: its own cache
         n += 1

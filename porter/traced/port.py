@@ -58,7 +58,8 @@ class TracedPort:
         for w in spec.weights:
             if w.data is not None:
                 continue
-            names = [w.name.format(L=i) for i in range(int(spec.hparams["n_layer"]))] if w.layered else [w.name]
+            layers = w.layers if w.layers is not None else range(int(spec.hparams["n_layer"]))
+            names = [w.name.format(L=i) for i in layers] if w.layered else [w.name]
             for n in names:
                 src = sources.get(n)
                 if src is None:  # a tied parameter stored under another of its names
@@ -125,7 +126,10 @@ def lower_trace(t, model_type: str):
         if pattern is not None:
             if pattern not in seen:
                 seen.add(pattern)
-                weights.append({"name": pattern, "shape": shape, "layered": True})
+                decl = {"name": pattern, "shape": shape, "layered": True}
+                if layered[pattern][1] is not None:
+                    decl["layers"] = layered[pattern][1]
+                weights.append(decl)
         else:
             weights.append({"name": name, "shape": shape})
     for name, (shape, data) in lowered.constants.items():
