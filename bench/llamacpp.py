@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 LLAMA_CPP_PYTHON = "0.3.36"  # keep in step with the bench extra in pyproject.toml
-CACHE = Path(__file__).resolve().parent.parent / ".cache" / "bench"
+CACHE = Path(__file__).resolve().parent.parent / ".cache" / "src"  # shared with tools/build_ggml.py
 HERE = Path(__file__).resolve()
 
 

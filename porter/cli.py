@@ -15,12 +15,13 @@ OUTTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k"
 
 
 def _versions() -> str:
-    from importlib.metadata import version
+    from porter.runtime._lib import GGML_VERSION, build_info, cpu_features, ggml_dir
 
-    from porter.runtime._lib import GGML_COMMIT, GGML_VERSION, cpu_features
-
-    return (f"porter {__version__}\nggml {GGML_VERSION} (commit {GGML_COMMIT}, "
-            f"libggml-python {version('libggml-python')}; CPU: {' '.join(cpu_features())})")
+    info = build_info()
+    variant = info.get("variant", "unknown")
+    why = f"; fell back: {'; '.join(info['fallback_because'])}" if info.get("fallback_because") else ""
+    return (f"porter {__version__}\nggml {GGML_VERSION}, {variant} build ({info.get('source', 'source unknown')}; "
+            f"{ggml_dir()}{why})\nCPU features in use: {' '.join(cpu_features())}")
 
 
 class _Group(click.Group):

@@ -1,8 +1,9 @@
 """Reading a porter GGUF: its graph spec, metadata and weights, uploaded into ggml buffers.
 
-Quantized matrices that ggml can repack go to the CPU_REPACK buffer (faster products); BF16
-matrices used only by products and row lookups are held as F16 when their values fit (see
-:func:`load_gguf`).
+The file is memory-mapped (:mod:`porter.runtime.gguf_file`): metadata is decoded key by key and
+tensor bytes go from the map straight into ggml's buffers. Quantized matrices that ggml can
+repack go to the CPU_REPACK buffer (faster products); BF16 matrices used only by products and
+row lookups are held as F16 when their values fit (see :func:`load_gguf`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from porter.errors import ModelError
 from porter.runtime import repack
 from porter.runtime._lib import ffi, lib
 from porter.runtime.core import Backend, Buffer, Context, set_data
+from porter.runtime.gguf_file import GGUFFile
 from porter.runtime.types import GGMLType
 from porter.spec import Spec, loads
 
@@ -25,8 +27,7 @@ TOKENIZER_KEY = "porter.tokenizer_json"
 
 
 def _field_value(reader, key: str):
-    f = reader.fields.get(key)
-    return None if f is None else f.contents()
+    return reader.get(key)
 
 
 @dataclass
@@ -54,15 +55,17 @@ def load_gguf(path: str | Path, *, n_threads: int | None = None, use_repack: boo
     all fit float16 (normal ones convert exactly, float16-subnormal ones move by at most
     2**-25) are held as F16 instead: same size, same weights, activations rounded to float16.
     """
-    from gguf import GGUFReader
-
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such GGUF file")
+    reader = GGUFFile(path)
     try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # truncated or not a GGUF: gguf raises various errors
-        raise ModelError(f"{path}: not a readable GGUF file ({exc}); convert the model again") from None
+        return _load(reader, path, n_threads, use_repack, bf16_as_f16)
+    finally:
+        reader.close()
+
+
+def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16: bool) -> LoadedGGUF:
     text = _field_value(reader, SPEC_KEY)
     if text is None:
         raise ModelError(f"{path}: this GGUF carries no porter graph spec ({SPEC_KEY}); "
@@ -84,34 +87,39 @@ def load_gguf(path: str | Path, *, n_threads: int | None = None, use_repack: boo
     }
     expected = {w: None for w in spec.weight_names()}
     backend = Backend(n_threads)
-    by_name = {t.name: t for t in reader.tensors}
+    by_name = reader.tensors
     missing = [n for n in expected if n not in by_name]
     if missing:
         raise ModelError(f"{path}: tensors the graph needs are missing: {', '.join(missing[:8])}"
                          f"{' ...' if len(missing) > 8 else ''}")
     inline = {w.name: np.asarray(w.data, dtype=np.float32) for w in spec.weights if w.data is not None}
+    for name in expected:
+        if by_name[name].nbytes < 0:
+            raise ModelError(f"{path}: tensor {name} has ggml type {by_name[name].type}, which this ggml "
+                             "cannot hold (or a row that does not fit its blocks)")
     patterns = repack.matmul_only_weights(spec) if use_repack else set()
+    experts = repack.expert_only_weights(spec) if use_repack else set()
     to_repack = set()
     for name in expected:
-        rt = by_name[name]
-        if (layer_pattern(spec, name) in patterns and len(rt.shape) == 2
-                and repack.supports(int(rt.tensor_type), int(rt.shape[0]), int(rt.shape[1]))):
+        rt, pattern = by_name[name], layer_pattern(spec, name)
+        if ((pattern in patterns and len(rt.ne) == 2 and repack.supports(rt.type, *rt.ne))
+                or (pattern in experts and len(rt.ne) == 3 and repack.supports(rt.type, *rt.ne))):
             to_repack.add(name)
     as_f16 = set()
     if bf16_as_f16:
         f16_ok = repack.weights_used_only_as(spec, {("mul_mat", 0), ("get_rows", 0), ("mul_mat_id", 0)})
         for name in expected:
             rt = by_name[name]
-            if (int(rt.tensor_type) == int(GGMLType.BF16) and layer_pattern(spec, name) in f16_ok
-                    and _bf16_fits_f16(rt.data)):
+            if (rt.type == int(GGMLType.BF16) and layer_pattern(spec, name) in f16_ok
+                    and _bf16_fits_f16(np.frombuffer(reader.data(name), dtype=np.uint16))):
                 as_f16.add(name)
     ctx = Context(len(expected) - len(to_repack) + len(inline))
     rctx = Context(max(1, len(to_repack)))
     weights = {}
     for name in expected:
         rt = by_name[name]
-        ne = [int(x) for x in rt.shape]
-        gtype = GGMLType.F16 if name in as_f16 else GGMLType(int(rt.tensor_type))
+        ne = list(rt.ne)
+        gtype = GGMLType.F16 if name in as_f16 else _gtype(rt.type)
         weights[name] = (rctx if name in to_repack else ctx).new_tensor(gtype, ne, name)
     for name, values in inline.items():
         weights[name] = ctx.new_tensor(GGMLType.F32, [values.size], name)
@@ -121,14 +129,22 @@ def load_gguf(path: str | Path, *, n_threads: int | None = None, use_repack: boo
         set_data(weights[name], values)
     for name in expected:
         t = weights[name]
-        data = _bf16_as_f16(by_name[name].data) if name in as_f16 else by_name[name].data
+        raw = reader.data(name)
+        data = _bf16_as_f16(np.frombuffer(raw, dtype=np.uint16)) if name in as_f16 else raw
         nbytes = int(lib.ggml_nbytes(t))
         if data.nbytes != nbytes:
             raise ModelError(f"{path}: tensor {name} holds {data.nbytes} bytes, expected {nbytes} (truncated file?)")
-        lib.ggml_backend_tensor_set(t, ffi.from_buffer(np.ascontiguousarray(data)), 0, nbytes)
-    del reader
+        lib.ggml_backend_tensor_set(t, ffi.from_buffer(data), 0, nbytes)
+        del raw, data
     return LoadedGGUF(spec, metadata, backend, ctx, buffer, weights, rctx, rbuffer,
                       sorted(to_repack), sorted(as_f16))
+
+
+def _gtype(type_id: int):
+    try:
+        return GGMLType(type_id)
+    except ValueError:  # a type porter has no name for: ggml still knows its geometry
+        return type_id
 
 
 def layer_pattern(spec: Spec, name: str) -> str:
