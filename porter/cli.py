@@ -21,7 +21,7 @@ def _versions() -> str:
     variant = info.get("variant", "unknown")
     why = f"; fell back: {'; '.join(info['fallback_because'])}" if info.get("fallback_because") else ""
     return (f"porter {__version__}\nggml {GGML_VERSION}, {variant} build ({info.get('source', 'source unknown')}; "
-            f"{ggml_dir()}{why})\nCPU features in use: {' '.join(cpu_features())}")
+            f"{ggml_dir()}{why})\nCPU: {' '.join(cpu_features())}")
 
 
 class _Group(click.Group):

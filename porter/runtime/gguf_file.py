@@ -47,7 +47,8 @@ class GGUFFile:
         except OSError as exc:
             raise ModelError(f"{self.path}: cannot open ({exc.strerror})") from None
         try:
-            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            # private copy-on-write pages: ggml can never write into the file
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
         except (ValueError, OSError) as exc:  # empty file
             self._file.close()
             raise ModelError(f"{self.path}: not a readable GGUF file ({exc}); convert the model again") from None
@@ -161,7 +162,25 @@ class GGUFFile:
         t = self.tensors[name]
         return memoryview(self._map)[t.offset:t.offset + t.nbytes]
 
+    def pointer(self):
+        """A cffi ``char *`` to the start of the map, for ggml buffers that live in it (the map
+        stays open while the pointer is held: release it with :meth:`close`)."""
+        from porter.runtime._lib import ffi
+
+        if getattr(self, "_ptr", None) is None:
+            self._ptr = ffi.from_buffer(self._map)
+        return self._ptr
+
+    @property
+    def size(self) -> int:
+        return len(self._map)
+
     def close(self) -> None:
+        ptr, self._ptr = getattr(self, "_ptr", None), None
+        if ptr is not None:
+            from porter.runtime._lib import ffi
+
+            ffi.release(ptr)
         m, self._map = getattr(self, "_map", None), None
         if m is not None:
             try:
