@@ -50,8 +50,10 @@ N_CTX = 4096 + 256
 
 
 def physical_cores() -> int:
-    from porter.runtime.core import physical_cores as cores
-
+    try:
+        from porter.runtime.core import physical_cores as cores
+    except ImportError:  # an older porter
+        return len(os.sched_getaffinity(0))
     return cores()
 
 
@@ -62,8 +64,6 @@ def tinyllama_checkpoint() -> Path:
     out = CACHE / "tinyllama-1.1b-shape"
     if (out / "model.safetensors").exists():
         return out
-    from safetensors.numpy import save_file
-
     print("writing a random TinyLlama-1.1B-shaped checkpoint (once)", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     c = TINYLLAMA
@@ -86,23 +86,24 @@ def tinyllama_checkpoint() -> Path:
                         p + "self_attn.v_proj.weight": rand(kv, d), p + "self_attn.o_proj.weight": rand(d, d),
                         p + "mlp.gate_proj.weight": rand(f, d), p + "mlp.up_proj.weight": rand(f, d),
                         p + "mlp.down_proj.weight": rand(d, f)})
-    # safetensors.numpy has no bfloat16 dtype: write uint16 and patch the header's dtype
+    # written by hand: safetensors' numpy API has no bfloat16 dtype
+    names = sorted(tensors)
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name in names:
+        a = tensors[name]
+        header[name] = {"dtype": "BF16", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
     tmp = out / "model.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    _retag_bf16(tmp)
+    with open(tmp, "wb") as fh:
+        fh.write(len(text).to_bytes(8, "little"))
+        fh.write(text)
+        for name in names:
+            fh.write(tensors[name].tobytes())
     tmp.rename(out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(TINYLLAMA, indent=1))
     return out
-
-
-def _retag_bf16(path: Path) -> None:
-    with open(path, "r+b") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        header = fh.read(n).decode()
-        fixed = header.replace('"dtype":"U16"', '"dtype":"BF16"')
-        assert len(fixed) == len(header)
-        fh.seek(8)
-        fh.write(fixed.encode())
 
 
 def gguf_file(model: str, outtype: str) -> Path:
@@ -134,6 +135,7 @@ def prompt_ids(n: int, n_vocab: int) -> list[int]:
 def _porter_worker(path: str, tests_json: str, threads: str) -> dict:
     t0 = time.perf_counter()
     import porter
+    import porter.runtime.model  # noqa: F401  (imports are not load time, as for llama_cpp)
 
     imported = time.perf_counter()
     m = porter.load(path, n_threads=int(threads), n_ctx=N_CTX, cache_type="f16")
@@ -197,9 +199,13 @@ def _llama_worker(path: str, tests_json: str, threads: str) -> dict:
     return out
 
 
+PORTER_PATH: str | None = None  # --porter-from: another porter tree (e.g. an older commit) to race
+
+
 def run_worker(runtime: str, path: Path, tests: list, threads: int) -> dict:
     cmd = [sys.executable, str(HERE), "--worker", runtime, str(path), json.dumps(tests), str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    env = dict(os.environ, PYTHONPATH=PORTER_PATH) if runtime == "porter" and PORTER_PATH else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{runtime} worker failed on {path.name}:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -238,6 +244,7 @@ def main() -> None:
     ap.add_argument("--stat", choices=["best", "median"], default="best")
     ap.add_argument("--quick", action="store_true", help="no long-context rows")
     ap.add_argument("--json", type=Path, help="also write the measurements here")
+    ap.add_argument("--porter-from", help="race the porter found in this source tree (before/after numbers)")
     ap.add_argument("--worker", nargs=4, metavar=("RUNTIME", "GGUF", "TESTS", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -248,7 +255,9 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=120)
+    global PORTER_PATH
+    PORTER_PATH = args.porter_from
     threads = args.threads or physical_cores()
     if not llamacpp.available():
         console.print("llama.cpp is not installed (`make bench` installs it): nothing to race")
@@ -306,7 +315,10 @@ def main() -> None:
         table.add_row(model, outtype, name, fmt.format(ours), fmt.format(theirs), shown, target + mark)
     console.print(table)
     info = build_info()
-    console.print(f"porter: ggml {GGML_VERSION} {info.get('variant', '?')} build ({' '.join(cpu_features())})")
+    if PORTER_PATH:
+        console.print(f"porter: the tree in {PORTER_PATH} (with whatever ggml it loads)")
+    else:
+        console.print(f"porter: ggml {GGML_VERSION} {info.get('variant', '?')} build ({' '.join(cpu_features())})")
     console.print(f"llama.cpp: {llamacpp.system_info()}")
     console.print(f"machine load average (1/5/15 min) before, during and after: {' | '.join(loads)}")
     if args.json:
