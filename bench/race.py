@@ -243,6 +243,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="default: the physical cores")
     ap.add_argument("--stat", choices=["best", "median"], default="best")
     ap.add_argument("--quick", action="store_true", help="no long-context rows")
+    ap.add_argument("--no-busy", action="store_true", help="no rows under competition")
     ap.add_argument("--json", type=Path, help="also write the measurements here")
     ap.add_argument("--porter-from", help="race the porter found in this source tree (before/after numbers)")
     ap.add_argument("--worker", nargs=4, metavar=("RUNTIME", "GGUF", "TESTS", "THREADS"), help=argparse.SUPPRESS)
@@ -285,7 +286,7 @@ def main() -> None:
                              pick([r[name] for r in got["llama.cpp"]]), True))
     # decode while every core is busy with another process (SmolLM2 q8_0 and the 1.1B shape q8_0)
     busy_tests = [("tg busy", "tg", 32, 128)]
-    for model in args.models.split(","):
+    for model in [] if args.no_busy else args.models.split(","):
         path = gguf_file(model, "q8_0")
         got = {"porter": [], "llama.cpp": []}
         with Competition(physical_cores()):
