@@ -177,6 +177,10 @@ def _llama_worker(path: str, tests_json: str, threads: str) -> dict:
               n_threads_batch=int(threads), flash_attn=True, verbose=False)
     out = {"load": time.perf_counter() - t}
     n_vocab = m.n_vocab()
+
+    def last_token():  # Llama.eval keeps no logits (unless logits_all): read llama.cpp's own
+        return int(np.argmax(np.ctypeslib.as_array(m._ctx.get_logits(), shape=(n_vocab,))))
+
     for name, kind, n, depth in json.loads(tests_json):
         ids = prompt_ids(max(n, depth, 8), n_vocab)
         m.reset()
@@ -188,13 +192,13 @@ def _llama_worker(path: str, tests_json: str, threads: str) -> dict:
             out[name] = n / (time.perf_counter() - t)
         else:
             m.eval(ids[:depth])
-            tok = int(np.argmax(m.scores[m.n_tokens - 1]))
+            tok = last_token()
             m.eval([tok])
-            tok = int(np.argmax(m.scores[m.n_tokens - 1]))
+            tok = last_token()
             t = time.perf_counter()
             for _ in range(n):
                 m.eval([tok])
-                tok = int(np.argmax(m.scores[m.n_tokens - 1]))
+                tok = last_token()
             out[name] = n / (time.perf_counter() - t)
     return out
 
