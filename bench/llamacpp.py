@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 LLAMA_CPP_PYTHON = "0.3.36"  # keep in step with the bench extra in pyproject.toml
-CACHE = Path(__file__).resolve().parent.parent / ".cache" / "bench"
+CACHE = Path(__file__).resolve().parent.parent / ".cache" / "src"  # shared with tools/build_ggml.py
 HERE = Path(__file__).resolve()
 
 
@@ -110,6 +110,11 @@ def _speed(gguf: str, ids_json: str, n_gen: str, threads: str, reps: str) -> dic
 
     ids, n = json.loads(ids_json), int(n_gen)
     m = _load(gguf, int(threads))
+    n_vocab = m.n_vocab()
+
+    def last_token():  # Llama.eval keeps no logits (unless logits_all): read llama.cpp's own
+        return int(np.argmax(np.ctypeslib.as_array(m._ctx.get_logits(), shape=(n_vocab,))))
+
     m.reset()
     m.eval(ids[:8])  # warm-up
     pp, tg = [], []
@@ -118,11 +123,11 @@ def _speed(gguf: str, ids_json: str, n_gen: str, threads: str, reps: str) -> dic
         t = time.perf_counter()
         m.eval(ids)
         pp.append(len(ids) / (time.perf_counter() - t))
-        tok = int(np.argmax(m.scores[m.n_tokens - 1]))
+        tok = last_token()
         t = time.perf_counter()
         for _ in range(n):
             m.eval([tok])
-            tok = int(np.argmax(m.scores[m.n_tokens - 1]))
+            tok = last_token()
         tg.append(n / (time.perf_counter() - t))
     return {"prompt_tps": statistics.median(pp), "gen_tps": statistics.median(tg)}
 

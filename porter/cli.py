@@ -15,12 +15,13 @@ OUTTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k"
 
 
 def _versions() -> str:
-    from importlib.metadata import version
+    from porter.runtime._lib import GGML_VERSION, build_info, cpu_features, ggml_dir
 
-    from porter.runtime._lib import GGML_COMMIT, GGML_VERSION, cpu_features
-
-    return (f"porter {__version__}\nggml {GGML_VERSION} (commit {GGML_COMMIT}, "
-            f"libggml-python {version('libggml-python')}; CPU: {' '.join(cpu_features())})")
+    info = build_info()
+    variant = info.get("variant", "unknown")
+    why = f"; fell back: {'; '.join(info['fallback_because'])}" if info.get("fallback_because") else ""
+    return (f"porter {__version__}\nggml {GGML_VERSION}, {variant} build ({info.get('source', 'source unknown')}; "
+            f"{ggml_dir()}{why})\nCPU: {' '.join(cpu_features())}")
 
 
 class _Group(click.Group):
@@ -110,13 +111,15 @@ def convert(model_dir, out, outtype, force, trust_remote_code, quiet):
 @click.option("--top-k", default=40, show_default=True)
 @click.option("--top-p", default=0.95, show_default=True)
 @click.option("--seed", default=None, type=int, help="Random seed for sampling.")
-@click.option("-t", "--threads", default=None, type=int, help="Threads (default: all cores).")
+@click.option("-t", "--threads", default=None, type=int, help="Threads (default: the physical cores).")
 @click.option("-c", "--ctx-size", default=None, type=int, help="Context length (default: min(model's, 2048)).")
-def run(model, prompt, n_predict, chat, temp, top_k, top_p, seed, threads, ctx_size):
+@click.option("--cache-type", type=click.Choice(["f32", "f16", "q8_0"]), default="f32", show_default=True,
+              help="KV cache type (f16 halves its memory and speeds long contexts; llama.cpp's default).")
+def run(model, prompt, n_predict, chat, temp, top_k, top_p, seed, threads, ctx_size, cache_type):
     """Generate text from a GGUF written by porter, streaming tokens."""
     import porter
 
-    with porter.load(model, n_threads=threads, n_ctx=ctx_size) as m:
+    with porter.load(model, n_threads=threads, n_ctx=ctx_size, cache_type=cache_type) as m:
         text = prompt
         if chat and m.metadata.get("chat_template"):
             text = m.apply_chat_template([{"role": "user", "content": prompt}])
@@ -127,7 +130,7 @@ def run(model, prompt, n_predict, chat, temp, top_k, top_p, seed, threads, ctx_s
         click.echo()
         click.secho(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tokens/s | "
                     f"generation: {stats.generated_tokens} tokens, {stats.generate_tps:.1f} tokens/s "
-                    f"| {m.backend.n_threads} threads", fg="bright_black", err=True)
+                    f"| {m.backend.threads_in_use} of {m.backend.n_threads} threads", fg="bright_black", err=True)
 
 
 @main.command()

@@ -1,15 +1,21 @@
-"""Loading ggml through cffi (ABI mode) with declarations generated from the pinned wheel.
+"""Loading ggml through cffi (ABI mode) with declarations generated from its headers.
 
-``tools/gen_cdef.py`` writes ``_ggml_cdef.h`` from the headers of ``libggml-python``; this module
-checks at import that the shared library reports the version those headers came from, because
-tensor struct fields are read directly and a mismatch would read garbage.
+porter runs the ggml that ``make setup`` builds (``tools/build_ggml.py``: the sources the pinned
+llama-cpp-python archive vendors, compiled for this machine, or the portable build when the
+native one does not compile or does not pass its self-test), installed in ``<venv>/ggml`` with a
+``build-info.json`` saying which build it is. ``PORTER_GGML_DIR`` points elsewhere.
+
+``tools/gen_cdef.py`` writes ``_ggml_cdef.h`` from that build's headers; this module checks at
+import that the shared library reports the version those headers came from, because tensor
+struct fields are read directly and a mismatch would read garbage.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from importlib import metadata
+import sys
 from pathlib import Path
 
 import cffi
@@ -20,40 +26,41 @@ from porter.errors import GGMLVersionError
 os.environ.setdefault("GGML_NO_BACKTRACE", "1")
 
 CDEF_PATH = Path(__file__).with_name("_ggml_cdef.h")
-EXPECTED_WHEEL = "0.20.2.post1"
-EXPECTED_GGML_VERSION = "0.20.2"
+EXPECTED_GGML_VERSION = "0.25.3"  # tools/build_ggml.py builds it; _ggml_cdef.h comes from its headers
 
 
-def _library_dir() -> Path:
-    import libggml  # the wheel's (empty) package, used only to find its files
+def ggml_dir() -> Path:
+    """Where the ggml build porter uses is installed (``lib/``, ``include/``, ``build-info.json``)."""
+    env = os.environ.get("PORTER_GGML_DIR")
+    return Path(env) if env else Path(sys.prefix) / "ggml"
 
-    root = Path(libggml.__file__).parent
-    # the PyPI wheel ships lib64/; a wheel rebuilt from the sdist (make native) has lib/
-    return next((root / d for d in ("lib64", "lib") if (root / d / "libggml.so").exists()), root / "lib64")
+
+def build_info() -> dict:
+    """What tools/build_ggml.py recorded about the build: variant (native | portable), flags..."""
+    try:
+        return json.loads((ggml_dir() / "build-info.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _load():
     ffi = cffi.FFI()
     ffi.cdef(CDEF_PATH.read_text())
-    try:
-        wheel = metadata.version("libggml-python")
-    except metadata.PackageNotFoundError as exc:
+    libdir = ggml_dir() / "lib"
+    if not (libdir / "libggml.so").exists():
         raise GGMLVersionError(
-            "the ggml library (pip package libggml-python) is not installed; run `make setup`"
-        ) from exc
-    if wheel != EXPECTED_WHEEL:
-        raise GGMLVersionError(
-            f"libggml-python {wheel} is installed but porter's ggml declarations were generated "
-            f"from {EXPECTED_WHEEL}; install libggml-python=={EXPECTED_WHEEL} or regenerate them "
-            "with `python tools/gen_cdef.py` and update EXPECTED_WHEEL"
-        )
-    lib = ffi.dlopen(str(_library_dir() / "libggml.so"))
+            f"porter's ggml is not installed (no {libdir / 'libggml.so'}); run `make setup` "
+            "(it builds ggml with tools/build_ggml.py) or set PORTER_GGML_DIR")
+    # libggml.so needs libggml-base.so and libggml-cpu.so: load them first, by path
+    for dep in ("libggml-base.so", "libggml-cpu.so"):
+        if (libdir / dep).exists():
+            ffi.dlopen(str(libdir / dep), ffi.RTLD_NOW | ffi.RTLD_GLOBAL)
+    lib = ffi.dlopen(str(libdir / "libggml.so"), ffi.RTLD_NOW | ffi.RTLD_GLOBAL)
     version = ffi.string(lib.ggml_version()).decode()
     if version != EXPECTED_GGML_VERSION:
         raise GGMLVersionError(
-            f"libggml.so reports version {version}, expected {EXPECTED_GGML_VERSION} "
-            "(the version porter's cffi declarations match); reinstall libggml-python"
-        )
+            f"{libdir / 'libggml.so'} reports ggml {version}, expected {EXPECTED_GGML_VERSION} "
+            "(the version porter's cffi declarations match); rebuild it with `make ggml`")
     return ffi, lib
 
 

@@ -39,44 +39,140 @@ def _track(owner, kind: str, free_fn, ptr) -> weakref.finalize:
     return weakref.finalize(owner, release)
 
 
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads of one core count once)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topo = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            with open(f"{topo}/physical_package_id") as a, open(f"{topo}/core_id") as b:
+                cores.add((a.read().strip(), b.read().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
 def default_threads() -> int:
+    """``PORTER_THREADS`` if set, else the physical cores (as llama.cpp defaults to)."""
     env = os.environ.get("PORTER_THREADS")
     if env:
         return max(1, int(env))
+    return physical_cores()
+
+
+def runnable_elsewhere() -> int | None:
+    """How many threads of the whole machine are running or waiting for a core right now, not
+    counting the caller (the fourth field of /proc/loadavg counts the caller itself); None
+    where that is not known."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
+        with open("/proc/loadavg", "rb") as fh:
+            return max(0, int(fh.read().split()[3].split(b"/")[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class ThreadPolicy:
+    """How many of the pool's threads a graph uses, given what else is running.
+
+    ggml's workers meet at a spinning barrier after every op: when another process holds the
+    core of one of them, the others spin until the scheduler brings it back, and a decode step
+    (hundreds of barriers) collapses from milliseconds to hundreds of milliseconds. So before a
+    graph runs, the cores taken by other runnable threads (``/proc/loadavg``, averaged over the
+    last few graphs so that one short-lived process does not flip it) are left to them: the
+    graph gets the remaining cores, at least one thread (a single thread meets no barrier).
+    ``adaptive=False`` (or ``PORTER_ADAPTIVE_THREADS=0``) always uses every thread.
+    """
+
+    WINDOW = 8  # graphs averaged
+
+    def __init__(self, n_max: int, cores: int, adaptive: bool = True):
+        self.n_max, self.cores, self.adaptive = n_max, cores, adaptive
+        self._samples: list[int] = []
+
+    def threads(self) -> int:
+        if not self.adaptive or self.n_max == 1:
+            return self.n_max
+        others = runnable_elsewhere()
+        if others is None:
+            return self.n_max
+        self._samples.append(others)
+        if len(self._samples) > self.WINDOW:
+            del self._samples[0]
+        busy = sum(self._samples) / len(self._samples)
+        return max(1, min(self.n_max, self.cores - int(busy + 0.5)))
 
 
 class Backend:
-    """The ggml CPU backend with a thread count."""
+    """The ggml CPU backend with a persistent threadpool.
 
-    def __init__(self, n_threads: int | None = None):
+    The pool's threads live as long as the backend; between graphs they sleep on a condition
+    variable (``poll=0``) instead of spinning, so an idle or busy machine loses no core to them.
+    How many of them a graph uses follows :class:`ThreadPolicy`.
+    """
+
+    def __init__(self, n_threads: int | None = None, *, adaptive: bool | None = None, poll: int = 0):
         self.ptr = lib.ggml_backend_cpu_init()
         if self.ptr == ffi.NULL:
             raise RuntimeError("ggml could not initialise its CPU backend")
         self._finalizer = _track(self, "backend", lib.ggml_backend_free, self.ptr)
+        self.threadpool = None
+        self._pool_finalizer = None
         self.n_threads = 0
+        if adaptive is None:
+            adaptive = os.environ.get("PORTER_ADAPTIVE_THREADS", "1") != "0"
+        self._adaptive, self._poll = adaptive, int(poll)
         self.set_threads(n_threads or default_threads())
 
     def set_threads(self, n: int) -> None:
         if n < 1:
             raise ValueError(f"thread count must be at least 1, got {n}")
+        if n > lib.GGML_MAX_N_THREADS:
+            raise ValueError(f"ggml runs at most {lib.GGML_MAX_N_THREADS} threads, got {n}")
+        if n != self.n_threads:
+            old = self._pool_finalizer
+            params = ffi.new("struct ggml_threadpool_params *")
+            lib.ggml_threadpool_params_init(params, n)
+            params.poll = self._poll
+            pool = lib.ggml_threadpool_new(params)
+            if pool == ffi.NULL:
+                raise RuntimeError(f"ggml could not start a pool of {n} threads")
+            lib.ggml_backend_cpu_set_threadpool(self.ptr, pool)
+            self.threadpool = pool
+            self._pool_finalizer = _track(self, "threadpool", lib.ggml_threadpool_free, pool)
+            if old is not None:
+                old()
         lib.ggml_backend_cpu_set_n_threads(self.ptr, n)
         self.n_threads = n
+        self.policy = ThreadPolicy(n, min(n, physical_cores()) if self._adaptive else n, self._adaptive)
+        self._current = n
 
     @property
     def buffer_type(self):
         return lib.ggml_backend_get_default_buffer_type(self.ptr)
 
     def compute(self, graph) -> None:
+        n = self.policy.threads()
+        if n != self._current:
+            lib.ggml_backend_cpu_set_n_threads(self.ptr, n)
+            self._current = n
         status = lib.ggml_backend_graph_compute(self.ptr, graph)
         if status != lib.GGML_STATUS_SUCCESS:
             raise RuntimeError(f"ggml graph compute failed: {ffi.string(lib.ggml_status_to_string(status)).decode()}")
 
+    @property
+    def threads_in_use(self) -> int:
+        """Threads the last graph ran on (fewer than ``n_threads`` while other work holds cores)."""
+        return self._current
+
     def close(self) -> None:
+        # the backend holds the pool: free the backend first, then stop the pool's threads
         self._finalizer()
+        if self._pool_finalizer is not None:
+            self._pool_finalizer()
 
     def __enter__(self):
         return self

@@ -207,8 +207,8 @@ class GraphBuilder:
         rows = o.reshape(x, [x.ne[0] * x.ne[1], x.ne[2]])
         stored = o.set_rows(cache, rows, self.inputs["kv_slots"])
         n_kv = int(self.values["n_kv"])
-        esize = GGMLType(cache.type).type_size
-        return o.view(stored, [x.ne[0], x.ne[1], n_kv], [x.ne[0] * esize, cache.nb[1], cache.nb[1] * n_kv], 0)
+        head_bytes = lib.ggml_row_size(cache.type, x.ne[0])  # a quantized cache stores blocks, not elements
+        return o.view(stored, [x.ne[0], x.ne[1], n_kv], [head_bytes, cache.nb[1], cache.nb[1] * n_kv], 0)
 
 
 _SIMPLE = {"silu", "gelu_erf", "gelu_tanh", "relu", "sigmoid", "tanh", "exp", "sqr", "sqrt", "cont",

@@ -1,8 +1,9 @@
 """Reading a porter GGUF: its graph spec, metadata and weights, uploaded into ggml buffers.
 
-Quantized matrices that ggml can repack go to the CPU_REPACK buffer (faster products); BF16
-matrices used only by products and row lookups are held as F16 when their values fit (see
-:func:`load_gguf`).
+The file is memory-mapped (:mod:`porter.runtime.gguf_file`): metadata is decoded key by key and
+tensor bytes go from the map straight into ggml's buffers. Quantized matrices that ggml can
+repack go to the CPU_REPACK buffer (faster products); BF16 matrices used only by products and
+row lookups are held as F16 when their values fit (see :func:`load_gguf`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 from porter.errors import ModelError
 from porter.runtime import repack
 from porter.runtime._lib import ffi, lib
-from porter.runtime.core import Backend, Buffer, Context, set_data
+from porter.runtime.core import Backend, Buffer, Context, _track, set_data
+from porter.runtime.gguf_file import GGUFFile
 from porter.runtime.types import GGMLType
 from porter.spec import Spec, loads
 
@@ -25,8 +27,7 @@ TOKENIZER_KEY = "porter.tokenizer_json"
 
 
 def _field_value(reader, key: str):
-    f = reader.fields.get(key)
-    return None if f is None else f.contents()
+    return reader.get(key)
 
 
 @dataclass
@@ -43,26 +44,64 @@ class LoadedGGUF:
     repack_buffer: Buffer | None
     repacked: list[str] = field(default_factory=list)
     bf16_as_f16: list[str] = field(default_factory=list)
+    mapped: "MappedWeights | None" = None
+
+
+class MappedWeights:
+    """Weights that ggml reads in place from the memory-mapped file (no copy at load; pages come
+    in from the page cache when first used), as llama.cpp does with its default ``mmap``."""
+
+    def __init__(self, reader: GGUFFile, ctx: Context):
+        self.reader, self.ctx = reader, ctx
+        self.ptr = lib.ggml_backend_cpu_buffer_from_ptr(reader.pointer(), reader.size)
+        if self.ptr == ffi.NULL:
+            raise MemoryError("ggml could not wrap the mapped GGUF file in a buffer")
+        lib.ggml_backend_buffer_set_usage(self.ptr, lib.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+        self._finalizer = _track(self, "buffer", lib.ggml_backend_buffer_free, self.ptr)
+
+    def place(self, t, offset: int) -> None:
+        status = lib.ggml_backend_tensor_alloc(self.ptr, t, self.reader.pointer() + offset)
+        if status != lib.GGML_STATUS_SUCCESS:
+            raise MemoryError("ggml could not place a weight in the mapped file")
+
+    @property
+    def nbytes(self) -> int:
+        return self.reader.size
+
+    def close(self) -> None:
+        self._finalizer()
+        self.ctx.close()
+        self.reader.close()
 
 
 def load_gguf(path: str | Path, *, n_threads: int | None = None, use_repack: bool = True,
-              bf16_as_f16: bool = True) -> LoadedGGUF:
+              bf16_as_f16: bool = True, use_mmap: bool = True) -> LoadedGGUF:
     """Read a GGUF written by porter and upload its weights.
+
+    ``use_mmap``: weights that need no conversion (neither repacked nor BF16 -> F16) stay in the
+    memory-mapped file, which the returned ``mapped`` keeps open; otherwise all are copied.
 
     ``bf16_as_f16``: ggml's BF16 matrix product rounds the activations to bfloat16 (8-bit
     significand), which alone costs logits NMSE ~1e-4 on SmolLM2. BF16 matrices whose values
     all fit float16 (normal ones convert exactly, float16-subnormal ones move by at most
     2**-25) are held as F16 instead: same size, same weights, activations rounded to float16.
     """
-    from gguf import GGUFReader
-
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such GGUF file")
+    reader = GGUFFile(path)
     try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # truncated or not a GGUF: gguf raises various errors
-        raise ModelError(f"{path}: not a readable GGUF file ({exc}); convert the model again") from None
+        loaded = _load(reader, path, n_threads, use_repack, bf16_as_f16, use_mmap)
+    except BaseException:
+        reader.close()
+        raise
+    if loaded.mapped is None:
+        reader.close()
+    return loaded
+
+
+def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16: bool,
+          use_mmap: bool) -> LoadedGGUF:
     text = _field_value(reader, SPEC_KEY)
     if text is None:
         raise ModelError(f"{path}: this GGUF carries no porter graph spec ({SPEC_KEY}); "
@@ -84,52 +123,77 @@ def load_gguf(path: str | Path, *, n_threads: int | None = None, use_repack: boo
     }
     expected = {w: None for w in spec.weight_names()}
     backend = Backend(n_threads)
-    by_name = {t.name: t for t in reader.tensors}
+    by_name = reader.tensors
     missing = [n for n in expected if n not in by_name]
     if missing:
         raise ModelError(f"{path}: tensors the graph needs are missing: {', '.join(missing[:8])}"
                          f"{' ...' if len(missing) > 8 else ''}")
     inline = {w.name: np.asarray(w.data, dtype=np.float32).reshape([int(d) for d in w.shape])
               for w in spec.weights if w.data is not None}  # shapes checked by porter.spec.check
+    for name in expected:
+        if by_name[name].nbytes < 0:
+            raise ModelError(f"{path}: tensor {name} has ggml type {by_name[name].type}, which this ggml "
+                             "cannot hold (or a row that does not fit its blocks)")
     patterns = repack.matmul_only_weights(spec) if use_repack else set()
+    experts = repack.expert_only_weights(spec) if use_repack else set()
     to_repack = set()
     for name in expected:
-        rt = by_name[name]
-        if (layer_pattern(spec, name) in patterns and len(rt.shape) == 2
-                and repack.supports(int(rt.tensor_type), int(rt.shape[0]), int(rt.shape[1]))):
+        rt, pattern = by_name[name], layer_pattern(spec, name)
+        if ((pattern in patterns and len(rt.ne) == 2 and repack.supports(rt.type, *rt.ne))
+                or (pattern in experts and len(rt.ne) == 3 and repack.supports(rt.type, *rt.ne))):
             to_repack.add(name)
     as_f16 = set()
     if bf16_as_f16:
         f16_ok = repack.weights_used_only_as(spec, {("mul_mat", 0), ("get_rows", 0), ("mul_mat_id", 0)})
         for name in expected:
             rt = by_name[name]
-            if (int(rt.tensor_type) == int(GGMLType.BF16) and layer_pattern(spec, name) in f16_ok
-                    and _bf16_fits_f16(rt.data)):
+            if (rt.type == int(GGMLType.BF16) and layer_pattern(spec, name) in f16_ok
+                    and _bf16_fits_f16(np.frombuffer(reader.data(name), dtype=np.uint16))):
                 as_f16.add(name)
-    ctx = Context(len(expected) - len(to_repack) + len(inline))
+    in_place = {n for n in expected if n not in to_repack and n not in as_f16} if use_mmap else set()
+    ctx = Context(len(expected) - len(to_repack) - len(in_place) + len(inline) + 1)
     rctx = Context(max(1, len(to_repack)))
+    mctx = Context(max(1, len(in_place)))
     weights = {}
     for name in expected:
         rt = by_name[name]
-        ne = [int(x) for x in rt.shape]
-        gtype = GGMLType.F16 if name in as_f16 else GGMLType(int(rt.tensor_type))
-        weights[name] = (rctx if name in to_repack else ctx).new_tensor(gtype, ne, name)
+        ne = list(rt.ne)
+        gtype = GGMLType.F16 if name in as_f16 else _gtype(rt.type)
+        home = rctx if name in to_repack else (mctx if name in in_place else ctx)
+        weights[name] = home.new_tensor(gtype, ne, name)
     for name, values in inline.items():
         weights[name] = ctx.new_tensor(GGMLType.F32, list(reversed(values.shape)), name)
+    if lib.ggml_get_first_tensor(ctx.ptr) == ffi.NULL:  # ggml allocates no buffer for no tensors
+        ctx.new_tensor(GGMLType.F32, [1], "porter.placeholder")
     buffer = Buffer(ctx, backend.buffer_type)
     rbuffer = Buffer(rctx, repack.repack_buffer_type()) if to_repack else None
+    mapped = MappedWeights(reader, mctx) if in_place else None
+    if mapped is None:
+        mctx.close()
+    for name in in_place:
+        mapped.place(weights[name], by_name[name].offset)
     for name, values in inline.items():
         set_data(weights[name], values)
     for name in expected:
+        if name in in_place:
+            continue
         t = weights[name]
-        data = _bf16_as_f16(by_name[name].data) if name in as_f16 else by_name[name].data
+        raw = reader.data(name)
+        data = _bf16_as_f16(np.frombuffer(raw, dtype=np.uint16)) if name in as_f16 else raw
         nbytes = int(lib.ggml_nbytes(t))
         if data.nbytes != nbytes:
             raise ModelError(f"{path}: tensor {name} holds {data.nbytes} bytes, expected {nbytes} (truncated file?)")
-        lib.ggml_backend_tensor_set(t, ffi.from_buffer(np.ascontiguousarray(data)), 0, nbytes)
-    del reader
+        lib.ggml_backend_tensor_set(t, ffi.from_buffer(data), 0, nbytes)
+        del raw, data
     return LoadedGGUF(spec, metadata, backend, ctx, buffer, weights, rctx, rbuffer,
-                      sorted(to_repack), sorted(as_f16))
+                      sorted(to_repack), sorted(as_f16), mapped)
+
+
+def _gtype(type_id: int):
+    try:
+        return GGMLType(type_id)
+    except ValueError:  # a type porter has no name for: ggml still knows its geometry
+        return type_id
 
 
 def layer_pattern(spec: Spec, name: str) -> str:

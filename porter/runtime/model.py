@@ -81,13 +81,16 @@ class Model(GenerationMixin):
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, *, n_threads: int | None = None, n_ctx: int | None = None,
-             cache_type: str = "f32", use_repack: bool = True, bf16_as_f16: bool = True) -> "Model":
+             cache_type: str = "f32", use_repack: bool = True, bf16_as_f16: bool = True,
+             use_mmap: bool = True) -> "Model":
         """Load a GGUF written by porter (see :func:`porter.runtime.loader.load_gguf` for
-        ``use_repack`` and ``bf16_as_f16``)."""
-        g = load_gguf(path, n_threads=n_threads, use_repack=use_repack, bf16_as_f16=bf16_as_f16)
+        ``use_repack``, ``bf16_as_f16`` and ``use_mmap``)."""
+        g = load_gguf(path, n_threads=n_threads, use_repack=use_repack, bf16_as_f16=bf16_as_f16,
+                      use_mmap=use_mmap)
         model = cls(g.spec, g.backend, g.weight_ctx, g.weight_buffer, g.weights, g.metadata, Path(path),
                     n_ctx, GGMLType.parse(cache_type))
         model._repack = (g.repack_ctx, g.repack_buffer)
+        model._mapped = g.mapped
         model.repacked = g.repacked
         model.bf16_as_f16 = g.bf16_as_f16
         return model
@@ -295,6 +298,9 @@ class Model(GenerationMixin):
             rbuffer.close()
         if rctx is not None:
             rctx.close()
+        mapped = getattr(self, "_mapped", None)
+        if mapped is not None:
+            mapped.close()
         self.backend.close()
 
     def __enter__(self):

@@ -35,7 +35,8 @@ CHUNK_ELEMENTS = 1 << 20
 _GGUF_TYPES = frozenset({GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1,
                          GGMLType.Q5_0, GGMLType.Q5_1})
 # Types quantized by ggml itself.
-_GGML_TYPES = frozenset({GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K})
+_GGML_TYPES = frozenset({GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
+                         GGMLType.IQ4_NL})
 SUPPORTED = frozenset({GGMLType.F32, GGMLType.F16}) | _GGUF_TYPES | _GGML_TYPES
 
 _F16_MAX = 65504.0

@@ -1,9 +1,13 @@
-"""ggml's CPU repack buffer: quantized matrices re-laid out for faster products (Q4_0, Q4_K, ...).
+"""ggml's CPU repack buffer: quantized matrices re-laid out for faster products.
 
 Only the ``CPU_REPACK`` extra buffer type is ever used (never AMX: its kernels crash on some
-machines that report AMX). A weight goes there only if every use of it is as the matrix of a
-``mul_mat`` and ggml's CPU device confirms it supports that product from a repacked buffer;
-the check asks ggml itself, the way llama.cpp chooses weight buffers.
+machines that report AMX, and porter's ggml is built without them). A weight goes there only if
+every use of it is as the matrix of a ``mul_mat`` (or the experts of a ``mul_mat_id``) and
+ggml's CPU device confirms it supports that product from a repacked buffer. That check is
+llama.cpp's own way of choosing weight buffers (it builds the op with the weight in a dummy
+buffer of the candidate type and asks ``ggml_backend_dev_supports_op``), so the same types are
+repacked as there: with ggml 0.25.3 on AVX2, Q4_0, Q4_K, Q5_K, Q6_K, IQ4_NL, MXFP4 and Q8_0
+(Q2_K with AVX-512), each when its row count fits the packed tile.
 """
 
 from __future__ import annotations
@@ -15,9 +19,6 @@ from porter.runtime.core import Context
 from porter.runtime.types import GGMLType
 
 REPACK_NAME = "CPU_REPACK"
-# Types whose repacked products are proven here (and named in DESIGN.md); Q8_0 in a repack
-# buffer crashed mul_mat on this machine even where ggml accepted the buffer.
-REPACKABLE = frozenset({GGMLType.Q4_0, GGMLType.Q4_K})
 
 
 @functools.lru_cache(maxsize=1)
@@ -41,17 +42,28 @@ def repack_buffer_type():
 
 
 @functools.lru_cache(maxsize=256)
-def supports(gtype: int, ne0: int, ne1: int) -> bool:
-    """Does ggml's CPU device run mul_mat with a (gtype, [ne0, ne1]) matrix held repacked?"""
+def supports(gtype: int, ne0: int, ne1: int, ne2: int = 0) -> bool:
+    """Does ggml's CPU device run mul_mat with a (gtype, [ne0, ne1]) matrix held repacked?
+    With ``ne2`` (experts): mul_mat_id with a (gtype, [ne0, ne1, ne2]) expert tensor."""
     dev, buft = _device_and_repack_buft()
-    if buft is None or GGMLType(gtype) not in REPACKABLE or ne0 % GGMLType(gtype).block_size:
+    try:
+        gt = GGMLType(gtype)
+    except ValueError:
+        return False
+    if buft is None or not gt.is_quantized or ne0 % gt.block_size:
         return False
     ctx = Context(4)
     dummy = lib.ggml_backend_buft_alloc_buffer(buft, 0)
     try:
-        w = ctx.new_tensor(GGMLType(gtype), [ne0, ne1])
-        x = ctx.new_tensor(GGMLType.F32, [ne0, 16])
-        op = lib.ggml_mul_mat(ctx.ptr, w, x)
+        if ne2:
+            w = ctx.new_tensor(gt, [ne0, ne1, ne2])
+            x = ctx.new_tensor(GGMLType.F32, [ne0, 1, 16])
+            ids = ctx.new_tensor(GGMLType.I32, [1, 16])
+            op = lib.ggml_mul_mat_id(ctx.ptr, w, x, ids)
+        else:
+            w = ctx.new_tensor(gt, [ne0, ne1])
+            x = ctx.new_tensor(GGMLType.F32, [ne0, 16])
+            op = lib.ggml_mul_mat(ctx.ptr, w, x)
         w.buffer = dummy
         return bool(lib.ggml_backend_dev_supports_op(dev, op))
     finally:
@@ -75,3 +87,8 @@ def weights_used_only_as(spec, allowed: set[tuple[str, int]]) -> set[str]:
 def matmul_only_weights(spec) -> set[str]:
     """Weight names (layer patterns) used only as the matrix operand of mul_mat."""
     return weights_used_only_as(spec, {("mul_mat", 0)})
+
+
+def expert_only_weights(spec) -> set[str]:
+    """Weight names (layer patterns) used only as the experts of mul_mat_id."""
+    return weights_used_only_as(spec, {("mul_mat_id", 0)})

@@ -22,6 +22,7 @@ class GGMLType(enum.IntEnum):
     Q4_K = 12
     Q5_K = 13
     Q6_K = 14
+    IQ4_NL = 20
     I8 = 24
     I16 = 25
     I32 = 26

@@ -1,4 +1,5 @@
-"""Every ggml resource porter creates is freed exactly once: by close(), by a with block, or by
+"""Every ggml resource porter creates (a backend comes with its threadpool) is freed exactly once:
+by close(), by a with block, or by
 garbage collection; porter.runtime.core.live_objects() counts what is still alive."""
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ def use_everything(be: Backend):
 def test_close_frees_everything():
     be = Backend(1)
     ctx, buf, g = use_everything(be)
-    assert live_objects() == {"backend": 1, "context": 2, "buffer": 1, "gallocr": 1}
+    assert live_objects() == {"backend": 1, "threadpool": 1, "context": 2, "buffer": 1, "gallocr": 1}
     g.close()
-    assert live_objects() == {"backend": 1, "context": 1, "buffer": 1}
+    assert live_objects() == {"backend": 1, "threadpool": 1, "context": 1, "buffer": 1}
     buf.close()
     ctx.close()
     be.close()
@@ -57,14 +58,14 @@ def test_with_blocks_free_everything():
         with GraphRunner(be, max_nodes=8) as g:
             g.compute([g.ops.silu(g.input(np.ones(4, np.float32)))])
             assert live_objects()["gallocr"] == 1
-        assert live_objects() == {"backend": 1}
+        assert live_objects() == {"backend": 1, "threadpool": 1}
     assert live_objects() == {}
 
 
 def test_garbage_collection_frees_everything():
     be = Backend(1)
     ctx, buf, g = use_everything(be)
-    assert sum(live_objects().values()) == 5
+    assert sum(live_objects().values()) == 6  # backend, threadpool, 2 contexts, buffer, gallocr
     del ctx, buf, g, be
     gc.collect()
     assert live_objects() == {}
@@ -83,7 +84,7 @@ def test_buffer_keeps_its_context_alive():
     assert get_data(t).sum() == 4
     del buf, t
     gc.collect()
-    assert live_objects() == {"backend": 1}
+    assert live_objects() == {"backend": 1, "threadpool": 1}
     be.close()
 
 
@@ -97,4 +98,4 @@ def test_many_runners_do_not_accumulate():
             g.compute([g.ops.exp(g.input(np.zeros(3, np.float32)))])
         del g
         gc.collect()
-        assert live_objects() == {"backend": 1}
+        assert live_objects() == {"backend": 1, "threadpool": 1}
