@@ -326,8 +326,9 @@ class Ops:
         _require_dense("clamp", a)
         if not lo <= hi:
             raise ShapeError(f"clamp: min {lo} is above max {hi}")
-        # ggml_clamp works in place (it returns a view of its input): clamp a copy
-        return lib.ggml_clamp(self.c, lib.ggml_cont(self.c, a), float(lo), float(hi))
+        # ggml 0.25 clamps into a new tensor (0.20's ggml_clamp overwrote its input; the test that
+        # the input survives guards against a return of that)
+        return lib.ggml_clamp(self.c, a, float(lo), float(hi))
 
     def fill(self, a, value: float):
         """A new tensor of a's shape, every element ``value``."""
