@@ -223,7 +223,8 @@ def _fold(lowered, container: str, n_layer: int):
                 hparams[masks[on]] = list(on)
             d["when"] = f"${masks[on]}[L]"
         body.append(d)
-    _check_order(body, pre_names | set(lowered.inputs) | set(lowered.constants) | set(lowered.weights))
+    patterns = {f"{container}.{{L}}." + w[m.end():] for w in lowered.weights if (m := weight_re.match(w))}
+    _check_order(body, pre_names | set(lowered.inputs) | set(lowered.constants) | set(lowered.weights) | patterns)
     # per-layer weights: the same shape in every layer that has them
     layered: dict = {}
     for wname, shape in lowered.weights.items():
