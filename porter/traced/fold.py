@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
+from porter.traced.values import ggml_shape, spec_size
+
 
 
 def prune(lowered):
@@ -129,37 +131,70 @@ def _fold(lowered, container: str, n_layer: int):
             raise NotFoldable(f"layer {i} reads {len(carry_src)} values of layer {i - 1}")
         carries.append(next(iter(carry_src), None))
         sigs.append(sig)
+    # what each layer hands on: what the next layer reads of it; for the last, what follows the loop
+    last_read = {src for n in post for src in n.inputs if layer_of.get(src) == n_layer - 1}
+    if len(last_read) != 1:
+        raise NotFoldable(f"the loop's output is {len(last_read)} values of the last layer")
+    results_raw = [carries[i + 1] for i in range(n_layer - 1)] + [last_read.pop()]
+    if any(r is None for r in results_raw):
+        raise NotFoldable("a layer does not read the previous one")
     # layers of different kinds (dense/MoE, attention/other) share one body: the union of their
-    # nodes, each switched on (``when``) in the layers that have it
-    ops_by_name: dict = {}
-    by_layer = [_rename_conflicts({x[0]: x for x in sig}, sig, ops_by_name) for sig in sigs]
-    sigs = [list(d.values()) for d in by_layer]
-    union = _union_order([[x[0] for x in sig] for sig in sigs])
+    # nodes, each switched on (``when``) in the layers that have it. Nodes of the same name are
+    # one node (their inputs chosen per layer) unless that orders the kinds inconsistently; then
+    # only nodes computing the same thing from the same nodes are shared.
+    for strict in (False, True):
+        if strict:
+            by_layer, renames = _strict_kinds(sigs)
+        else:
+            ops_by_name: dict = {}
+            by_layer = [_rename_conflicts({x[0]: x for x in sig}, sig, ops_by_name) for sig in sigs]
+            renames = [{} for _ in sigs]
+        try:
+            for _ in range(64):
+                try:
+                    union = _union_order(by_layer)
+                    break
+                except _Cycle as cyc:
+                    if strict or not _break_cycle(by_layer, cyc.nodes):
+                        raise
+                    renames = [{} for _ in sigs]  # the carried values keep their names (fixed below)
+            else:
+                raise NotFoldable("too many name clashes between layer kinds")
+            break
+        except NotFoldable:
+            if strict:
+                raise
+    results = [renames[i].get(pattern(r), pattern(r)) for i, r in enumerate(results_raw)]
     present = {name: [i for i in range(n_layer) if name in by_layer[i]] for name in union}
-    # the carried value: the same node pattern of every layer
-    results = {pattern(c) for c in carries[1:] if c is not None}
-    if len(results) != 1:
-        raise NotFoldable("no single carried value")
-    result = results.pop()
-    if len(present.get(result, [])) != n_layer:
-        raise NotFoldable("the carried value is not computed in every layer")
-    # layer 0: the input in the carry's place, which becomes $carry there too
+    # layer 0: the input in the carry's place (where layer 1 reads $carry), which becomes $carry there too
     init = None
     for name, sig1 in by_layer[1].items():
         sig0 = by_layer[0].get(name)
         for k, src in enumerate(sig1[2]):
             if src == "$carry":
                 if sig0 is None or k >= len(sig0[2]):
-                    raise NotFoldable("layer 0 does not read the carry where layer 1 does")
+                    raise NotFoldable(f"layer 0 does not read the carry where layer 1 does ({name})")
                 cand = sig0[2][k]
                 if init is None:
                     init = cand
                 elif init != cand:
                     raise NotFoldable("layer 0 reads two values in the carry's place")
-                sig0[2][k] = "$carry"
     if init is None:
         raise NotFoldable("no carry")
-    last_result = result.replace("{L}", str(n_layer - 1))
+    for sig0 in by_layer[0].values():
+        sig0[2][:] = ["$carry" if src == init else src for src in sig0[2]]
+    if len(set(results)) == 1:
+        result = results[0]
+    else:
+        # kinds end in different nodes: one common view of them carries on
+        shape = next(n.shape for n in layers[0] if n.name == results_raw[0])
+        union.append("layer.result-{L}")
+        present["layer.result-{L}"] = list(range(n_layer))
+        for i in range(n_layer):
+            by_layer[i]["layer.result-{L}"] = ("layer.result-{L}", "reshape", [results[i]],
+                                               {"shape": [spec_size(d) for d in ggml_shape(shape)]}, None)
+        result = "layer.result-{L}"
+    last_result = results_raw[-1]
     # after the loop, only the last layer's carried value may be read ($carry)
     post_items = []
     for n in post:
@@ -205,9 +240,8 @@ def _fold(lowered, container: str, n_layer: int):
             if all(values[i] == values[layers_on[0]] for i in layers_on):
                 new_attrs[a] = values[layers_on[0]]
             else:
-                if any(isinstance(v, list) for v in values):
-                    raise NotFoldable(f"list attribute {a} of {name} differs between layers")
-                if any(isinstance(v, str) and v.startswith("$") for v in values):
+                if any(isinstance(v, str) and "$" in v or isinstance(v, list) and any(isinstance(x, str) for x in v)
+                       for v in values):
                     raise NotFoldable(f"attribute {a} of {name} is an expression that differs between layers")
                 key = _hp_name(name, a)
                 hparams[key] = values
@@ -241,6 +275,33 @@ def _fold(lowered, container: str, n_layer: int):
     return graph, hparams, layered
 
 
+def _strict_kinds(sigs: list) -> tuple[list[dict], list[dict]]:
+    """Share a node between layers only if it has the same op and reads the same body nodes;
+    otherwise each layer kind gets its own copy (``name~kind``). Returns per layer the nodes and
+    the renames applied."""
+    kinds: dict = {}
+    ref: dict = {}
+    out, renames = [], []
+    for sig in sigs:
+        kind = kinds.setdefault(tuple((x[0], x[1]) for x in sig), len(kinds))
+        local = {x[0] for x in sig}
+        ren: dict = {}
+        d: dict = {}
+        for name, op, ins, attrs, hf in sig:
+            ins2 = [ren.get(x, x) for x in ins]
+            key = (op, tuple(x if x in ren.values() or x in local else "*" for x in ins2))
+            seen = ref.setdefault(name, key)
+            new = name
+            if seen != key:
+                new = name[:-4] + f"~{kind}-{{L}}" if name.endswith("-{L}") else f"{name}~{kind}"
+                ref.setdefault(new, key)
+            ren[name] = new
+            d[new] = (new, op, ins2, attrs, hf)
+        out.append(d)
+        renames.append(ren)
+    return out, renames
+
+
 def _rename_conflicts(d: dict, sig: list, table: dict) -> dict:
     """Node names that mean a different op in another layer kind get the op as a suffix
     (``table``: name -> op of the first layer that has it, shared by the whole fold)."""
@@ -258,21 +319,73 @@ def _rename_conflicts(d: dict, sig: list, table: dict) -> dict:
     return out
 
 
-def _union_order(orders: list[list[str]]) -> list[str]:
-    """One order of every layer kind's node names that keeps each kind's own order."""
-    union: list[str] = []
-    for order in orders:
-        pos = -1
-        for name in order:
-            if name in union:
-                at = union.index(name)
-                if at < pos:
-                    raise NotFoldable("layer kinds order their common nodes differently")
-                pos = at
-            else:
-                union.insert(pos + 1, name)
-                pos += 1
-    return union
+def _union_order(by_layer: list[dict]) -> list[str]:
+    """One order of every layer kind's nodes in which each node comes after all its inputs, in
+    every kind (a topological sort of the union; ties keep the first kind's order)."""
+    rank: dict[str, tuple] = {}
+    deps: dict[str, set] = {}
+    for li, sigs in enumerate(by_layer):
+        for pos, (name, _op, ins, _a, _h) in enumerate(sigs.values()):
+            rank.setdefault(name, (li, pos))
+            deps.setdefault(name, set()).update(i for i in ins if i in sigs)
+    ready = sorted((n for n in rank if not deps[n]), key=rank.get)
+    done: list[str] = []
+    placed: set[str] = set()
+    waiting = {n: set(d) for n, d in deps.items() if d}
+    while ready:
+        n = ready.pop(0)
+        done.append(n)
+        placed.add(n)
+        freed = [m for m, d in waiting.items() if n in d and d - placed == set()]
+        for m in freed:
+            del waiting[m]
+        ready = sorted(set(ready) | set(freed), key=rank.get)
+    if waiting:
+        raise _Cycle(_a_cycle({n: d - placed for n, d in waiting.items()}))
+    return done
+
+
+class _Cycle(NotFoldable):
+    def __init__(self, nodes: list):
+        super().__init__(f"layer kinds depend on their common nodes in opposite orders: {nodes}")
+        self.nodes = nodes
+
+
+def _break_cycle(by_layer: list[dict], nodes: list) -> bool:
+    """Give the cycle's nodes their own name in the layers where they read other inputs than in
+    the first layer that has them (two kinds' counters that shifted: ``reshape#10`` is before
+    the cache in one kind and after it in another). False when nothing could be renamed."""
+    changed = False
+    for name in set(nodes):
+        first = next((d[name] for d in by_layer if name in d), None)
+        for i, d in enumerate(by_layer):
+            sig = d.get(name)
+            if sig is None or sig is first or sig[2] == first[2]:
+                continue
+            new = name[:-4] + f"~{i}-{{L}}" if name.endswith("-{L}") else f"{name}~{i}"
+            items = {}
+            for k, (n, op, ins, attrs, hf) in d.items():
+                items[new if n == name else n] = (new if n == name else n, op, [new if x == name else x for x in ins],
+                                                   attrs, hf)
+            d.clear()
+            d.update(items)
+            changed = True
+    return changed
+
+
+def _a_cycle(deps: dict) -> list:
+    """One dependency cycle among ``deps`` (node -> nodes it needs), for the error message."""
+    for start in deps:
+        path, seen = [start], {start}
+        while True:
+            nxt = next((d for d in sorted(deps.get(path[-1], ())) if d in deps), None)
+            if nxt is None:
+                break
+            if nxt in seen:
+                return path[path.index(nxt):] + [nxt]
+            path.append(nxt)
+            seen.add(nxt)
+    return sorted(deps)[:6]
 
 
 def _check_order(body: list[dict], outside: set) -> None:

@@ -143,8 +143,20 @@ class Lowering:
         self._cache: dict[tuple, Val] = {}  # memoized materializations (permute views...)
         self._by_name: dict[str, Emitted] = {}
         self.deps = self._classify()
+        self._kinds_of_path = self._ambiguous_paths()
         self.aux = AuxAnalysis(self)
         self.gaps: list[Gap] = []
+
+    def _ambiguous_paths(self) -> set[str]:
+        """Module paths inside a layer that hold different module classes in different layers."""
+        classes: dict[str, set] = {}
+        for node in self.graph.nodes:
+            if node.op != "call_function":
+                continue
+            layer, inner = self.layers.split(module_path(node))
+            if layer is not None and inner:
+                classes.setdefault(inner, set()).add(module_class(node))
+        return {p for p, c in classes.items() if len(c) > 1}
 
     # -- dependency classes ------------------------------------------------------------------
     def _classify(self) -> dict[str, str]:
@@ -228,7 +240,12 @@ class Lowering:
         node = self._cur
         path = module_path(node) if node is not None else ""
         layer, inner = self.layers.split(path)
-        base = f"{inner or ('layer' if layer is not None else path or 'top')}.{role or op}"
+        where = inner or ("layer" if layer is not None else path or "top")
+        if layer is not None and inner in self._kinds_of_path:
+            # the same module path holds different module classes in different layers (a dense MLP
+            # here, a mixture of experts there): the class keeps their nodes apart
+            where = f"{inner}<{module_class(node)}>"
+        base = f"{where}.{role or op}"
         key = (layer, base)
         k = self._names[key]
         self._names[key] += 1
