@@ -130,7 +130,7 @@ class GraphBuilder:
             # does not have makes the node absent, an error only if something reads it
             try:
                 self.tensors[name] = self.tensor(node.inputs[0], layer, carry)
-            except ModelError:
+            except (ModelError, SpecError):  # a weight or node this layer does not have
                 self.tensors[name] = _ABSENT
             return
         srcs = [self.tensor(s, layer, carry) for s in node.inputs]
