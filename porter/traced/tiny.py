@@ -47,7 +47,8 @@ SIZES: dict[str, int] = {
     "swa_head_dim": 16, "attention_hidden_size": 64, "rotary_dim": 8,
 }
 # sizes that a config may leave unset by default but the model needs (experts counts)
-FILL_IF_NONE = ("n_routed_experts", "num_experts_per_tok", "n_shared_experts", "num_local_experts")
+FILL_IF_NONE = ("n_routed_experts", "num_experts_per_tok", "n_shared_experts", "num_local_experts", "num_key_value_heads",
+                "head_dim")
 TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "sep_token_id": 3, "unk_token_id": 3,
              "decoder_start_token_id": 1}
 LAYERS = 2
