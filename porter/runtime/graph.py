@@ -180,6 +180,8 @@ class GraphBuilder:
             return o.cast(s[0], GGMLType.parse(a["type"]))
         if op == "argsort":
             return o.argsort(s[0], a.get("descending", True))
+        if op == "argmax":
+            return o.argmax(s[0])
         if op == "top_k":
             return o.top_k(s[0], int(a["k"]))
         if op == "kv_store":

@@ -551,6 +551,14 @@ class Ops:
         order = lib.GGML_SORT_ORDER_DESC if descending else lib.GGML_SORT_ORDER_ASC
         return lib.ggml_argsort(self.c, a, order)
 
+    def argmax(self, a):
+        """I32 [rows]: the index of the largest element of each row of a matrix (first on ties)."""
+        _require_f32("argmax", a)
+        _require_packed("argmax", a)
+        if a.ne[2] != 1 or a.ne[3] != 1:
+            raise _fail("argmax", "needs a matrix (reshape it to [row, rows] first)", a)
+        return lib.ggml_argmax(self.c, a)
+
     def top_k(self, a, k: int):
         """I32 indices of the ``k`` largest entries of each row, largest first."""
         _require_f32("top_k", a)

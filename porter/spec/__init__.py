@@ -72,6 +72,7 @@ _op("permute", 1, req="axes")
 _op("concat", 2, req="dim")
 _op("cast", 1, req="type")
 _op("argsort", 1, opt="descending")
+_op("argmax", 1)  # I32 index of the largest element of each row (ne[0]) of a matrix
 _op("top_k", 1, req="k")
 _op("kv_store", 1, req="cache", opt="layer")  # write into the layer's K or V cache, return all cached rows
 _op("mean_pool", 1)  # mean over tokens (encoder pooling)

@@ -584,6 +584,70 @@ def mean_dim(lw, node):
     return _reduce(lw, node, mean=True)
 
 
+def max_last(lw, v: Val) -> tuple[Val, Val]:
+    """(values, I32 indices) of the maximum over the last dimension, keepdim: ``argmax`` of the
+    rows, then ``get_rows`` of the row elements (ggml has no max reduction)."""
+    v = lw.contiguous(_float_val(v, "max"))
+    n = v.shape[-1]
+    rows = numel(v.shape[:-1])
+    flat = lw.reshape(v, (rows, n))
+    ids = lw.emit("argmax", [flat], shape=(rows,), dtype=torch.int32, role="argmax")
+    col = lw.reshape(flat, (rows, n, 1))
+    got = lw.emit("get_rows", [col, lw.reshape(ids, (rows, 1))], shape=(rows, 1, 1), role="max")
+    keep = tuple(v.shape[:-1]) + (1,)
+    return lw.reshape(got, keep), lw.reshape(ids, keep).with_(dtype=torch.int32)
+
+
+def _to_last(lw, v: Val, dim: int) -> tuple[Val, list]:
+    """``v`` with ``dim`` moved last, and the permutation that puts it back."""
+    dim = dim % v.rank
+    if dim == v.rank - 1:
+        return v, list(range(v.rank))
+    order = [d for d in range(v.rank) if d != dim] + [dim]
+    return lw.permute(v, order), [order.index(d) for d in range(v.rank)]
+
+
+@lowers("aten.amax.default", "aten.max.dim")
+def amax(lw, node):
+    """the maximum over one dimension: ``argmax`` + ``get_rows`` (``max.dim`` also gives the indices)"""
+    v = lw.val(node.args[0])
+    dims = _arg(node, 1, "dim", None)
+    keepdim = bool(_arg(node, 2, "keepdim", False))
+    if isinstance(dims, (list, tuple)):
+        if len(dims) != 1:
+            raise Gap(str(node.target), "a maximum over several dimensions")
+        dims = dims[0]
+    moved, back = _to_last(lw, v, dims)
+    values, ids = max_last(lw, moved)
+    values, ids = lw.permute(values, back), lw.permute(ids, back)
+    if not keepdim:
+        shape = tuple(s for i, s in enumerate(v.shape) if i != dims % v.rank)
+        values, ids = lw.reshape(values, shape), lw.reshape(ids, shape)
+    if str(node.target) == "aten.max.dim":
+        return Val(None, (), None, items=[values, ids])
+    return values
+
+
+@lowers("aten.logsumexp.default")
+def logsumexp(lw, node):
+    """``m + log(sum(exp(x - m)))`` with m the maximum (``argmax`` + ``get_rows``)"""
+    v = lw.val(node.args[0])
+    dims = node.args[1]
+    keepdim = bool(_arg(node, 2, "keepdim", False))
+    if isinstance(dims, (list, tuple)):
+        if len(dims) != 1:
+            raise Gap("aten.logsumexp.default", "over several dimensions")
+        dims = dims[0]
+    moved, back = _to_last(lw, v, dims)
+    m, _ = max_last(lw, moved)
+    shifted = binary(lw, "sub", moved, m)
+    total = _reduce_last(lw, elementwise(lw, shifted, "exp"), moved.rank - 1, True, False)
+    out = lw.permute(binary(lw, "add", elementwise(lw, total, "log"), m), back)
+    if not keepdim:
+        out = lw.reshape(out, tuple(s for i, s in enumerate(v.shape) if i != dims % v.rank))
+    return out
+
+
 @lowers("aten.softmax.int", "aten._softmax.default")
 def softmax(lw, node):
     """``soft_max`` over the last dimension (after a permute for another one); the eager
