@@ -851,6 +851,11 @@ def slice_(lw, node):
         end = min(end, n)
     if start == 0 and end == n and step == 1:
         return v
+    whole = lw.val(node.args[0])
+    if step == 1 and whole.meta.get("concat") and whole.meta["concat"][0] == dim:
+        for p_start, p_len, piece in whole.meta["concat"][1]:
+            if p_start == start and p_start + p_len == end:
+                return piece  # a slice that is exactly one concatenated piece
     if is_sym(start) or (is_sym(end) and end != n):
         raise Gap("aten.slice.Tensor", "a window whose bounds depend on the sequence length")
     length = (end - start + step - 1) // step
@@ -941,7 +946,18 @@ def cat(lw, node):
 
 
 def concat_vals(lw, vals, dim: int) -> Val:
-    """``concat`` of values along torch dimension ``dim``, pairwise."""
+    """``concat`` of values along torch dimension ``dim``, pairwise (the pieces are remembered: a
+    later slice that is exactly one of them is that piece)."""
+    pieces, start = [], 0
+    for v in vals:
+        pieces.append((start, v.shape[dim], v))
+        start = start + v.shape[dim]
+    out = _concat_pairwise(lw, vals, dim)
+    out.meta["concat"] = (dim, pieces)
+    return out
+
+
+def _concat_pairwise(lw, vals, dim: int) -> Val:
     out = lw.plain(vals[0])
     for v in vals[1:]:
         v = lw.plain(v)
@@ -1010,6 +1026,80 @@ def constant_pad(lw, node):
         axis = lw.axis(v, dim)
         gp[2 * axis], gp[2 * axis + 1] = pads[2 * i], pads[2 * i + 1]
     return lw.emit("pad", [lw.contiguous(v)], {"pads": gp}, shape=tuple(shape))
+
+
+@lowers("aten.new_empty.default", "aten.new_zeros.default", "aten.new_ones.default", "aten.new_full.default",
+        "aten.empty.memory_format", "aten.zeros.default", "aten.ones.default", "aten.full.default")
+def new_filled(lw, node):
+    """a constant broadcast to the shape (kept lazy: ggml broadcasts it, or ``repeat``); an empty
+    tensor is zeros"""
+    target = str(node.target)
+    if target.startswith("aten.new_"):
+        sizes, rest = node.args[1], node.args[2:]
+    else:
+        sizes, rest = node.args[0], node.args[1:]
+    shape = tuple(lw.size(d) for d in sizes)
+    value = {"aten.new_ones.default": 1.0, "aten.ones.default": 1.0}.get(target, 0.0)
+    if target in ("aten.new_full.default", "aten.full.default"):
+        value = float(rest[0])
+    one = lw.constant(torch.tensor([value], dtype=torch.float32), "fill")
+    return Val(None, shape, F32, kind="weight", expand=one.with_(shape=(1,) * len(shape)) if shape else one)
+
+
+@lowers("aten.copy.default")
+def copy(lw, node):
+    """the source, broadcast to the destination's shape (the functional form of ``dst.copy_(src)``)"""
+    dst, src = lw.val(node.args[0]), lw.val(node.args[1])
+    if tuple(src.shape) == tuple(dst.shape):
+        return src
+    return Val(None, tuple(dst.shape), src.dtype, kind=src.kind, expand=src)
+
+
+@lowers("aten.scatter.value")
+def scatter_value(lw, node):
+    """writing ``value`` at indices along a dimension of size one (group-limited expert routing
+    with a single group: every row's only slot is written) is a constant; other scatters are a gap"""
+    base = lw.val(node.args[0])
+    dim, value = node.args[1] % base.rank, float(node.args[3])
+    ids = lw.val(node.args[2])
+    if base.shape[dim] != 1 or ids.shape[dim] < 1:
+        raise Gap("aten.scatter.value", "a scatter into more than one slot (group-limited routing with "
+                                        "several groups)")
+    one = lw.constant(torch.tensor([value], dtype=torch.float32), "scatter")
+    return Val(None, tuple(base.shape), F32, kind="weight", expand=one.with_(shape=(1,) * base.rank))
+
+
+@lowers("aten.slice_scatter.default")
+def slice_scatter(lw, node):
+    """``concat`` of the base's part before the window, the source, and the part after it"""
+    base, src = lw.val(node.args[0]), lw.val(node.args[1])
+    dim = _arg(node, 2, "dim", 0) % base.rank
+    start, end, step = _arg(node, 3, "start", None), _arg(node, 4, "end", None), _arg(node, 5, "step", 1)
+    n = base.shape[dim]
+    start = 0 if start is None else lw.size(start)
+    end = n if end is None or (isinstance(end, int) and end >= 2**62) else lw.size(end)
+    if step != 1 or is_sym(start) or is_sym(end) and end != n:
+        raise Gap("aten.slice_scatter.default", "a strided window or one placed by the sequence length")
+    parts = []
+    if start:
+        parts.append(_window(lw, base, dim, 0, start))
+    parts.append(src if tuple(src.shape) == tuple(base.shape[:dim]) + (end - start,) + tuple(base.shape[dim + 1:])
+                 else lw.plain(src))
+    if end != n:
+        parts.append(_window(lw, base, dim, end, n - end))
+    return parts[0] if len(parts) == 1 else concat_vals(lw, parts, dim)
+
+
+def _window(lw, v: Val, dim: int, start: int, length: int) -> Val:
+    if v.meta.get("concat") and v.meta["concat"][0] == dim:
+        for p_start, p_len, piece in v.meta["concat"][1]:
+            if p_start == start and p_len == length:
+                return piece
+    v = lw.plain(v)
+    shape = list(v.shape)
+    shape[dim] = length
+    return lw.emit("slice", [lw.tensor(v)], {"dim": lw.axis(v, dim), "start": start, "length": length},
+                   shape=tuple(shape), kind=v.kind, dense=False)
 
 
 @lowers("aten.full_like.default", "aten.zeros_like.default", "aten.ones_like.default")
