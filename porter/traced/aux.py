@@ -180,7 +180,7 @@ def _position_offset(value) -> int | None:
 def _target(node) -> str:
     from porter.traced.lower import target_name
 
-    return target_name(node)
+    return target_name(node) if node is not None else "mask"
 
 
 def _hint(node) -> str:

@@ -363,8 +363,8 @@ def _rope_base(inv_freq, dim: int):
         base = float((f[0] / f[1]) ** (dim / 2))
     if not math.isfinite(base) or base <= 1:
         base = 10000.0
-    for digits in range(0, 7):
-        snapped = float(f"{base:.{digits}g}") if digits else float(round(base))
+    for digits in range(1, 8):  # the roundest number near the estimate (bases are round numbers)
+        snapped = float(f"{base:.{digits}g}")
         if abs(snapped - base) <= 1e-5 * base:
             base = snapped
             break
