@@ -215,4 +215,4 @@ class GraphBuilder:
 
 _SIMPLE = {"silu", "gelu_erf", "gelu_tanh", "relu", "sigmoid", "tanh", "exp", "sqr", "sqrt", "cont",
            "transpose", "sum_rows", "relu2", "add", "sub", "mul", "div", "mul_mat", "get_rows", "mul_mat_id",
-           "neg", "abs", "cos", "sin", "log", "recip", "softplus", "gelu_quick", "elu", "step", "cumsum", "expm1"}
+           "neg", "abs", "cos", "sin", "log", "recip", "softplus", "gelu_quick", "elu", "step", "cumsum", "expm1", "floor", "ceil", "round", "trunc"}

@@ -294,6 +294,19 @@ class Ops:
     def log(self, a):
         return self._unary("log", lib.ggml_log, a)
 
+    def floor(self, a):
+        return self._unary("floor", lib.ggml_floor, a)
+
+    def ceil(self, a):
+        return self._unary("ceil", lib.ggml_ceil, a)
+
+    def round(self, a):
+        """Nearest integer, halves away from zero (C's roundf; torch rounds halves to even)."""
+        return self._unary("round", lib.ggml_round, a)
+
+    def trunc(self, a):
+        return self._unary("trunc", lib.ggml_trunc, a)
+
     def expm1(self, a):
         """exp(a) - 1, accurate near 0."""
         return self._unary("expm1", lib.ggml_expm1, a)

@@ -47,7 +47,7 @@ def _op(name: str, n_min: int, n_max: int | None = None, req: str = "", opt: str
 
 for _unary in ("silu", "gelu_erf", "gelu_tanh", "relu", "sigmoid", "tanh", "exp", "sqr", "sqrt",
                "cont", "transpose", "sum_rows", "neg", "abs", "cos", "sin", "log", "recip", "softplus",
-               "gelu_quick", "elu", "step", "cumsum", "expm1"):
+               "gelu_quick", "elu", "step", "cumsum", "expm1", "floor", "ceil", "round", "trunc"):
     _op(_unary, 1)
 for _binary in ("add", "sub", "mul", "div", "mul_mat", "get_rows"):
     _op(_binary, 2)

@@ -51,7 +51,7 @@ def _float_val(v: Val, what: str) -> Val:
 def elementwise(lw, v: Val, op: str, attrs: dict | None = None, role: str | None = None) -> Val:
     """Apply a shape-preserving op; lazy views (permutes, broadcasts, head repeats) are kept, the
     op runs on the tensor underneath."""
-    v = _float_val(v, op)
+    v = _float_val(patterns.runtime_mask(lw, v), op)
     if v.expand is not None:
         inner = elementwise(lw, v.expand, op, attrs, role)
         return v.with_(expand=inner, tensor=None)
@@ -88,6 +88,7 @@ def scale(lw, v: Val, s: float, bias: float = 0.0) -> Val:
 
 def binary(lw, op: str, a, b) -> Val:
     """add / sub / mul / div of two tensors or a tensor and a number, torch broadcasting."""
+    a, b = patterns.runtime_mask(lw, a), patterns.runtime_mask(lw, b)
     sa, sb = _scalar(a), _scalar(b)
     if sa is not None and sb is not None:
         fn = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}[op]
@@ -108,7 +109,6 @@ def binary(lw, op: str, a, b) -> Val:
         if op == "sub":
             return scale(lw, b, -1.0, sa)
         return scale(lw, elementwise(lw, b, "recip"), sa)
-    a, b = patterns.runtime_mask(lw, a), patterns.runtime_mask(lw, b)
     a, b = _float_val(a, op), _float_val(b, op)
     out_shape = lw.broadcast_shape(a.shape, b.shape)
     # same lazy permute on both sides: compute underneath, keep the view
@@ -205,6 +205,15 @@ def to_copy(lw, node):
         low = lw.emit("cast", [c], {"type": target}, shape=c.shape, dtype=dtype)
         return low
     if dtype == F32 and v.dtype in (torch.float16, torch.bfloat16):
+        return lw.emit("cast", [lw.contiguous(v)], {"type": "f32"}, shape=v.shape)
+    ints = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
+    if v.dtype in ints and dtype in ints:
+        return v.with_(dtype=dtype)  # porter holds integers as I32
+    if v.dtype in ints and dtype in _FLOATS:
+        if v.meta.get("offset"):  # positions + c
+            c = v.meta["offset"]
+            v = v.with_(meta={})
+            return scale(lw, lw.emit("cast", [lw.contiguous(v)], {"type": "f32"}, shape=v.shape), 1.0, float(c))
         return lw.emit("cast", [lw.contiguous(v)], {"type": "f32"}, shape=v.shape)
     raise Gap(str(node.target), f"cast from {v.dtype} to {dtype} on the data path")
 
@@ -370,7 +379,8 @@ _UNARY = {
     "aten.tanh.default": "tanh", "aten.exp.default": "exp", "aten.log.default": "log", "aten.abs.default": "abs",
     "aten.neg.default": "neg", "aten.sqrt.default": "sqrt", "aten.sin.default": "sin", "aten.cos.default": "cos",
     "aten.reciprocal.default": "recip", "aten.softplus.default": "softplus", "aten.elu.default": "elu",
-    "aten.square.default": "sqr", "aten.expm1.default": "expm1",
+    "aten.square.default": "sqr", "aten.expm1.default": "expm1", "aten.floor.default": "floor",
+    "aten.ceil.default": "ceil", "aten.trunc.default": "trunc",
 }
 
 
@@ -397,6 +407,16 @@ def _python_unary(target: str, s: float) -> float:
     if target not in fns:
         raise Gap(target, "on a constant")
     return fns[target](s)
+
+
+@lowers("aten.log_sigmoid_forward.default", "aten.log_sigmoid.default")
+def log_sigmoid(lw, node):
+    """``-softplus(-x)``"""
+    v = lw.val(node.args[0])
+    out = scale(lw, elementwise(lw, scale(lw, v, -1.0), "softplus"), -1.0)
+    if str(node.target) == "aten.log_sigmoid_forward.default":
+        return Val(None, (), None, items=[out, Gap("log_sigmoid", "its buffer output")])
+    return out
 
 
 @lowers("aten.log1p.default")

@@ -45,6 +45,8 @@ class AuxAnalysis:
         if isinstance(meta, (int, float, bool)) or isinstance(meta, torch.SymInt):
             return Val(None, (), F32, scalar=float(meta) if not isinstance(meta, torch.SymInt) else None,
                        meta={"size": lw.sym(meta)} if isinstance(meta, torch.SymInt) else {})
+        if isinstance(meta, (list, tuple)) and all(isinstance(m, torch.Tensor) for m in meta):
+            return self.literal(node)  # split/chunk of a position-derived table: its pieces
         if not isinstance(meta, torch.Tensor):
             raise Gap(_target(node), "aux value that is not a tensor", node)
         shape = lw.meta_shape(node)
@@ -65,7 +67,13 @@ class AuxAnalysis:
                 return pos
         if n_seq >= 2:
             return Val(None, shape, value.dtype, meta={"mask": self.mask_kind(node, value)})
-        return self.literal(node)
+        try:
+            return self.literal(node)
+        except Gap as gap:
+            table = self.position_table(node, shape)
+            if table is None:
+                raise gap
+            return table
 
     def _constant(self, value, node) -> Val:
         if not isinstance(value, torch.Tensor):
@@ -95,6 +103,10 @@ class AuxAnalysis:
             v = first[0]
         if v.dtype == torch.bool:
             visible = v
+        elif v.is_floating_point() and bool(((v == 0) | (v == 1)).all()) and bool((v == 1).any()):
+            visible = v == 1  # a multiplicative 0/1 mask (GPT-1's causal buffer)
+            kind = self._classify(node, visible)
+            return dict(kind, multiplicative=True)
         else:
             finite = v[torch.isfinite(v)]
             low = float(torch.finfo(v.dtype).min) / 2 if v.is_floating_point() else -1e30
@@ -102,6 +114,10 @@ class AuxAnalysis:
                 raise Gap(_target(node), "an additive mask carrying position biases", node)
             del finite
             visible = v > low
+        return self._classify(node, visible)
+
+    def _classify(self, node, visible) -> dict:
+        v = visible
         n_q, n_k = visible.shape
         if n_q != n_k:
             raise Gap(_target(node), "a mask whose query and key lengths differ", node)
@@ -129,6 +145,43 @@ class AuxAnalysis:
         raise Gap(_target(node), "an attention mask that is neither causal, full nor a sliding window "
                                  f"({int(visible.sum())} of {visible.numel()} visible)", node)
 
+    # -- per-position tables --------------------------------------------------------------------
+    def position_table(self, node, shape) -> Val | None:
+        """A value with one sequence axis whose every row depends only on its position (sinusoid
+        tables, position-dependent scales): computed once for every position the model takes and
+        looked up by porter's positions (``get_rows``). None when it is not such a value."""
+        lw = self.lw
+        cfg = self.trace.config
+        limit = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 0)
+        if self.trace.static or not 16 < limit <= 1 << 17:
+            return None
+        meta = node.meta.get("val")
+        if not isinstance(meta, torch.Tensor) or not meta.is_floating_point():
+            return None
+        seq = [i for i, d in enumerate(shape) if is_sym(d)]
+        if len(seq) != 1 or shape[seq[0]] != T:
+            return None
+        try:
+            full = self.trace.evaluate(only={node.name}, length=limit).get(node.name)
+        except Exception:  # noqa: BLE001 - not evaluable at that length: not a table
+            return None
+        short = self.concrete(node)
+        if full is None or not isinstance(full, torch.Tensor) or full.shape[seq[0]] != limit:
+            return None
+        axis = seq[0]
+        head = full.narrow(axis, 0, short.shape[axis])
+        if not torch.allclose(head.to(torch.float64), short.to(torch.float64), rtol=1e-6, atol=1e-7):
+            return None  # rows change with the length: not a per-position function
+        rows = full.movedim(axis, 0).reshape(limit, -1).to(torch.float32)
+        if rows.numel() > 1 << 24:
+            return None
+        table = lw.constant(rows, f"position_table.{node.name}", big=True)
+        pos = lw.input("positions", "positions", (T,), torch.int32)
+        got = lw.emit("get_rows", [table, pos], shape=(T, rows.shape[1]), role="position_table")
+        moved = tuple([T] + [d for i, d in enumerate(shape) if i != axis])
+        out = lw.reshape(got, moved)
+        return lw.permute(out, _back(axis, len(shape)))
+
     # -- literal lowering of position-derived values ---------------------------------------------
     def literal(self, node) -> Val:
         """Lower an aux value with one sequence dimension through the table, its ``arange``
@@ -155,6 +208,13 @@ class AuxAnalysis:
             return handler(lw, node)
         finally:
             lw._cur = saved
+
+
+def _back(axis: int, rank: int) -> list[int]:
+    """The permutation that moves dimension 0 back to ``axis``."""
+    order = list(range(1, rank))
+    order.insert(axis, 0)
+    return order
 
 
 def _add_scalar(lw, v, c):

@@ -57,23 +57,29 @@ class Trace:
     _values: dict | None = None
 
     # -- evaluation --------------------------------------------------------------------------
-    def evaluate(self, only=None) -> dict:
+    def evaluate(self, only=None, length: int | None = None) -> dict:
         """Values of graph nodes on the example input, by node name (cached).
 
         With ``only`` (a set of node names) just those and what they need; with weights on the meta
-        device only nodes that need no weights can be computed (others are left out)."""
+        device only nodes that need no weights can be computed (others are left out). ``length``
+        evaluates on an input of that many tokens instead (a dynamic export only; not cached)."""
         import torch
 
-        if self._values is None:
-            self._values = {}
-        values = self._values
+        if length is not None:
+            values = {}
+            example = self.example[:, :1].repeat(1, length)
+        else:
+            if self._values is None:
+                self._values = {}
+            values = self._values
+            example = self.example
         sig = self.program.graph_signature
         user_inputs = [s.arg.name for s in sig.input_specs if s.kind.name == "USER_INPUT"]
         for node in self.program.graph.nodes:
             if node.op != "placeholder" or node.name in values:
                 continue
             if node.name in user_inputs:
-                values[node.name] = self.example
+                values[node.name] = example
             elif node.name in self.buffers:
                 values[node.name] = self.buffers[node.name]
             elif node.name in self.parameter_values:

@@ -34,6 +34,7 @@ def prune(lowered):
     return replace(lowered, nodes=nodes,
                    weights={k: v for k, v in lowered.weights.items() if k in used},
                    constants={k: v for k, v in lowered.constants.items() if k in used},
+                   tables={k: v for k, v in lowered.tables.items() if k in used},
                    inputs={k: v for k, v in lowered.inputs.items() if k in used or k == "tokens"})
 
 

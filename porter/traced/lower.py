@@ -117,6 +117,7 @@ class Lowered:
     causal: bool
     n_layer: int
     kv_widths: dict[str, list[int]]  # cache name (k, v, k1, v1...) -> width per layer
+    tables: dict = field(default_factory=dict)  # computed constants the GGUF carries (name -> array)
     hf_outputs: dict[str, str] = field(default_factory=dict)  # spec node -> transformers module
     gaps: list[Gap] = field(default_factory=list)
 
@@ -135,6 +136,7 @@ class Lowering:
         self.inputs: dict[str, str] = {}
         self.weights: dict[str, list] = {}
         self.constants: dict[str, tuple] = {}
+        self.tables: dict = {}  # big computed constants written into the GGUF (name -> numpy array)
         self.hparams: dict[str, Any] = {}
         self.kv_width = {"k": [0] * self.n_layer, "v": [0] * self.n_layer}
         self.causal: bool | None = None
@@ -267,14 +269,20 @@ class Lowering:
         self.weights[name] = [int(d) for d in shape]
         return Val(name, tuple(int(d) for d in shape), dtype, kind="weight")
 
-    def constant(self, values: torch.Tensor, hint: str) -> Val:
-        """An F32 constant carried in the spec itself (small tensors computed at trace time)."""
+    def constant(self, values: torch.Tensor, hint: str, big: bool = False) -> Val:
+        """An F32 constant computed at trace time: carried in the spec itself, or with ``big`` as
+        a GGUF tensor of its own (``porter.table.*``)."""
         values = values.detach().to(torch.float32).contiguous()
         key = ("const", hint, tuple(values.shape), values.numpy().tobytes())
         if key in self._cache:
             return self._cache[key]
-        name = f"const.{hint}.{len(self.constants)}"
-        self.constants[name] = (list(values.shape), [float(x) for x in values.reshape(-1).tolist()])
+        if big:
+            name = f"porter.table.{len(self.tables)}"
+            self.tables[name] = values.numpy()
+            self.weights[name] = list(values.shape)
+        else:
+            name = f"const.{hint}.{len(self.constants)}"
+            self.constants[name] = (list(values.shape), [float(x) for x in values.reshape(-1).tolist()])
         v = Val(name, tuple(values.shape), F32, kind="weight")
         self._cache[key] = v
         return v
@@ -539,7 +547,7 @@ class Lowering:
         return Lowered(nodes=self.nodes, inputs=dict(self.inputs), weights=dict(self.weights),
                        constants=dict(self.constants), hparams=dict(self.hparams), output=output,
                        causal=self.causal if self.causal is not None else True, n_layer=self.n_layer,
-                       kv_widths={k: list(v) for k, v in self.kv_width.items()},
+                       kv_widths={k: list(v) for k, v in self.kv_width.items()}, tables=dict(self.tables),
                        gaps=self.gaps)
 
     def root_gaps(self, gap: Gap) -> list[Gap]:

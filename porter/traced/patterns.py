@@ -481,6 +481,10 @@ def runtime_mask(lw, v):
     name = _mask_input(lw, v, True, lw._cur)
     mask = Val(name, (T, K), torch.float16)
     f32 = lw.emit("cast", [mask], {"type": "f32"}, shape=(T, K), role="mask_f32")
+    if v.meta["mask"].get("multiplicative"):  # 1 where visible, 0 elsewhere: exp of 0 / -inf
+        f32 = lw.emit("exp", [f32], shape=(T, K), role="mask_01")
+    if v.meta["mask"].get("inverted"):
+        raise Gap("mask", "a mask of the hidden positions used in arithmetic")
     return f32.with_(shape=(1, 1, T, K))
 
 

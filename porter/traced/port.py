@@ -61,6 +61,10 @@ class TracedPort:
             layers = w.layers if w.layers is not None else range(int(spec.hparams["n_layer"]))
             names = [w.name.format(L=i) for i in layers] if w.layered else [w.name]
             for n in names:
+                if n in self.lowered.tables:  # computed at trace time (a per-position table)
+                    tensors.append(TensorPlan(gguf_name=n, sources=[], keep_f32=True,
+                                              transform=lambda _a, t=self.lowered.tables[n]: t))
+                    continue
                 src = sources.get(n)
                 if src is None:  # a tied parameter stored under another of its names
                     src = next((sources[a] for a in self.trace.tie_groups.get(n, []) if a in sources), None)
