@@ -876,9 +876,9 @@ def slice_(lw, node):
         for p_start, p_len, piece in whole.meta["concat"][1]:
             if p_start == start and p_start + p_len == end:
                 return piece  # a slice that is exactly one concatenated piece
-    if is_sym(start) or (is_sym(end) and end != n):
-        raise Gap("aten.slice.Tensor", "a window whose bounds depend on the sequence length")
-    length = (end - start + step - 1) // step
+    if is_sym(start) or (is_sym(end) and end != n and step != 1):
+        raise Gap("aten.slice.Tensor", "a window whose start depends on the sequence length")
+    length = (end - start + step - 1) // step if not is_sym(end) else end - start
     shape = list(v.shape)
     shape[dim] = length
     axis = lw.axis(v, dim)

@@ -108,11 +108,12 @@ class AuxAnalysis:
             kind = self._classify(node, visible)
             return dict(kind, multiplicative=True)
         else:
-            finite = v[torch.isfinite(v)]
             low = float(torch.finfo(v.dtype).min) / 2 if v.is_floating_point() else -1e30
+            hidden = v[v != 0]
+            if hidden.numel() and bool((hidden <= -200).all()) and bool((hidden == hidden[0]).all()):
+                low = float(hidden[0]) / 2  # a large finite "minus infinity" (-1e4, -1e9): softmax gives 0 alike
             if bool(((v > low) & (v != 0)).any()):
                 raise Gap(_target(node), "an additive mask carrying position biases", node)
-            del finite
             visible = v > low
         return self._classify(node, visible)
 
