@@ -93,11 +93,6 @@ def _fold(lowered, container: str, n_layer: int):
             raise NotFoldable(f"layer {layer} uses {name}")
         return f"{container}.{{L}}." + name[m.end():]
 
-    suffix = re.compile(r"-(\d+)$")
-
-    def pattern(name: str) -> str:
-        return suffix.sub("-{L}", name)
-
     sigs, carries = [], []
     for i, body in enumerate(layers):
         local = {n.name for n in body}
@@ -107,7 +102,7 @@ def _fold(lowered, container: str, n_layer: int):
             ins = []
             for src in n.inputs:
                 if src in local:
-                    ins.append(pattern(src))
+                    ins.append(_layer_pattern(src))
                 elif layer_of.get(src) is not None:
                     if layer_of[src] != i - 1:
                         raise NotFoldable(f"layer {i} reads layer {layer_of[src]}")
@@ -124,7 +119,7 @@ def _fold(lowered, container: str, n_layer: int):
             hf = n.hf
             if hf:
                 hf = re.sub(rf"^{re.escape(container)}\.{i}(\.|$)", rf"{container}.{{L}}\1", hf)
-            sig.append((pattern(n.name), n.op, ins, attrs, hf))
+            sig.append((_layer_pattern(n.name), n.op, ins, attrs, hf))
         if i == 0:
             # layer 0's carry is whatever it reads from before the loop in the carry's place
             carry_src = set()
@@ -144,28 +139,35 @@ def _fold(lowered, container: str, n_layer: int):
     # one node (their inputs chosen per layer) unless that orders the kinds inconsistently; then
     # only nodes computing the same thing from the same nodes are shared.
     for strict in (False, True):
-        if strict:
-            by_layer, renames = _strict_kinds(sigs)
-        else:
-            ops_by_name: dict = {}
-            by_layer = [_rename_conflicts({x[0]: x for x in sig}, sig, ops_by_name) for sig in sigs]
-            renames = [{} for _ in sigs]
         try:
-            for _ in range(64):
-                try:
-                    union = _union_order(by_layer)
-                    break
-                except _Cycle as cyc:
-                    if strict or not _break_cycle(by_layer, cyc.nodes):
-                        raise
-                    renames = [{} for _ in sigs]  # the carried values keep their names (fixed below)
-            else:
-                raise NotFoldable("too many name clashes between layer kinds")
-            break
+            return _assemble(strict, sigs, layers, results_raw, pre, post, layer_of, pre_names, lowered,
+                             container, weight_re)
         except NotFoldable:
             if strict:
                 raise
-    results = [renames[i].get(pattern(r), pattern(r)) for i, r in enumerate(results_raw)]
+
+
+def _assemble(strict, sigs, layers, results_raw, pre, post, layer_of, pre_names, lowered, container, weight_re):
+    """The loop from the layers' signatures; ``strict`` shares only nodes computing the same thing."""
+    n_layer = len(sigs)
+    sigs = [[(name, op, list(ins), attrs, hf) for name, op, ins, attrs, hf in sig] for sig in sigs]
+    if strict:
+        by_layer, renames = _strict_kinds(sigs)
+    else:
+        ops_by_name: dict = {}
+        by_layer = [_rename_conflicts({x[0]: x for x in sig}, sig, ops_by_name) for sig in sigs]
+        renames = [{} for _ in sigs]
+    for _ in range(64):
+        try:
+            union = _union_order(by_layer)
+            break
+        except _Cycle as cyc:
+            if strict or not _break_cycle(by_layer, cyc.nodes):
+                raise
+            renames = [{} for _ in sigs]  # the carried values keep their names (fixed below)
+    else:
+        raise NotFoldable("too many name clashes between layer kinds")
+    results = [renames[i].get(_layer_pattern(r), _layer_pattern(r)) for i, r in enumerate(results_raw)]
     present = {name: [i for i in range(n_layer) if name in by_layer[i]] for name in union}
     # layer 0: the input in the carry's place (where layer 1 reads $carry), which becomes $carry there too
     init = None
@@ -276,6 +278,14 @@ def _fold(lowered, container: str, n_layer: int):
     return graph, hparams, layered
 
 
+_LAYER_SUFFIX = re.compile(r"-(\d+)$")
+
+
+def _layer_pattern(name: str) -> str:
+    """A layer node's name with its layer index as ``{L}``."""
+    return _LAYER_SUFFIX.sub("-{L}", name)
+
+
 def _strict_kinds(sigs: list) -> tuple[list[dict], list[dict]]:
     """Share a node between layers only if it has the same op and reads the same body nodes;
     otherwise each layer kind gets its own copy (``name~kind``). Returns per layer the nodes and
@@ -305,12 +315,17 @@ def _strict_kinds(sigs: list) -> tuple[list[dict], list[dict]]:
 
 def _rename_conflicts(d: dict, sig: list, table: dict) -> dict:
     """Node names that mean a different op in another layer kind get the op as a suffix
-    (``table``: name -> op of the first layer that has it, shared by the whole fold)."""
+    (``table``: name -> the kinds of node seen under it, first first, shared by the whole fold)."""
     renames = {}
-    for name, op, *_ in sig:
-        seen = table.setdefault(name, op)
-        if seen != op:
-            renames[name] = f"{name[:-4]}~{op}-{{L}}" if name.endswith("-{L}") else f"{name}~{op}"
+    for name, op, _ins, attrs, _hf in sig:
+        key = (op, _attr_form(attrs))
+        kinds = table.setdefault(name, [key])
+        if key not in kinds:
+            kinds.append(key)
+        if key != kinds[0]:
+            same_op = [k for k in kinds if k[0] == op]
+            tag = op if kinds[0][0] != op and same_op[0] == key else f"{op}{same_op.index(key)}"
+            renames[name] = f"{name[:-4]}~{tag}-{{L}}" if name.endswith("-{L}") else f"{name}~{tag}"
     if not renames:
         return d
     out = {}
@@ -318,6 +333,20 @@ def _rename_conflicts(d: dict, sig: list, table: dict) -> dict:
         new = renames.get(name, name)
         out[new] = (new, op, [renames.get(x, x) for x in ins], attrs, hf)
     return out
+
+
+def _attr_form(attrs: dict):
+    """What must agree for two layers' nodes to be one node: the attributes with numbers left
+    out (numbers may become per-layer lists; expressions and list lengths may not)."""
+    def form(v):
+        if isinstance(v, bool) or v is None or isinstance(v, str):
+            return v
+        if isinstance(v, (int, float)):
+            return "#"
+        if isinstance(v, (list, tuple)):
+            return tuple(form(x) for x in v)
+        return repr(v)
+    return tuple(sorted((k, form(v)) for k, v in attrs.items() if k != "layer"))
 
 
 def _union_order(by_layer: list[dict]) -> list[str]:
