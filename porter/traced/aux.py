@@ -61,8 +61,11 @@ class AuxAnalysis:
         if n_seq == 1 and not value.is_floating_point():
             offset = _position_offset(value)
             if offset is not None:
-                pos = lw.input("positions", "positions", shape, torch.int32)
+                T = next(d for d in shape if is_sym(d))
+                # porter's positions are one row; a shape like [1, T, 1] is a view of it
+                pos = lw.reshape(lw.input("positions", "positions", (T,), torch.int32), shape)
                 if offset:
+                    pos = pos.with_(meta={})
                     pos.meta["offset"] = offset
                 return pos
         if n_seq >= 2:
