@@ -46,13 +46,18 @@ def markdown(measure: bool = False) -> str:
 
 
 def update_readme(measure: bool = True) -> None:
-    text = README.read_text()
-    block = f"{START}\n{markdown(measure)}{END}"
-    if START in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _m: block, text, flags=re.S)
+    replace_block(START, END, markdown(measure))
+
+
+def replace_block(start: str, end: str, content: str, readme: Path = README) -> None:
+    """Put ``content`` between the ``start`` and ``end`` markers of the README (appended when absent)."""
+    text = readme.read_text()
+    block = f"{start}\n{content}{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _m: block, text, flags=re.S)
     else:
         text += "\n" + block + "\n"
-    README.write_text(text)
+    readme.write_text(text)
 
 
 def readme_model_types() -> list[str]:

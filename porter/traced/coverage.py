@@ -5,7 +5,8 @@ line: ``status`` (ported | gap | export | error), the f32 logits NMSE against tr
 KV-cache check (prefill + decode against transformers), and for gaps the op-gap report's first
 line. ``python -m porter.traced.coverage --all [-j N] [--json FILE]`` runs every text causal-LM
 type of the installed transformers, each in its own process (a time limit each), and prints
-the table; ``porter plugins --update-readme`` puts the result in the README.
+the table; ``--update-readme`` puts the result in the README (``--from-json FILE`` renders an
+earlier run's results without measuring again).
 """
 
 from __future__ import annotations
@@ -110,6 +111,27 @@ def _line(r: dict) -> str:
     return f"{r['model_type']:24s} {r['status']:8s} {r.get('gap', '')[:150]}"
 
 
+README_START, README_END = "<!-- traced-coverage:start -->", "<!-- traced-coverage:end -->"
+_STATUS = {"ported": "ported", "mismatch": "ported, parity fails", "gap": "op gap", "export": "torch.export fails",
+           "error": "error"}
+
+
+def markdown(results: list[dict]) -> str:
+    """The README block: the count, the ported types, and one row per type that does not port."""
+    import transformers
+
+    ported = sorted(r["model_type"] for r in results if r["status"] == "ported")
+    lines = [f"{len(ported)} of {len(results)} text causal-LM types of transformers {transformers.__version__} "
+             f"port through the traced path (tiny random model, f32 logits and KV-cache decoding within NMSE "
+             f"{GATE:g} of transformers):", "", ", ".join(f"`{t}`" for t in ported), "",
+             "| model type | outcome | first gap |", "|---|---|---|"]
+    for r in sorted((r for r in results if r["status"] != "ported"), key=lambda r: (r["status"], r["model_type"])):
+        gap = r.get("gap") or (f"NMSE {r['nmse']:.1e}, cache {r['cache_nmse']:.1e}" if "nmse" in r else "")
+        gap = " ".join(gap.split())[:140].replace("|", "\\|")
+        lines.append(f"| {r['model_type']} | {_STATUS.get(r['status'], r['status'])} | {gap} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -120,7 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all", action="store_true", help="every text causal-LM type of the installed transformers")
     ap.add_argument("-j", "--jobs", type=int, default=2)
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--from-json", type=Path, help="results of an earlier run (measure nothing)")
+    ap.add_argument("--update-readme", action="store_true", help="write the coverage block into README.md")
     args = ap.parse_args(argv)
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        if args.update_readme:
+            from porter.support import replace_block
+
+            replace_block(README_START, README_END, markdown(results))
+        else:
+            print(markdown(results))
+        return 0
     if len(args.types) == 1 and not args.all:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         print(json.dumps(measure(args.types[0])), flush=True)
@@ -131,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{ported} of {len(results)} ported (f32 logits and KV cache NMSE <= {GATE:g})")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    if args.update_readme:
+        from porter.support import replace_block
+
+        replace_block(README_START, README_END, markdown(results))
     return 0
 
 
