@@ -67,9 +67,11 @@ def _attach_optional_commands() -> None:
     main.add_command(inspect_cmd)
     from porter.parity.cli import parity as parity_cmd
     from porter.port_cli import port as port_cmd
+    from porter.port_cli import traced_ops
 
     main.add_command(parity_cmd)
     main.add_command(port_cmd)
+    main.add_command(traced_ops)
 
 
 _attach_optional_commands()

@@ -1,8 +1,9 @@
 """The lowering table: ATen op -> the rule that expresses it in porter's op vocabulary.
 
 The table is closed and documented: every rule is a function registered for the ATen overloads
-it handles, and its docstring says what it emits. An op with no rule is an op gap. ``porter
-traced-ops`` (and :func:`describe`) prints the table.
+it handles, and its docstring's first paragraph says what it emits. An op with no rule is an op
+gap. ``porter traced-ops`` (and :func:`describe`) prints the table; docs/traced-lowering.md is
+its Markdown, checked by the tests.
 """
 
 from __future__ import annotations
@@ -31,6 +32,6 @@ def describe() -> list[tuple[str, str]]:
 
     rows = []
     for target, fn in sorted(TABLE.items()):
-        doc = (fn.__doc__ or "").strip().splitlines()
-        rows.append((target, doc[0] if doc else fn.__name__))
+        first = (fn.__doc__ or "").strip().split("\n\n")[0]  # the docstring's first paragraph
+        rows.append((target, " ".join(first.split()) or fn.__name__))
     return rows

@@ -201,3 +201,12 @@ def test_the_lowering_table_is_documented():
     assert len(rows) > 100
     for target, doc in rows:
         assert target.startswith(("aten.", "getitem")) and doc, target
+
+
+def test_docs_lowering_table_is_the_generated_one():
+    from pathlib import Path
+
+    from porter.port_cli import lowering_markdown
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "traced-lowering.md"
+    assert doc.read_text() == lowering_markdown(), "docs/traced-lowering.md is stale: porter traced-ops --markdown > it"
