@@ -576,9 +576,10 @@ def _reduce_last(lw, v: Val, dim: int, keepdim: bool, mean: bool) -> Val:
 
 
 def _reduce(lw, node, mean: bool):
-    v = lw.val(node.args[0])
-    dims = _arg(node, 1, "dim")
-    keepdim = bool(_arg(node, 2, "keepdim", False))
+    return _reduce_val(lw, lw.val(node.args[0]), _arg(node, 1, "dim"), bool(_arg(node, 2, "keepdim", False)), mean)
+
+
+def _reduce_val(lw, v: Val, dims, keepdim: bool, mean: bool) -> Val:
     if dims is None or dims == []:
         dims = list(range(v.rank))
     if isinstance(dims, int):
@@ -596,6 +597,29 @@ def _reduce(lw, node, mean: bool):
 def sum_dim(lw, node):
     """``sum_rows`` (after a permute when the dimension is not the last)"""
     return _reduce(lw, node, mean=False)
+
+
+@lowers("aten.var.correction", "aten.var.dim", "aten.std.correction", "aten.std.dim")
+def var_std(lw, node):
+    """``(x - mean)^2`` summed (``sum_rows``) and scaled by 1/(n - correction); ``sqrt`` for std"""
+    v = _float_val(lw.val(node.args[0]), "var")
+    dims = _arg(node, 1, "dim")
+    keepdim = bool(node.kwargs.get("keepdim", node.args[3] if len(node.args) > 3 else False))
+    if str(node.target).endswith(".dim"):
+        unbiased = node.args[2] if len(node.args) > 2 else node.kwargs.get("unbiased", True)
+        correction = 1 if unbiased else 0
+    else:
+        correction = node.kwargs.get("correction", node.args[2] if len(node.args) > 2 else None)
+        correction = 1 if correction is None else correction
+    rank = v.rank
+    reduced = list(range(rank)) if dims is None or dims == [] else [d % rank for d in ([dims] if isinstance(dims, int) else dims)]
+    n = numel([v.shape[d] for d in reduced])
+    if not isinstance(n, int):
+        raise Gap(str(node.target), "variance over the sequence")
+    centred = binary(lw, "sub", v, _reduce_val(lw, v, reduced, True, mean=True))
+    out = scale(lw, _reduce_val(lw, binary(lw, "mul", centred, centred), reduced, keepdim, mean=False),
+                1.0 / max(n - correction, 0) if n - correction > 0 else float("inf"))
+    return elementwise(lw, out, "sqrt") if ".std." in str(node.target) else out
 
 
 @lowers("aten.mean.dim")

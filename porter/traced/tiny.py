@@ -21,7 +21,7 @@ SIZES: dict[str, int] = {
     "ffn_hidden_size": 128, "n_inner": 128, "dim_ff": 128, "dff": 128, "d_ff": 128,
     "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64, "shared_intermediate_size": 64,
     "shared_experts_intermediate_size": 64, "expert_intermediate_size": 64, "mlp_hidden_size": 128,
-    "vocab_size": 256, "embed_dim": 64,
+    "vocab_size": 256, "vocab_size_per_layer_input": 256, "embed_dim": 64,
     # depth and heads
     "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "decoder_layers": 2, "n_layers": 2,
     "num_attention_heads": 4, "n_head": 4, "decoder_attention_heads": 4, "num_heads": 4, "n_heads": 4,
@@ -65,6 +65,9 @@ FIXUPS: dict[str, dict[str, Any]] = {
     "dbrx": {"attn_config": {"clip_qkv": 8.0, "kv_n_heads": 2, "rope_theta": 10000.0}},
     "dots3_note_text": {"per_layer_config": {}},
     "lfm2_moe": {"layer_types": None},
+    # layers that reuse an earlier layer's KV cache: both kinds before the sharing starts
+    "gemma3n_text": {"num_hidden_layers": 4, "intermediate_size": [128] * 4, "num_kv_shared_layers": 2, "activation_sparsity_pattern": [0.95, 0.0, 0.0, 0.0],
+                     "layer_types": ["sliding_attention", "full_attention"] * 2},
 }
 
 
@@ -102,6 +105,10 @@ def shrink_dict(d: dict) -> dict:
     out = {}
     for k, v in d.items():
         out[k] = _shrink_value(k, v, n_before, vocab)
+    if n_before and n_before > LAYERS:
+        for k, v in d.items():
+            if isinstance(v, dict) and v and all(str(i).isdigit() for i in v):
+                out[k] = _shrink_layer_keyed(v, _kept_layers(d, n_before))
     if out.get("kv_lora_rank") and "num_attention_heads" in out and "num_key_value_heads" in out:
         out["num_key_value_heads"] = out["num_attention_heads"]  # latent attention: keys per head
         if "qk_rope_head_dim" in out and "head_dim" in out:
@@ -109,6 +116,26 @@ def shrink_dict(d: dict) -> dict:
     if all(k in out for k in ("mamba_n_heads", "mamba_d_head", "hidden_size")) and out.get("mamba_expand"):
         out["mamba_d_head"] = int(out["mamba_expand"] * out["hidden_size"] // out["mamba_n_heads"])
     return out
+
+
+def _kept_layers(d: dict, n_before: int) -> list[int]:
+    """Which original layers the shrunk per-layer lists keep: layer 0 and the first layer that
+    differs from it (the rule of :func:`_shrink_value`)."""
+    for v in d.values():
+        if isinstance(v, PER_LAYER_KINDS) and len(v) == n_before:
+            other = next((i for i, x in enumerate(v) if x != v[0]), None)
+            if other is not None:
+                return [0, other]
+    return [0, 1]
+
+
+def _shrink_layer_keyed(v: dict, kept: list[int]) -> dict:
+    """A per-layer dict keyed by layer index (``{"05": {...}}``): the kept layers' entries, at
+    their new indices (the keys' zero padding kept)."""
+    width = len(str(next(iter(v))))
+    by_index = {int(i): x for i, x in v.items()}
+    return {str(new).zfill(width): shrink_dict(by_index[old]) if isinstance(by_index[old], dict) else by_index[old]
+            for new, old in enumerate(kept) if old in by_index}
 
 
 def tiny_config(model_type: str, **overrides):
