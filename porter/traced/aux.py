@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from porter.traced.export import EXAMPLE_TOKENS
-from porter.traced.values import T, Gap, Val, is_sym
+from porter.traced.values import T, Gap, Val, ggml_shape, is_sym
 
 F32 = torch.float32
 MAX_INLINE = 1 << 16  # elements of a constant carried in the spec
@@ -61,9 +61,11 @@ class AuxAnalysis:
         if n_seq == 1 and not value.is_floating_point():
             offset = _position_offset(value)
             if offset is not None:
-                T = next(d for d in shape if is_sym(d))
-                # porter's positions are one row; a shape like [1, T, 1] is a view of it
-                pos = lw.reshape(lw.input("positions", "positions", (T,), torch.int32), shape)
+                seq = next(d for d in shape if is_sym(d))
+                pos = lw.input("positions", "positions", shape, torch.int32)
+                if ggml_shape(shape)[0] != seq:
+                    # porter's positions are one row; a shape like [1, T, 1] is a view of it
+                    pos = lw.reshape(lw.input("positions", "positions", (seq,), torch.int32), shape)
                 if offset:
                     pos = pos.with_(meta={})
                     pos.meta["offset"] = offset
