@@ -54,6 +54,7 @@ class Trace:
     aliases: dict  # state_dict name -> the one name porter uses for a parameter shared under several (tied)
     parameter_values: dict = field(default_factory=dict)  # placeholder -> CPU tensor (real weights only)
     tie_groups: dict = field(default_factory=dict)  # porter's name of a tied parameter -> all its names
+    max_tokens: int | None = None  # the longest sequence the exported graph holds for (torch's inferred range)
     _values: dict | None = None
 
     # -- evaluation --------------------------------------------------------------------------
@@ -221,16 +222,19 @@ def _export(model, example, device, max_len, errors):
     import torch
     from transformers.exporters.utils import apply_patches
 
-    for dynamic in (True, False):
-        shapes = None
-        if dynamic:
-            shapes = ({1: torch.export.Dim("seq", min=2, max=max(EXAMPLE_TOKENS + 1, max_len - 1))},)
+    # the declared range first; then a range torch infers from the model's own guards (a model
+    # that computes min(seq, 256) or caps a window holds for fewer tokens: recorded as max_tokens);
+    # then a static graph
+    attempts = [("dynamic", torch.export.Dim("seq", min=2, max=max(EXAMPLE_TOKENS + 1, max_len - 1))),
+                ("inferred-range", torch.export.Dim.DYNAMIC), ("static", None)]
+    for kind, dim in attempts:
+        shapes = ({1: dim},) if dim is not None else None
         try:
             with _quiet(), apply_patches("dynamo"), torch.no_grad():
                 ep = torch.export.export(model, (example.to(device),), dynamic_shapes=shapes, strict=False)
-                return ep.run_decompositions({}), not dynamic
+                return ep.run_decompositions({}), dim is None
         except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds
-            errors.append(f"{'dynamic' if dynamic else 'static'} export: {type(exc).__name__}: {_first_line(exc)}")
+            errors.append(f"{kind} export: {type(exc).__name__}: {_first_line(exc)}")
     return None, False
 
 
@@ -256,7 +260,16 @@ def _trace(program, static, model, config, example, meta) -> Trace:
             if value is not None and value.device.type != "meta":
                 buffers[spec.arg.name] = value.detach()
     parameter_values = {} if meta else {ph: state[name].detach() for ph, name in parameters.items() if name in state}
-    return Trace(program=program, config=config, model_class=type(model).__name__, example=example,
+    max_tokens = None
+    for sym, rng in getattr(program, "range_constraints", {}).items():
+        if not symbols or not set(getattr(sym, "free_symbols", {sym})) <= symbols:
+            continue
+        try:
+            upper = int(rng.upper)
+        except (TypeError, ValueError, AttributeError, OverflowError):
+            continue  # unbounded (torch's int_oo)
+        max_tokens = upper if max_tokens is None else min(max_tokens, upper)
+    return Trace(max_tokens=max_tokens, program=program, config=config, model_class=type(model).__name__, example=example,
                  seq_symbols=frozenset(symbols), static=static, meta=meta, buffers=buffers,
                  parameters=parameters, aliases=tied_aliases(model), parameter_values=parameter_values,
                  tie_groups=tie_groups(model))

@@ -39,6 +39,13 @@ class TracedPort:
     spec: object
 
     # -- the GGUF --------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        """The model's positions, or fewer where the exported graph only holds for fewer tokens."""
+        n = int(getattr(self.config, "max_position_embeddings", 0) or 2048)
+        limit = self.trace.max_tokens
+        return min(n, limit) if limit is not None and limit < n - 1 else n
+
     def conversion_plan(self, model_dir: Path, name: str = ""):
         """Every weight the spec reads, under the model's parameter name, from the checkpoint in
         ``model_dir`` (renamed or merged as transformers loads it)."""
@@ -78,7 +85,7 @@ class TracedPort:
                               f"traced model: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
         cfg = self.config
         kv = {
-            f"{GGUF_ARCH}.context_length": int(getattr(cfg, "max_position_embeddings", 0) or 2048),
+            f"{GGUF_ARCH}.context_length": self.context_length,
             f"{GGUF_ARCH}.block_count": int(spec.hparams["n_layer"]),
             f"{GGUF_ARCH}.vocab_size": int(spec.hparams["n_vocab"]),
             "porter.traced.model_type": self.model_type,
