@@ -58,6 +58,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/smollm2.py
 	$(BIN)/python bench/convert.py
 	$(BIN)/python bench/q8_0_agreement.py
+	$(BIN)/python bench/traced.py
 	$(BIN)/python bench/llama_cpp_compat.py
 
 readme: setup
