@@ -231,7 +231,8 @@ def _export(model, example, device, max_len, errors):
         shapes = ({1: dim},) if dim is not None else None
         try:
             with _quiet(), apply_patches("dynamo"), torch.no_grad():
-                ep = torch.export.export(model, (example.to(device),), dynamic_shapes=shapes, strict=False)
+                # a fresh input each time: an attempt may mark its input dynamic
+                ep = torch.export.export(model, (example.to(device).clone(),), dynamic_shapes=shapes, strict=False)
                 return ep.run_decompositions({}), dim is None
         except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds
             errors.append(f"{kind} export: {type(exc).__name__}: {_first_line(exc)}")
