@@ -315,7 +315,8 @@ def _strict_kinds(sigs: list) -> tuple[list[dict], list[dict]]:
 
 def _rename_conflicts(d: dict, sig: list, table: dict) -> dict:
     """Node names that mean another op, or the same op with attributes of another form (a shape
-    of another rank, another size expression), in another layer kind get a suffix (``table``: name -> the kinds of node seen under it, first first, shared by the whole fold)."""
+    of another rank, another size expression), in another layer kind get a suffix (``table``: name -> the kinds of node seen under it, first
+    first, shared by the whole fold)."""
     renames = {}
     for name, op, _ins, attrs, _hf in sig:
         key = (op, _attr_form(attrs))
