@@ -23,6 +23,7 @@ from typing import Any
 
 import sympy
 import torch
+from torch.utils._sympy.functions import Min as TorchMin
 
 from porter.traced.values import O, RUNTIME, T, Gap, GapVal, Val, ggml_axes, ggml_shape, numel, spec_size
 
@@ -221,6 +222,11 @@ class Lowering:
             e = v
         subs = {s: T for s in e.free_symbols if s in self.trace.seq_symbols}
         e = e.subs(subs)
+        limit = self.trace.max_tokens
+        if limit is not None and e.has(sympy.Min, TorchMin):
+            # the graph holds for at most `limit` tokens (the GGUF's context length): min(c, T) is T for c >= limit
+            e = e.replace(lambda x: isinstance(x, (sympy.Min, TorchMin)) and T in x.args and all(
+                a == T or (a.is_Integer and int(a) >= limit) for a in x.args), lambda x: T)
         if e.free_symbols - set(RUNTIME):
             raise Gap("shape", f"size {e} depends on something other than the sequence length")
         return int(e) if e.is_Integer else e
