@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import math
 import os
 import re
@@ -345,6 +346,88 @@ def _probe(t: TensorPlan, ckpt: Checkpoint) -> tuple[tuple[int, ...], bool]:
     return tuple(int(d) for d in np.shape(result)), False
 
 
+# The shape config.json implies for the usual tensors (numpy order, spec hparam names; a matrix
+# may also be stored the other way round, as GPT-2's Conv1D weights are).
+_CONFIG_SHAPES = {
+    "token_embd.weight": ("n_vocab", "n_embd"), "output.weight": ("n_vocab", "n_embd"),
+    "output_norm.weight": ("n_embd",), "attn_norm.weight": ("n_embd",), "ffn_norm.weight": ("n_embd",),
+    "attn_q.weight": ("n_embd_q", "n_embd"), "attn_k.weight": ("n_embd_kv", "n_embd"),
+    "attn_v.weight": ("n_embd_kv", "n_embd"), "attn_output.weight": ("n_embd", "n_embd_q"),
+    "ffn_up.weight": ("n_ff", "n_embd"), "ffn_gate.weight": ("n_ff", "n_embd"), "ffn_down.weight": ("n_embd", "n_ff"),
+}
+
+
+def _check_against_spec(plan: ConversionPlan, items: dict, model_dir: Path) -> None:
+    """Every tensor the graph spec reads (every layer's) is planned, with the shape the spec
+    computes from the config: a checkpoint inconsistent with its config.json is refused here
+    instead of writing a GGUF that does not load or computes something else."""
+    if not plan.spec_json:
+        return
+    from porter.spec import expr, loads
+
+    def _shape(shape):  # leading ones do not count (ggml drops them)
+        shape = tuple(shape)
+        return shape[1:] if len(shape) > 1 and shape[0] == 1 else shape
+
+    from porter.errors import SpecError
+
+    try:
+        spec = loads(plan.spec_json)
+    except SpecError:  # not a spec porter reads (a test's stand-in): nothing to compare with
+        return
+    hp = spec.hparams
+    n_layer = int(hp[spec.layer_loop.repeat]) if spec.layer_loop else 0
+    problems = []
+    for w in spec.weights:
+        if w.data is not None:
+            continue
+        for layer in (w.layers if w.layers is not None else range(n_layer)) if w.layered else [None]:
+            name = w.name.format(L=layer) if w.layered else w.name
+            item = items.get(name)
+            if item is None:
+                problems.append(f"{name}: the graph needs it, the checkpoint provides nothing for it")
+                continue
+            try:
+                want = tuple(expr.evaluate(d, lambda n, per: hp[n][layer] if per else hp[n]) if expr.is_reference(d) else d
+                             for d in w.shape)
+            except (KeyError, IndexError, TypeError):
+                continue  # a size known only at run time
+            if _shape(item.shape) not in (_shape(want), _shape(want[::-1])):
+                sources = ", ".join(item.plan.sources) or "computed"
+                problems.append(f"{name} (from {sources}): expected shape {list(want)} from config.json, found "
+                                f"{list(item.shape)}")
+    for name, item in items.items():
+        m = re.match(r"blk\.(\d+)\.(.*)", name)
+        layer, role = (int(m.group(1)), m.group(2)) if m else (None, name)
+        dims = _CONFIG_SHAPES.get(role)
+        if dims is None:
+            continue
+        values = [hp.get(d) for d in dims]
+        values = [v[layer] if isinstance(v, list) and layer is not None and layer < len(v) else v for v in values]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            continue
+        want = tuple(values)
+        ok = {_shape(want), _shape(want[::-1])}
+        if role == "ffn_up.weight" and f"blk.{layer}.ffn_gate.weight" not in items:
+            ok |= {(2 * want[0], want[1]), (want[1], 2 * want[0])}  # gate and up fused (phi3)
+        if _shape(item.shape) not in ok:
+            sources = ", ".join(item.plan.sources) or "computed"
+            problems.append(f"{name} (from {sources}): expected shape {list(want)} from config.json "
+                            f"({', '.join(dims)}), found {list(item.shape)}")
+    try:
+        tied = json.loads((model_dir / "config.json").read_text()).get("tie_word_embeddings")
+    except (OSError, ValueError, AttributeError):
+        tied = None
+    if (tied is False and "result_output" in spec.outputs and "token_embd.weight" in items
+            and "output.weight" not in items):
+        problems.append("output.weight: config.json says tie_word_embeddings false, but the checkpoint has no "
+                        "lm_head.weight (the output matrix); add it, or set tie_word_embeddings to true")
+    if problems:
+        shown = "\n  - ".join(problems[:12]) + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")
+        raise ModelError(f"the checkpoint in {model_dir} does not match its config.json "
+                         f"({len(problems)} problem(s)):\n  - {shown}\nfix config.json or the checkpoint")
+
+
 def _progress(enabled: bool):
     from rich.console import Console
     from rich.progress import (
@@ -423,6 +506,11 @@ def _write(
             f"the checkpoint in {model_dir} lacks {len(missing)} tensor(s) the conversion plan needs: "
             f"{shown}"
         )
+    not_float = sorted(s for s in plan.source_names() if ckpt.entries[s].dtype not in ("F32", "F16", "BF16", "F64"))
+    if not_float:
+        raise ModelError(f"the checkpoint in {model_dir} stores weight(s) as integers: "
+                         + ", ".join(f"{n} ({ckpt.entries[n].dtype})" for n in not_float[:8])
+                         + "; a weight must be F32, F16, BF16 or F64 (the header's dtype disagrees with the data?)")
     report = WriteReport(out, outtype, int(file_type), len(plan.tensors), 0, 0.0, 0, 0)
     used = plan.source_names()
     report.unused_tensors = sorted(n for n in ckpt.names() if n not in used and not _is_ignorable(n)
@@ -445,6 +533,7 @@ def _write(
             report.fallbacks.append(fallback)
         items.append(_Item(t, shape, qtype, nbytes_of(shape, qtype), rename))
         report.tensor_types[t.gguf_name] = qtype.name
+    _check_against_spec(plan, {i.plan.gguf_name: i for i in items}, model_dir)
 
     # Metadata.
     kv: dict[str, Any] = {
