@@ -33,6 +33,13 @@ class _Group(click.Group):
         except PorterError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(1)
+        except BaseException as exc:
+            from porter.convert.writer import Signalled
+
+            if not isinstance(exc, Signalled):
+                raise
+            click.secho(f"error: {exc}; the partial output was removed", fg="red", err=True)
+            sys.exit(128 + exc.signum)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -77,7 +84,8 @@ _attach_optional_commands()
 
 @main.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="GGUF file to write.")
+@click.option("-o", "--output", "out", type=click.Path(), required=True,
+              help="GGUF file to write (a path ending in / is a directory: the file goes inside it).")
 @click.option("-t", "--outtype", type=click.Choice(OUTTYPES), default="f32", show_default=True,
               help="Weight type of the matrices (norms and biases stay f32).")
 @click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
@@ -90,6 +98,8 @@ def convert(model_dir, out, outtype, force, trust_remote_code, quiet):
     knows, and porter's graph spec is embedded under porter.graph_spec.
     """
     from porter.pipeline import convert as do_convert, needs_torch_to_convert
+
+    out = Path(out) / f"{model_dir.name}.{outtype}.gguf" if out.endswith(("/", os.sep)) else Path(out)
 
     light = model_dir.is_dir() and not needs_torch_to_convert(model_dir, trust_remote_code)
     if light and "transformers" not in sys.modules:

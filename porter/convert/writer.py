@@ -35,6 +35,7 @@ untouched. An existing output is refused unless ``force``.
 from __future__ import annotations
 
 import ctypes
+import errno
 import gc
 import json
 import math
@@ -44,6 +45,7 @@ import resource
 import secrets
 import time
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -481,6 +483,10 @@ def write_gguf(
         raise PorterError(f"{out} is a directory; give a file name for the GGUF")
     if out.exists() and not force:
         raise PorterError(f"{out} already exists; pass --force to overwrite it")
+    if out.exists() and not (out.is_file() and not out.is_symlink()):
+        raise PorterError(f"{out} is not a regular file (a device, pipe or link); porter never replaces one, "
+                          "even with --force: give another output path")
+    _remove_stale_temp_files(out)
 
     names = plan.tensor_names()
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -488,6 +494,11 @@ def write_gguf(
         raise PorterError(f"the conversion plan writes these tensors more than once: {dupes}")
 
     ckpt = Checkpoint(model_dir)
+    inputs = [*(e.file for e in ckpt.entries.values()), *model_dir.glob("*.json"), *model_dir.glob("*.jinja")]
+    if out.exists() and any(f.exists() and out.samefile(f) for f in inputs):
+        ckpt.close()
+        raise PorterError(f"{out} is an input of this conversion (part of the checkpoint in {model_dir}); "
+                          "porter never overwrites its input, even with --force: write the GGUF elsewhere")
     try:
         return _write(ckpt, model_dir, plan, out, key, default_type, file_type, force, progress, tokenizer, pure, t0, rss0)
     finally:
@@ -570,11 +581,14 @@ def _write(
     # A hidden temporary name next to the output (same filesystem, so the final rename is atomic),
     # created with the permissions the umask gives ordinary files.
     tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    created = [d for d in [out.parent, *out.parent.parents] if not d.exists()]  # removed again on failure
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     except OSError as exc:
+        _remove_dirs(created)
         raise PorterError(f"cannot write in {out.parent}: {exc}") from exc
+    restore = _signals_raise()
     try:
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
@@ -601,15 +615,72 @@ def _write(
     except BaseException as exc:
         writer.close()
         tmp.unlink(missing_ok=True)
+        _remove_dirs(created)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise PorterError(f"writing {out} failed: no space left on device (the GGUF needs about "
+                              f"{sum(i.nbytes for i in items) / 2**20:.0f} MiB); free some space or write "
+                              "it elsewhere") from None
         if isinstance(exc, OSError):
             raise PorterError(f"writing {out} failed: {exc}") from exc
         raise
+    finally:
+        restore()
 
     report.bytes_written = out.stat().st_size
     report.seconds = time.perf_counter() - t0
     report.peak_rss = _maxrss()
     report.peak_rss_delta = max(0, report.peak_rss - rss0)
     return report
+
+
+def _remove_dirs(created: list[Path]) -> None:
+    """Remove the directories made for an output that was not written (innermost first)."""
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+class Signalled(BaseException):
+    """SIGTERM or SIGHUP arrived while a GGUF was being written (the temporary file is removed)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+def _signals_raise() -> Callable[[], None]:
+    """Make SIGTERM and SIGHUP raise :class:`Signalled` (as SIGINT raises KeyboardInterrupt), so
+    the writer's cleanup runs; returns what restores the previous handlers."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, _frame):
+        raise Signalled(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    return lambda: [signal.signal(s, h) for s, h in old.items()] and None
+
+
+def _remove_stale_temp_files(out: Path) -> None:
+    """Temporary files of an earlier conversion to ``out`` whose process is gone (killed with
+    SIGKILL or a power cut): ``.NAME.PID.HEX.tmp`` beside the target."""
+    for f in out.parent.glob(f".{glob_escape(out.name)}.*.tmp"):
+        m = re.fullmatch(rf"\.{re.escape(out.name)}\.(\d+)\.[0-9a-f]{{8}}\.tmp", f.name)
+        if not m or not f.is_file():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # that conversion is still running
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        f.unlink(missing_ok=True)
 
 
 def _malloc_trim() -> Callable[[], None]:
