@@ -376,7 +376,7 @@ def test_nan_weights_are_refused(tmp_path):
     out = tmp_path / "out" / "x.gguf"
     with pytest.raises(ModelError, match=r"'bad'.*1 NaN and 1 infinite"):
         write_gguf(model, plan, out, "q8_0", progress=False)
-    assert not out.exists() and leftovers(out.parent) == []
+    assert not out.parent.exists()  # the directory made for the output went with it
 
 
 def test_truncated_checkpoint(tiny_llama_dir, tmp_path):
