@@ -89,6 +89,10 @@ IGNORABLE_TENSORS = (
     re.compile(r"(^|\.)num_batches_tracked$"),
 )
 F16_MAX = float(np.finfo(np.float16).max)
+# Largest magnitude a block format holds before its float16 scale (amax / levels, or the block's
+# minimum for the _1 types) overflows to infinity.
+_SCALE_LIMITS = {QT.Q8_0: 127 * F16_MAX, QT.Q4_0: 8 * F16_MAX, QT.Q5_0: 16 * F16_MAX,
+                 QT.Q4_1: F16_MAX, QT.Q5_1: F16_MAX}
 # Rows are read, converted and quantized in blocks of about this many elements (4 MiB as float32).
 CHUNK_ELEMENTS = 2**20
 
@@ -745,6 +749,13 @@ def _tensor_chunks(item: _Item, ckpt: Checkpoint, report: WriteReport) -> Iterat
         blocks = ((rows[r : r + step], what) for r in range(0, n_rows, step))
     for block, what in blocks:
         _check_finite(block, what)
+        limit = _SCALE_LIMITS.get(item.qtype)
+        if limit is not None:
+            big = float(np.max(np.abs(block)))
+            if big > limit:
+                raise ModelError(f"{what} has a value of magnitude {big:g}: {item.qtype.name} stores each block's "
+                                 f"scale as float16, which overflows above {limit:g}; convert with --outtype "
+                                 "f32 or bf16")
         if item.qtype == QT.F16:
             lo, hi = float(block.min()), float(block.max())
             if lo < -F16_MAX or hi > F16_MAX:
