@@ -298,6 +298,20 @@ def examples_smollm2():
 
 
 @main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+def verify(model):
+    """Check that every tensor of a GGUF holds only finite values (exit 1 naming those that do not)."""
+    from porter.runtime.verify import nonfinite_tensors
+
+    bad = nonfinite_tensors(model)
+    if bad:
+        shown = ", ".join(f"{name} ({n} values)" for name, n in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        raise PorterError(f"{model}: {len(bad)} tensor(s) hold NaN or infinite values: {shown}; the file is "
+                          "damaged: convert the model again")
+    click.echo(f"{model}: every tensor is finite")
+
+
+@main.command()
 @click.option("--outtype", type=click.Choice(OUTTYPES), default="q8_0", show_default=True)
 @click.option("-p", "--prompt", default="What is the capital of France? Answer in one sentence.", show_default=True)
 @click.option("-n", "--n-predict", default=48, show_default=True)

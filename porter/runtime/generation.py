@@ -45,6 +45,7 @@ class GenerationMixin:
         logits = None
         for i in range(0, len(prompt_ids), n_batch):
             logits = self.forward(prompt_ids[i:i + n_batch])
+        self.check_finite(logits[-1], prompt_ids)
         stats.prompt_tokens = len(prompt_ids)
         stats.prompt_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -59,6 +60,7 @@ class GenerationMixin:
             if tok in stop or step == max_new_tokens - 1 or self.kv.n_past >= self.n_ctx:
                 break
             logits = self.forward([tok])
+            self.check_finite(logits[-1], prompt_ids + stats.tokens)
         stats.generate_seconds = time.perf_counter() - t1
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, *,

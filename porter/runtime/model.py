@@ -252,6 +252,40 @@ class Model(GenerationMixin):
             return logits, captured
         return logits
 
+    def node_names(self) -> list[str]:
+        """Every node of the graph in order (layer loop instantiated)."""
+        from porter.spec import Repeat
+
+        n_layer = int(self.spec.hparams.get(self.spec.layer_loop.repeat, 0)) if self.spec.layer_loop else 0
+        names = []
+        for item in self.spec.graph:
+            if isinstance(item, Repeat):
+                names += [n.name.format(L=i) for i in range(n_layer) for n in item.body]
+            else:
+                names.append(item.name)
+        return names
+
+    def first_nonfinite_node(self, tokens: Sequence[int]) -> str | None:
+        """The first node (in graph order) whose output holds a NaN or an infinity for ``tokens``
+        (run again without the cache), or None if every node is finite."""
+        names = self.node_names()
+        _, captured = self.forward(tokens, use_cache=False, all_logits=True, capture=names)
+        for name in names:
+            values = captured.get(name)
+            if values is not None and values.dtype.kind == "f" and not np.isfinite(values).all():
+                return name
+        return None
+
+    def check_finite(self, logits: np.ndarray, tokens: Sequence[int]) -> None:
+        """Raise a ModelError naming the first non-finite node if ``logits`` are not all finite."""
+        if np.isfinite(logits).all():
+            return
+        node = self.first_nonfinite_node(tokens)
+        where = f"the first node that is not finite is {node}" if node else "every captured node is finite"
+        raise ModelError(f"the model computed non-finite logits (NaN or infinity) after {len(tokens)} tokens; "
+                         f"{where}. The GGUF's weights may be damaged: check them with `porter verify "
+                         f"{self.path or 'FILE'}`, or convert the model again")
+
     def embed(self, inputs, *, pooling: str | None = None, normalize: bool | None = None) -> np.ndarray:
         """Sentence embeddings from an encoder: one row per text (or list of token ids).
 
