@@ -1,4 +1,4 @@
-"""porter's command line: inspect | convert | run | embed | parity | generate | plugins | examples | demo."""
+"""porter's command line: inspect | convert | run | verify | embed | parity | generate | plugins | examples | demo."""
 
 from __future__ import annotations
 
