@@ -1,4 +1,4 @@
-"""porter's command line: inspect | convert | run | embed | parity | generate | plugins | examples | demo."""
+"""porter's command line: inspect | convert | run | verify | embed | parity | generate | plugins | examples | demo."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from porter import __version__
-from porter.errors import PorterError
+from porter.errors import OptionError, PorterError
 
 OUTTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k"]
 
@@ -33,6 +33,13 @@ class _Group(click.Group):
         except PorterError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(1)
+        except BaseException as exc:
+            from porter.convert.writer import Signalled
+
+            if not isinstance(exc, Signalled):
+                raise
+            click.secho(f"error: {exc}; the partial output was removed", fg="red", err=True)
+            sys.exit(128 + exc.signum)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,7 +86,8 @@ _attach_optional_commands()
 
 @main.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="GGUF file to write.")
+@click.option("-o", "--output", "out", type=click.Path(), required=True,
+              help="GGUF file to write (a path ending in / is a directory: the file goes inside it).")
 @click.option("-t", "--outtype", type=click.Choice(OUTTYPES), default="f32", show_default=True,
               help="Weight type of the matrices (norms and biases stay f32).")
 @click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
@@ -93,6 +101,8 @@ def convert(model_dir, out, outtype, force, trust_remote_code, quiet):
     """
     from porter.pipeline import convert as do_convert, needs_torch_to_convert
 
+    out = Path(out) / f"{model_dir.name}.{outtype}.gguf" if out.endswith(("/", os.sep)) else Path(out)
+
     light = model_dir.is_dir() and not needs_torch_to_convert(model_dir, trust_remote_code)
     if light and "transformers" not in sys.modules:
         # Reading a config through transformers imports torch (~200 MB, seconds) when torch is
@@ -104,10 +114,54 @@ def convert(model_dir, out, outtype, force, trust_remote_code, quiet):
     click.echo(report.summary() if hasattr(report, "summary") else str(report))
 
 
+def _check_run_options(prompt, n_predict, temp, top_k, top_p, seed, threads, ctx_size) -> int | None:
+    """Refuse options outside their range before anything loads; the thread count, capped at the
+    cores this process may use."""
+    import math
+    import os
+
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise OptionError("the prompt is not valid UTF-8 text; pass it in a UTF-8 locale or from a UTF-8 file") from None
+    if n_predict < -1:
+        raise OptionError(f"-n {n_predict}: give a number of tokens >= 0, or -1 for until the end of the sequence "
+                          "or a full context")
+    if not (math.isfinite(temp) and temp >= 0):
+        raise OptionError(f"--temp {temp}: the temperature must be a finite number >= 0 (0 = greedy)")
+    if top_k < 0:
+        raise OptionError(f"--top-k {top_k}: give a number of candidates >= 0 (0 = all)")
+    if not 0 < top_p <= 1:  # NaN fails too
+        raise OptionError(f"--top-p {top_p}: the nucleus probability must be in (0, 1] (1 = off)")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise OptionError(f"--seed {seed}: give a seed in 0..2**64-1 (or none for a random one)")
+    if ctx_size is not None and ctx_size < 2:
+        raise OptionError(f"-c {ctx_size}: the context must hold at least 2 tokens (a prompt token and a new one)")
+    if threads is not None:
+        if threads < 1:
+            raise OptionError(f"-t {threads}: give at least 1 thread")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if threads > cores:
+            click.secho(f"warning: -t {threads} exceeds the {cores} cores available; using {cores}", fg="yellow", err=True)
+            threads = cores
+    return threads
+
+
+def _check_kv_memory(m) -> None:
+    from porter.runtime.core import available_memory
+    from porter.runtime.graph import kv_cache_bytes
+
+    need, have = kv_cache_bytes(m.spec, m.n_ctx, m.cache_type), available_memory()
+    if have is not None and need > have:
+        raise OptionError(f"-c {m.n_ctx}: the KV cache needs {need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB are "
+                          "available; lower -c or use --cache-type f16/q8_0")
+
+
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", default="Write a haiku about porting models.", show_default=True)
-@click.option("-n", "--n-predict", default=64, show_default=True, help="Tokens to generate.")
+@click.option("-n", "--n-predict", default=64, show_default=True,
+              help="Tokens to generate (-1: until the end of the sequence or a full context).")
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--temp", default=0.0, show_default=True, help="Sampling temperature (0 = greedy).")
 @click.option("--top-k", default=40, show_default=True)
@@ -118,14 +172,23 @@ def convert(model_dir, out, outtype, force, trust_remote_code, quiet):
 @click.option("--cache-type", type=click.Choice(["f32", "f16", "q8_0"]), default="f32", show_default=True,
               help="KV cache type (f16 halves its memory and speeds long contexts; llama.cpp's default).")
 def run(model, prompt, n_predict, chat, temp, top_k, top_p, seed, threads, ctx_size, cache_type):
-    """Generate text from a GGUF written by porter, streaming tokens."""
+    """Generate text from a GGUF written by porter, streaming tokens (-n -1: until the end of
+    the sequence or a full context, as llama.cpp)."""
     import porter
 
+    threads = _check_run_options(prompt, n_predict, temp, top_k, top_p, seed, threads, ctx_size)
     with porter.load(model, n_threads=threads, n_ctx=ctx_size, cache_type=cache_type) as m:
+        _check_kv_memory(m)
         text = prompt
         if chat and m.metadata.get("chat_template"):
             text = m.apply_chat_template([{"role": "user", "content": prompt}])
         ids = m.encode(text, add_special_tokens=not chat)
+        if not ids or not (prompt or chat):
+            raise OptionError("the prompt is empty (nothing to continue); give some text with -p")
+        if len(ids) >= m.n_ctx:
+            raise OptionError(f"the prompt has {len(ids)} tokens, the context holds {m.n_ctx} (and needs room for "
+                              f"at least one new token); shorten the prompt or raise -c "
+                              f"(this model has {m.metadata.get('context_length') or 'an unknown number of'} positions)")
         click.secho(prompt, fg="cyan", err=True)
         _, stats = m.generate(ids, n_predict, temperature=temp, top_k=top_k, top_p=top_p, seed=seed,
                               on_text=lambda s: click.echo(s, nl=False))
@@ -234,6 +297,20 @@ def examples_smollm2():
     from porter.examples import materialize_smollm2
 
     click.echo(materialize_smollm2())
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+def verify(model):
+    """Check that every tensor of a GGUF holds only finite values (exit 1 naming those that do not)."""
+    from porter.runtime.verify import nonfinite_tensors
+
+    bad = nonfinite_tensors(model)
+    if bad:
+        shown = ", ".join(f"{name} ({n} values)" for name, n in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        raise PorterError(f"{model}: {len(bad)} tensor(s) hold NaN or infinite values: {shown}; the file is "
+                          "damaged: convert the model again")
+    click.echo(f"{model}: every tensor is finite")
 
 
 @main.command()

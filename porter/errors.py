@@ -23,3 +23,7 @@ class ModelError(PorterError):
 
 class UnsupportedArchitecture(ModelError):
     """No plugin claims this architecture."""
+
+
+class OptionError(PorterError):
+    """A command-line option or argument is outside its valid range."""

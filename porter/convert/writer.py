@@ -35,7 +35,9 @@ untouched. An existing output is refused unless ``force``.
 from __future__ import annotations
 
 import ctypes
+import errno
 import gc
+import json
 import math
 import os
 import re
@@ -43,6 +45,7 @@ import resource
 import secrets
 import time
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -86,6 +89,10 @@ IGNORABLE_TENSORS = (
     re.compile(r"(^|\.)num_batches_tracked$"),
 )
 F16_MAX = float(np.finfo(np.float16).max)
+# Largest magnitude a block format holds before its float16 scale (amax / levels, or the block's
+# minimum for the _1 types) overflows to infinity.
+_SCALE_LIMITS = {QT.Q8_0: 127 * F16_MAX, QT.Q4_0: 8 * F16_MAX, QT.Q5_0: 16 * F16_MAX,
+                 QT.Q4_1: F16_MAX, QT.Q5_1: F16_MAX}
 # Rows are read, converted and quantized in blocks of about this many elements (4 MiB as float32).
 CHUNK_ELEMENTS = 2**20
 
@@ -345,6 +352,88 @@ def _probe(t: TensorPlan, ckpt: Checkpoint) -> tuple[tuple[int, ...], bool]:
     return tuple(int(d) for d in np.shape(result)), False
 
 
+# The shape config.json implies for the usual tensors (numpy order, spec hparam names; a matrix
+# may also be stored the other way round, as GPT-2's Conv1D weights are).
+_CONFIG_SHAPES = {
+    "token_embd.weight": ("n_vocab", "n_embd"), "output.weight": ("n_vocab", "n_embd"),
+    "output_norm.weight": ("n_embd",), "attn_norm.weight": ("n_embd",), "ffn_norm.weight": ("n_embd",),
+    "attn_q.weight": ("n_embd_q", "n_embd"), "attn_k.weight": ("n_embd_kv", "n_embd"),
+    "attn_v.weight": ("n_embd_kv", "n_embd"), "attn_output.weight": ("n_embd", "n_embd_q"),
+    "ffn_up.weight": ("n_ff", "n_embd"), "ffn_gate.weight": ("n_ff", "n_embd"), "ffn_down.weight": ("n_embd", "n_ff"),
+}
+
+
+def _check_against_spec(plan: ConversionPlan, items: dict, model_dir: Path) -> None:
+    """Every tensor the graph spec reads (every layer's) is planned, with the shape the spec
+    computes from the config: a checkpoint inconsistent with its config.json is refused here
+    instead of writing a GGUF that does not load or computes something else."""
+    if not plan.spec_json:
+        return
+    from porter.spec import expr, loads
+
+    def _shape(shape):  # leading ones do not count (ggml drops them)
+        shape = tuple(shape)
+        return shape[1:] if len(shape) > 1 and shape[0] == 1 else shape
+
+    from porter.errors import SpecError
+
+    try:
+        spec = loads(plan.spec_json)
+    except SpecError:  # not a spec porter reads (a test's stand-in): nothing to compare with
+        return
+    hp = spec.hparams
+    n_layer = int(hp[spec.layer_loop.repeat]) if spec.layer_loop else 0
+    problems = []
+    for w in spec.weights:
+        if w.data is not None:
+            continue
+        for layer in (w.layers if w.layers is not None else range(n_layer)) if w.layered else [None]:
+            name = w.name.format(L=layer) if w.layered else w.name
+            item = items.get(name)
+            if item is None:
+                problems.append(f"{name}: the graph needs it, the checkpoint provides nothing for it")
+                continue
+            try:
+                want = tuple(expr.evaluate(d, lambda n, per: hp[n][layer] if per else hp[n]) if expr.is_reference(d) else d
+                             for d in w.shape)
+            except (KeyError, IndexError, TypeError):
+                continue  # a size known only at run time
+            if _shape(item.shape) not in (_shape(want), _shape(want[::-1])):
+                sources = ", ".join(item.plan.sources) or "computed"
+                problems.append(f"{name} (from {sources}): expected shape {list(want)} from config.json, found "
+                                f"{list(item.shape)}")
+    for name, item in items.items():
+        m = re.match(r"blk\.(\d+)\.(.*)", name)
+        layer, role = (int(m.group(1)), m.group(2)) if m else (None, name)
+        dims = _CONFIG_SHAPES.get(role)
+        if dims is None:
+            continue
+        values = [hp.get(d) for d in dims]
+        values = [v[layer] if isinstance(v, list) and layer is not None and layer < len(v) else v for v in values]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            continue
+        want = tuple(values)
+        ok = {_shape(want), _shape(want[::-1])}
+        if role == "ffn_up.weight" and f"blk.{layer}.ffn_gate.weight" not in items:
+            ok |= {(2 * want[0], want[1]), (want[1], 2 * want[0])}  # gate and up fused (phi3)
+        if _shape(item.shape) not in ok:
+            sources = ", ".join(item.plan.sources) or "computed"
+            problems.append(f"{name} (from {sources}): expected shape {list(want)} from config.json "
+                            f"({', '.join(dims)}), found {list(item.shape)}")
+    try:
+        tied = json.loads((model_dir / "config.json").read_text()).get("tie_word_embeddings")
+    except (OSError, ValueError, AttributeError):
+        tied = None
+    if (tied is False and "result_output" in spec.outputs and "token_embd.weight" in items
+            and "output.weight" not in items):
+        problems.append("output.weight: config.json says tie_word_embeddings false, but the checkpoint has no "
+                        "lm_head.weight (the output matrix); add it, or set tie_word_embeddings to true")
+    if problems:
+        shown = "\n  - ".join(problems[:12]) + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")
+        raise ModelError(f"the checkpoint in {model_dir} does not match its config.json "
+                         f"({len(problems)} problem(s)):\n  - {shown}\nfix config.json or the checkpoint")
+
+
 def _progress(enabled: bool):
     from rich.console import Console
     from rich.progress import (
@@ -398,6 +487,10 @@ def write_gguf(
         raise PorterError(f"{out} is a directory; give a file name for the GGUF")
     if out.exists() and not force:
         raise PorterError(f"{out} already exists; pass --force to overwrite it")
+    if out.exists() and not (out.is_file() and not out.is_symlink()):
+        raise PorterError(f"{out} is not a regular file (a device, pipe or link); porter never replaces one, "
+                          "even with --force: give another output path")
+    _remove_stale_temp_files(out)
 
     names = plan.tensor_names()
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -405,6 +498,11 @@ def write_gguf(
         raise PorterError(f"the conversion plan writes these tensors more than once: {dupes}")
 
     ckpt = Checkpoint(model_dir)
+    inputs = [*(e.file for e in ckpt.entries.values()), *model_dir.glob("*.json"), *model_dir.glob("*.jinja")]
+    if out.exists() and any(f.exists() and out.samefile(f) for f in inputs):
+        ckpt.close()
+        raise PorterError(f"{out} is an input of this conversion (part of the checkpoint in {model_dir}); "
+                          "porter never overwrites its input, even with --force: write the GGUF elsewhere")
     try:
         return _write(ckpt, model_dir, plan, out, key, default_type, file_type, force, progress, tokenizer, pure, t0, rss0)
     finally:
@@ -423,6 +521,11 @@ def _write(
             f"the checkpoint in {model_dir} lacks {len(missing)} tensor(s) the conversion plan needs: "
             f"{shown}"
         )
+    not_float = sorted(s for s in plan.source_names() if ckpt.entries[s].dtype not in ("F32", "F16", "BF16", "F64"))
+    if not_float:
+        raise ModelError(f"the checkpoint in {model_dir} stores weight(s) as integers: "
+                         + ", ".join(f"{n} ({ckpt.entries[n].dtype})" for n in not_float[:8])
+                         + "; a weight must be F32, F16, BF16 or F64 (the header's dtype disagrees with the data?)")
     report = WriteReport(out, outtype, int(file_type), len(plan.tensors), 0, 0.0, 0, 0)
     used = plan.source_names()
     report.unused_tensors = sorted(n for n in ckpt.names() if n not in used and not _is_ignorable(n)
@@ -445,6 +548,7 @@ def _write(
             report.fallbacks.append(fallback)
         items.append(_Item(t, shape, qtype, nbytes_of(shape, qtype), rename))
         report.tensor_types[t.gguf_name] = qtype.name
+    _check_against_spec(plan, {i.plan.gguf_name: i for i in items}, model_dir)
 
     # Metadata.
     kv: dict[str, Any] = {
@@ -481,11 +585,14 @@ def _write(
     # A hidden temporary name next to the output (same filesystem, so the final rename is atomic),
     # created with the permissions the umask gives ordinary files.
     tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    created = [d for d in [out.parent, *out.parent.parents] if not d.exists()]  # removed again on failure
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     except OSError as exc:
+        _remove_dirs(created)
         raise PorterError(f"cannot write in {out.parent}: {exc}") from exc
+    restore = _signals_raise()
     try:
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
@@ -512,15 +619,72 @@ def _write(
     except BaseException as exc:
         writer.close()
         tmp.unlink(missing_ok=True)
+        _remove_dirs(created)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise PorterError(f"writing {out} failed: no space left on device (the GGUF needs about "
+                              f"{sum(i.nbytes for i in items) / 2**20:.0f} MiB); free some space or write "
+                              "it elsewhere") from None
         if isinstance(exc, OSError):
             raise PorterError(f"writing {out} failed: {exc}") from exc
         raise
+    finally:
+        restore()
 
     report.bytes_written = out.stat().st_size
     report.seconds = time.perf_counter() - t0
     report.peak_rss = _maxrss()
     report.peak_rss_delta = max(0, report.peak_rss - rss0)
     return report
+
+
+def _remove_dirs(created: list[Path]) -> None:
+    """Remove the directories made for an output that was not written (innermost first)."""
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+class Signalled(BaseException):
+    """SIGTERM or SIGHUP arrived while a GGUF was being written (the temporary file is removed)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+def _signals_raise() -> Callable[[], None]:
+    """Make SIGTERM and SIGHUP raise :class:`Signalled` (as SIGINT raises KeyboardInterrupt), so
+    the writer's cleanup runs; returns what restores the previous handlers."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, _frame):
+        raise Signalled(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    return lambda: [signal.signal(s, h) for s, h in old.items()] and None
+
+
+def _remove_stale_temp_files(out: Path) -> None:
+    """Temporary files of an earlier conversion to ``out`` whose process is gone (killed with
+    SIGKILL or a power cut): ``.NAME.PID.HEX.tmp`` beside the target."""
+    for f in out.parent.glob(f".{glob_escape(out.name)}.*.tmp"):
+        m = re.fullmatch(rf"\.{re.escape(out.name)}\.(\d+)\.[0-9a-f]{{8}}\.tmp", f.name)
+        if not m or not f.is_file():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # that conversion is still running
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        f.unlink(missing_ok=True)
 
 
 def _malloc_trim() -> Callable[[], None]:
@@ -585,6 +749,13 @@ def _tensor_chunks(item: _Item, ckpt: Checkpoint, report: WriteReport) -> Iterat
         blocks = ((rows[r : r + step], what) for r in range(0, n_rows, step))
     for block, what in blocks:
         _check_finite(block, what)
+        limit = _SCALE_LIMITS.get(item.qtype)
+        if limit is not None:
+            big = float(np.max(np.abs(block)))
+            if big > limit:
+                raise ModelError(f"{what} has a value of magnitude {big:g}: {item.qtype.name} stores each block's "
+                                 f"scale as float16, which overflows above {limit:g}; convert with --outtype "
+                                 "f32 or bf16")
         if item.qtype == QT.F16:
             lo, hi = float(block.min()), float(block.max())
             if lo < -F16_MAX or hi > F16_MAX:

@@ -64,6 +64,18 @@ def default_threads() -> int:
     return physical_cores()
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the kernel could hand out now (MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def runnable_elsewhere() -> int | None:
     """How many threads of the whole machine are running or waiting for a core right now, not
     counting the caller (the fourth field of /proc/loadavg counts the caller itself); None
@@ -233,10 +245,10 @@ class Context:
 class Buffer:
     """A backend buffer holding all tensors of a context (typically: a model's weights)."""
 
-    def __init__(self, ctx: Context, buffer_type):
+    def __init__(self, ctx: Context, buffer_type, what: str = "the weight buffer"):
         self.ptr = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx.ptr, buffer_type)
         if self.ptr == ffi.NULL:
-            raise MemoryError("ggml could not allocate the weight buffer")
+            raise MemoryError(f"ggml could not allocate {what}")
         self._finalizer = _track(self, "buffer", lib.ggml_backend_buffer_free, self.ptr)
         self.ctx = ctx  # the metadata must outlive the data
 

@@ -35,7 +35,8 @@ class GenerationMixin:
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 64, *, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] = (),
                      n_batch: int = 512, stats: GenerationStats | None = None) -> Iterator[int]:
-        """Yield new token ids: prefill the prompt, then decode one token at a time."""
+        """Yield new token ids: prefill the prompt, then decode one token at a time
+        (``max_new_tokens=-1``: until a stop id or a full context)."""
         stats = stats if stats is not None else GenerationStats()
         rng = np.random.default_rng(seed)
         self.reset()
@@ -44,10 +45,13 @@ class GenerationMixin:
         logits = None
         for i in range(0, len(prompt_ids), n_batch):
             logits = self.forward(prompt_ids[i:i + n_batch])
+        self.check_finite(logits[-1], prompt_ids)
         stats.prompt_tokens = len(prompt_ids)
         stats.prompt_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         stop = set(int(s) for s in stop_ids)
+        if max_new_tokens < 0:
+            max_new_tokens = self.n_ctx - len(prompt_ids)
         for step in range(max_new_tokens):
             tok = sample(logits[-1], temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
             stats.tokens.append(tok)
@@ -56,6 +60,7 @@ class GenerationMixin:
             if tok in stop or step == max_new_tokens - 1 or self.kv.n_past >= self.n_ctx:
                 break
             logits = self.forward([tok])
+            self.check_finite(logits[-1], prompt_ids + stats.tokens)
         stats.generate_seconds = time.perf_counter() - t1
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, *,

@@ -78,6 +78,8 @@ class GGUFFile:
             pos += 4
             self._fields[key] = (vtype, pos)
             pos = self._skip(vtype, pos)
+            if pos > len(m):
+                raise ValueError(f"the value of {key} runs past the end of the file")
         infos = []
         for _ in range(n_tensors):
             name, pos = self._string(pos)
@@ -137,6 +139,8 @@ class GGUFFile:
         if vtype == _ARRAY:
             itype, n = struct.unpack_from("<IQ", m, pos)
             pos += 12
+            if n > len(m) - pos:
+                raise ValueError(f"an array of {n} values runs past the end of the file")
             if itype in _NUMPY:
                 import numpy as np
 
@@ -155,7 +159,16 @@ class GGUFFile:
     def get(self, key: str, default=None):
         """The value of a metadata key (str, int, float, bool or list), decoded now."""
         f = self._fields.get(key)
-        return default if f is None else self._value(*f)
+        if f is None:
+            return default
+        try:
+            return self._value(*f)
+        except UnicodeDecodeError:
+            raise ModelError(f"{self.path}: the value of {key} is not UTF-8 text (corrupt file); "
+                             "convert the model again") from None
+        except (struct.error, ValueError) as exc:
+            raise ModelError(f"{self.path}: the value of {key} is truncated or corrupt ({exc}); "
+                             "convert the model again") from None
 
     def data(self, name: str) -> memoryview:
         """The bytes of a tensor, a view into the map (valid until :meth:`close`)."""

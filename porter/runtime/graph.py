@@ -34,6 +34,12 @@ def cache_names(spec: Spec) -> list[str]:
     return ["k", "v"] + extra
 
 
+def kv_cache_bytes(spec: Spec, n_ctx: int, gtype: GGMLType = GGMLType.F32) -> int:
+    """Bytes the KV cache of ``n_ctx`` positions takes."""
+    widths = sum(w for name in cache_names(spec) for w in cache_widths(spec, name))
+    return widths * n_ctx * int(lib.ggml_type_size(int(gtype))) // int(lib.ggml_blck_size(int(gtype)))
+
+
 class KVCache:
     """Per-layer cache tensors (K, V, and any extra ones), ne [width, n_ctx], in one backend
     buffer (None for a layer without that cache)."""
@@ -48,7 +54,8 @@ class KVCache:
         self.caches = {name: [self.ctx.new_tensor(gtype, [w, n_ctx], f"cache_{name}_l{i}") if w else None
                               for i, w in enumerate(ws)] for name, ws in widths.items()}
         self.k, self.v = self.caches["k"], self.caches["v"]
-        self.buffer = Buffer(self.ctx, backend.buffer_type)
+        need = kv_cache_bytes(spec, n_ctx, gtype)
+        self.buffer = Buffer(self.ctx, backend.buffer_type, f"the KV cache ({need / 2**20:.0f} MiB for n_ctx={n_ctx})")
         lib.ggml_backend_buffer_clear(self.buffer.ptr, 0)
         self.n_past = 0  # positions 0..n_past-1 hold valid entries
 

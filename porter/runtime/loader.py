@@ -8,6 +8,7 @@ row lookups are held as F16 when their values fit (see :func:`load_gguf`).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from porter.runtime._lib import ffi, lib
 from porter.runtime.core import Backend, Buffer, Context, _track, set_data
 from porter.runtime.gguf_file import GGUFFile
 from porter.runtime.types import GGMLType
-from porter.spec import Spec, loads
+from porter.spec import Node, Repeat, Spec, expr, loads
 
 SPEC_KEY = "porter.graph_spec"
 TOKENIZER_KEY = "porter.tokenizer_json"
@@ -106,7 +107,10 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
     if text is None:
         raise ModelError(f"{path}: this GGUF carries no porter graph spec ({SPEC_KEY}); "
                          "convert the checkpoint with `porter convert`")
+    if not isinstance(text, str):
+        raise ModelError(f"{path}: {SPEC_KEY} is not a string; convert the model again")
     spec = loads(text)
+    check_hparams(spec, path, len(reader.tensors))
     arch = _field_value(reader, "general.architecture")
     metadata = {
         "architecture": arch,
@@ -134,6 +138,7 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
         if by_name[name].nbytes < 0:
             raise ModelError(f"{path}: tensor {name} has ggml type {by_name[name].type}, which this ggml "
                              "cannot hold (or a row that does not fit its blocks)")
+    check_weights(spec, by_name, path)
     patterns = repack.matmul_only_weights(spec) if use_repack else set()
     experts = repack.expert_only_weights(spec) if use_repack else set()
     to_repack = set()
@@ -187,6 +192,108 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
         del raw, data
     return LoadedGGUF(spec, metadata, backend, ctx, buffer, weights, rctx, rbuffer,
                       sorted(to_repack), sorted(as_f16), mapped)
+
+
+# hparams that count or size something (an int, or a per-layer list of ints) and those that scale
+# (a finite number, or a list of them); any hparam a weight's shape refers to is a size as well
+_COUNTS = re.compile(r"^(n_|head_dim$|rope_n_|rope_mode$|sliding_window$|kv_width_)")
+_REALS = re.compile(r"(eps|scale|factor|softcap|freq_base|beta_fast|beta_slow)$")
+_INT_TYPES = (GGMLType.I8, GGMLType.I16, GGMLType.I32, GGMLType.I64, GGMLType.F64)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def check_hparams(spec: Spec, path, n_tensors: int) -> None:
+    """Refuse hparams of the wrong type or beyond what the file can hold, before anything is built
+    (a layer count of 2**63-1 would otherwise expand weight names until memory runs out)."""
+    hp = spec.hparams
+    sizes = {name for w in spec.weights for d in w.shape if expr.is_reference(d) for name, _ in expr.references(d)}
+    for key, value in hp.items():
+        items = value if isinstance(value, list) else [value]
+        if key in sizes or _COUNTS.match(key):
+            if not all(_is_int(v) and v >= 0 for v in items) or (key in sizes and not all(v > 0 for v in items)):
+                raise ModelError(f"{path}: spec hparam {key} = {value!r} is not a {'positive' if key in sizes else 'non-negative'} "
+                                 "integer; the file is damaged: convert the model again")
+        elif _REALS.search(key) and not all(_is_real(v) for v in items):
+            raise ModelError(f"{path}: spec hparam {key} = {value!r} is not a finite number; "
+                             "the file is damaged: convert the model again")
+    if "n_vocab" in hp and not (_is_int(hp["n_vocab"]) and hp["n_vocab"] > 0):
+        raise ModelError(f"{path}: spec hparam n_vocab = {hp['n_vocab']!r} is not a positive integer; "
+                         "convert the model again")
+    loop = spec.layer_loop
+    if loop is None:
+        return
+    n_layer = hp[loop.repeat]
+    per_layer = any(w.layered and w.layers is None for w in spec.weights)
+    bound = n_tensors if per_layer else 4096
+    if not _is_int(n_layer) or not 0 <= n_layer <= bound:
+        raise ModelError(f"{path}: spec hparam {loop.repeat} = {n_layer!r} is not a layer count this file can hold "
+                         f"(0..{bound}{', its number of tensors' if per_layer else ''}); convert the model again")
+    for w in spec.weights:
+        if w.layers is not None and not all(_is_int(i) and 0 <= i < n_layer for i in w.layers):
+            raise ModelError(f"{path}: weight {w.name} lists layers outside 0..{n_layer - 1}; convert the model again")
+    for node in loop.body:
+        for value in [*node.attrs.values(), node.when, *node.inputs]:
+            for v in value if isinstance(value, list) else [value]:
+                for name, indexed in (expr.references(v) if expr.is_reference(v) and v != "$carry" else ()):
+                    if indexed and len(hp[name]) < n_layer:
+                        raise ModelError(f"{path}: spec hparam {name} lists {len(hp[name])} layers, "
+                                         f"{loop.repeat} is {n_layer}; convert the model again")
+
+
+def _shape(shape) -> tuple[int, ...]:
+    """A numpy-order shape without leading ones (ggml drops trailing ones of ne)."""
+    shape = tuple(shape)
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape
+
+
+def check_weights(spec: Spec, by_name: dict, path) -> None:
+    """Every weight the graph reads has the shape the spec states (its size expressions evaluated
+    with the spec's hparams), no empty dimension, and a type ggml's products and lookups take."""
+    hp = spec.hparams
+    n_layer = int(hp[spec.layer_loop.repeat]) if spec.layer_loop else 0
+
+    def lookup(name, per_layer):
+        return hp[name][layer] if per_layer else hp[name]
+
+    for w in spec.weights:
+        if w.data is not None:
+            continue
+        layers = (w.layers if w.layers is not None else range(n_layer)) if w.layered else [None]
+        for layer in layers:
+            name = w.name.format(L=layer) if w.layered else w.name
+            rt = by_name[name]
+            found = tuple(reversed(rt.ne))
+            if 0 in found:
+                raise ModelError(f"{path}: tensor {name} has an empty dimension (shape {list(found)}); "
+                                 "convert the model again")
+            if rt.type in _INT_TYPES:
+                raise ModelError(f"{path}: tensor {name} has type {GGMLType(rt.type).name}, not a float or "
+                                 "quantized type; convert the model again")
+            try:
+                want = tuple(expr.evaluate(d, lookup) if expr.is_reference(d) else d for d in w.shape)
+            except (KeyError, IndexError, TypeError):
+                continue  # sizes that need runtime symbols: the ops check them
+            # some plugins state a matrix in its checkpoint's orientation (gpt2's Conv1D: in, out)
+            if not all(_is_int(d) for d in want) or _shape(found) not in (_shape(want), _shape(want[::-1])):
+                raise ModelError(f"{path}: tensor {name} has shape {list(found)}, the graph spec expects "
+                                 f"{list(want)}; the file is damaged or inconsistent: convert the model again")
+
+
+def index_tables(spec: Spec, kind: str) -> list[str]:
+    """Weights a ``get_rows`` node indexes with the graph input of ``kind`` (its ids must stay
+    below their rows: ggml aborts past them)."""
+    names = {i.name for i in spec.inputs if i.kind == kind}
+    nodes = [n for item in spec.graph for n in (item.body if isinstance(item, Repeat) else [item])]
+    return [n.inputs[0] for n in nodes if isinstance(n, Node) and n.op == "get_rows" and n.inputs[1] in names]
 
 
 def _gtype(type_id: int):

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from porter.errors import ModelError
-from porter.runtime._lib import lib
+from porter.runtime._lib import ffi, lib
 from porter.runtime.core import Backend, Buffer, Context, get_data, set_data
 from porter.runtime.generation import GenerationMixin, GenerationStats
 from porter.runtime.graph import GraphBuilder, KVCache
-from porter.runtime.loader import SPEC_KEY, TOKENIZER_KEY, _bf16_as_f16, _bf16_fits_f16, load_gguf
+from porter.runtime.loader import SPEC_KEY, TOKENIZER_KEY, _bf16_as_f16, _bf16_fits_f16, index_tables, load_gguf
 from porter.runtime.masks import alibi_mask, attention_masks
 from porter.runtime.ops import Ops
 from porter.runtime.sampling import sample
@@ -59,6 +59,9 @@ class Model(GenerationMixin):
         self.path = path
         hp = spec.hparams
         self.n_vocab = int(hp["n_vocab"])
+        # token ids index the table the tokens input reads (get_rows aborts past its rows)
+        self.n_token_rows = min([int(weights[w].ne[1]) for w in index_tables(spec, "tokens") if w in weights]
+                                or [self.n_vocab])
         max_pos = int(metadata.get("context_length") or 2048)
         self.n_ctx = int(n_ctx or min(max_pos, 2048))
         # learned position / token-type tables bound what ggml's get_rows may be asked for
@@ -104,7 +107,11 @@ class Model(GenerationMixin):
             text = self.metadata.get("tokenizer_json")
             if not text:
                 raise ModelError("this GGUF has no tokenizer (porter.tokenizer_json); pass token ids instead")
-            self._tokenizer = Tokenizer.from_str(text)
+            try:
+                self._tokenizer = Tokenizer.from_str(text)
+            except Exception as exc:  # the tokenizers library raises a bare Exception
+                raise ModelError(f"the tokenizer JSON in this GGUF (porter.tokenizer_json) is corrupt ({exc}); "
+                                 "convert the model again") from None
         return self._tokenizer
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -202,8 +209,8 @@ class Model(GenerationMixin):
         tokens = np.asarray(tokens, dtype=np.int32)
         if tokens.ndim != 1 or tokens.size == 0:
             raise ValueError("forward needs a non-empty 1-D sequence of token ids")
-        if tokens.min() < 0 or tokens.max() >= self.n_vocab:
-            raise ValueError(f"token ids must be in [0, {self.n_vocab}); got {tokens.min()}..{tokens.max()}")
+        if tokens.min() < 0 or tokens.max() >= self.n_token_rows:
+            raise ValueError(f"token ids must be in [0, {self.n_token_rows}); got {tokens.min()}..{tokens.max()}")
         n = tokens.size
         if self.max_positions is not None and n > self.max_positions:
             raise ValueError(f"{n} tokens exceed the model's {self.max_positions} learned positions")
@@ -228,7 +235,8 @@ class Model(GenerationMixin):
                  "kv_slots": positions.astype(np.int64)}
         feeds.update(self._masks(positions, n_kv, start + n))
         for name, t in g.inputs.items():
-            set_data(t, np.ascontiguousarray(feeds[name]))
+            if t.buffer != ffi.NULL:  # an input no node reads has no memory
+                set_data(t, np.ascontiguousarray(feeds[name]))
         self.backend.compute(g.graph)
         if use_cache:
             self.kv.n_past = start + n
@@ -243,6 +251,40 @@ class Model(GenerationMixin):
             g.close()
             return logits, captured
         return logits
+
+    def node_names(self) -> list[str]:
+        """Every node of the graph in order (layer loop instantiated)."""
+        from porter.spec import Repeat
+
+        n_layer = int(self.spec.hparams.get(self.spec.layer_loop.repeat, 0)) if self.spec.layer_loop else 0
+        names = []
+        for item in self.spec.graph:
+            if isinstance(item, Repeat):
+                names += [n.name.format(L=i) for i in range(n_layer) for n in item.body]
+            else:
+                names.append(item.name)
+        return names
+
+    def first_nonfinite_node(self, tokens: Sequence[int]) -> str | None:
+        """The first node (in graph order) whose output holds a NaN or an infinity for ``tokens``
+        (run again without the cache), or None if every node is finite."""
+        names = self.node_names()
+        _, captured = self.forward(tokens, use_cache=False, all_logits=True, capture=names)
+        for name in names:
+            values = captured.get(name)
+            if values is not None and values.dtype.kind == "f" and not np.isfinite(values).all():
+                return name
+        return None
+
+    def check_finite(self, logits: np.ndarray, tokens: Sequence[int]) -> None:
+        """Raise a ModelError naming the first non-finite node if ``logits`` are not all finite."""
+        if np.isfinite(logits).all():
+            return
+        node = self.first_nonfinite_node(tokens)
+        where = f"the first node that is not finite is {node}" if node else "every captured node is finite"
+        raise ModelError(f"the model computed non-finite logits (NaN or infinity) after {len(tokens)} tokens; "
+                         f"{where}. The GGUF's weights may be damaged: check them with `porter verify "
+                         f"{self.path or 'FILE'}`, or convert the model again")
 
     def embed(self, inputs, *, pooling: str | None = None, normalize: bool | None = None) -> np.ndarray:
         """Sentence embeddings from an encoder: one row per text (or list of token ids).

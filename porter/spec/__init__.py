@@ -261,6 +261,8 @@ def check(spec: Spec) -> Spec:
                 problems.append(f"repeat result {item.result!r} is not a node of the loop body")
             defined.update(local)
             defined.add("$carry")
+    if not spec.outputs:
+        problems.append("the graph has no outputs (list the node names the runtime reads back, e.g. result_output)")
     for out in spec.outputs:
         if out not in defined:
             problems.append(f"output {out!r} is not a node")
