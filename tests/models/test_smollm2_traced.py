@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+from test_smollm2 import assert_greedy_32_and_logits_match  # same prompts and gates as the declared port
+
 import porter
-from porter.parity.logits import compare_prompt, load_reference
+from porter.parity.logits import load_reference
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.parity]
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-    "<|im_start|>user\nName three colours of the rainbow.<|im_end|>\n<|im_start|>assistant\n",
-]
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +37,4 @@ def test_traced_spec_is_one_loop_at_the_real_configuration(traced):
 
 def test_traced_greedy_32_tokens_identical_and_logits_nmse(traced):
     _, hf, tok, m = traced
-    for prompt in PROMPTS:
-        ids = tok(prompt)["input_ids"]
-        r = compare_prompt(hf, m, ids, n_greedy=32, prompt=prompt)
-        assert r.greedy_match, f"{prompt!r}: greedy differs\n hf:     {r.greedy_hf}\n porter: {r.greedy_porter}"
-        assert r.nmse_last <= 1e-6, f"{prompt!r}: last-position logits NMSE {r.nmse_last:.3e}"
-        assert r.nmse_all <= 1e-6, f"{prompt!r}: all-position logits NMSE {r.nmse_all:.3e}"
+    assert_greedy_32_and_logits_match(hf, tok, m)
