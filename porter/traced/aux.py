@@ -62,10 +62,10 @@ class AuxAnalysis:
             offset = _position_offset(value)
             if offset is not None:
                 seq = next(d for d in shape if is_sym(d))
-                pos = lw.input("positions", "positions", shape, torch.int32)
-                if ggml_shape(shape)[0] != seq:
-                    # porter's positions are one row; a shape like [1, T, 1] is a view of it
-                    pos = lw.reshape(lw.input("positions", "positions", (seq,), torch.int32), shape)
+                one_row = ggml_shape(shape)[0] == seq
+                pos = lw.input("positions", "positions", shape if one_row else (seq,), torch.int32)
+                if not one_row:  # porter's positions are one row; a shape like [1, T, 1] is a view of it
+                    pos = lw.reshape(pos, shape)
                 if offset:
                     pos = pos.with_(meta={})
                     pos.meta["offset"] = offset

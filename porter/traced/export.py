@@ -270,10 +270,10 @@ def _trace(program, static, model, config, example, meta) -> Trace:
         except (TypeError, ValueError, AttributeError, OverflowError):
             continue  # unbounded (torch's int_oo)
         max_tokens = upper if max_tokens is None else min(max_tokens, upper)
-    return Trace(max_tokens=max_tokens, program=program, config=config, model_class=type(model).__name__, example=example,
+    return Trace(program=program, config=config, model_class=type(model).__name__, example=example,
                  seq_symbols=frozenset(symbols), static=static, meta=meta, buffers=buffers,
                  parameters=parameters, aliases=tied_aliases(model), parameter_values=parameter_values,
-                 tie_groups=tie_groups(model))
+                 tie_groups=tie_groups(model), max_tokens=max_tokens)
 
 
 def _user_inputs(program) -> set[str]:

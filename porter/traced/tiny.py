@@ -66,7 +66,8 @@ FIXUPS: dict[str, dict[str, Any]] = {
     "dots3_note_text": {"per_layer_config": {}},
     "lfm2_moe": {"layer_types": None},
     # layers that reuse an earlier layer's KV cache: both kinds before the sharing starts
-    "gemma3n_text": {"num_hidden_layers": 4, "intermediate_size": [128] * 4, "num_kv_shared_layers": 2, "activation_sparsity_pattern": [0.95, 0.0, 0.0, 0.0],
+    "gemma3n_text": {"num_hidden_layers": 4, "intermediate_size": [128] * 4, "num_kv_shared_layers": 2,
+                     "activation_sparsity_pattern": [0.95, 0.0, 0.0, 0.0],
                      "layer_types": ["sliding_attention", "full_attention"] * 2},
 }
 
@@ -106,9 +107,10 @@ def shrink_dict(d: dict) -> dict:
     for k, v in d.items():
         out[k] = _shrink_value(k, v, n_before, vocab)
     if n_before and n_before > LAYERS:
+        kept = _kept_layers(d, n_before)
         for k, v in d.items():
             if isinstance(v, dict) and v and all(str(i).isdigit() for i in v):
-                out[k] = _shrink_layer_keyed(v, _kept_layers(d, n_before))
+                out[k] = _shrink_layer_keyed(v, kept)
     if out.get("kv_lora_rank") and "num_attention_heads" in out and "num_key_value_heads" in out:
         out["num_key_value_heads"] = out["num_attention_heads"]  # latent attention: keys per head
         if "qk_rope_head_dim" in out and "head_dim" in out:
