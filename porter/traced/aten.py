@@ -618,7 +618,7 @@ def var_std(lw, node):
         raise Gap(str(node.target), "variance over the sequence")
     centred = binary(lw, "sub", v, _reduce_val(lw, v, reduced, True, mean=True))
     out = scale(lw, _reduce_val(lw, binary(lw, "mul", centred, centred), reduced, keepdim, mean=False),
-                1.0 / max(n - correction, 0) if n - correction > 0 else float("inf"))
+                1.0 / (n - correction) if n > correction else float("inf"))
     return elementwise(lw, out, "sqrt") if ".std." in str(node.target) else out
 
 

@@ -150,29 +150,23 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.from_json:
         results = json.loads(args.from_json.read_text())
-        if args.update_readme:
-            from porter.support import replace_block
-
-            replace_block(README_START, README_END, markdown(results))
-        else:
+        if not args.update_readme:
             print(markdown(results))
-        return 0
-    if len(args.types) == 1 and not args.all:
+    elif len(args.types) == 1 and not args.all:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         print(json.dumps(measure(args.types[0])), flush=True)
         return 0
-    types = args.types or causal_lm_types()
-    results = run_all(types, args.jobs)
-    ported = sum(r["status"] == "ported" for r in results)
-    print(f"{ported} of {len(results)} ported (f32 logits and KV cache NMSE <= {GATE:g})")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+    else:
+        results = run_all(args.types or causal_lm_types(), args.jobs)
+        ported = sum(r["status"] == "ported" for r in results)
+        print(f"{ported} of {len(results)} ported (f32 logits and KV cache NMSE <= {GATE:g})")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
     if args.update_readme:
         from porter.support import replace_block
 
         replace_block(README_START, README_END, markdown(results))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
