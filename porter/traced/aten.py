@@ -1113,6 +1113,45 @@ def scatter_value(lw, node):
     return Val(None, tuple(base.shape), F32, kind="weight", expand=one.with_(shape=(1,) * base.rank))
 
 
+_FILLS = {"aten.full_like.default": None, "aten.zeros_like.default": 0.0, "aten.ones_like.default": 1.0}
+
+
+@lowers("aten.scatter.src")
+def scatter_src(lw, node):
+    """the top-k values of x written back at their own indices into a tensor filled with a number
+    (routers keeping the chosen experts' scores, the rest -inf or 0): ``where(x >= the k-th
+    largest value, x, fill)``, the k-th largest by ``argmax`` of the negated values (ties at the
+    k-th value keep every tied slot); other scatters are a gap"""
+    base_n, dim, ids_n, src_n = (_arg(node, i, n) for i, n in enumerate(("self", "dim", "index", "src")))
+    picked = _topk_outputs(ids_n, src_n)
+    fill_target = str(getattr(base_n, "target", ""))
+    if picked is None or fill_target not in _FILLS:
+        raise Gap("aten.scatter.src", "a scatter other than top-k values back into a filled tensor")
+    topk_n, x_n = picked
+    x = lw.val(x_n)
+    fill = _FILLS[fill_target]
+    fill = float(base_n.args[1]) if fill is None else fill
+    k_dim = _arg(topk_n, 2, "dim", -1)
+    if dim % x.rank != x.rank - 1 or k_dim % x.rank != x.rank - 1 or tuple(lw.meta_shape(base_n)) != tuple(x.shape):
+        raise Gap("aten.scatter.src", "a top-k scatter along another dimension than the last")
+    values = lw.val(src_n)
+    kth = scale(lw, max_last(lw, scale(lw, values, -1.0))[0], -1.0)
+    return select_where(lw, _compare(lw, "ge", x, kth), x, fill)
+
+
+def _topk_outputs(ids_n, src_n):
+    """(topk node, its input) when ids_n and src_n are the indices and values of one topk."""
+    if not all(getattr(n, "target", None) is operator.getitem for n in (ids_n, src_n)):
+        return None
+    topk_n = src_n.args[0]
+    if ids_n.args[0] is not topk_n or str(getattr(topk_n, "target", "")) != "aten.topk.default" \
+            or src_n.args[1] != 0 or ids_n.args[1] != 1:
+        return None
+    if not (len(topk_n.args) <= 3 or topk_n.args[3]) or topk_n.kwargs.get("largest", True) is False:
+        return None
+    return topk_n, topk_n.args[0]
+
+
 @lowers("aten.slice_scatter.default")
 def slice_scatter(lw, node):
     """``concat`` of the base's part before the window, the source, and the part after it"""
@@ -1283,6 +1322,23 @@ def min_max(lw, node):
 def sdpa(lw, node):
     """``kv_store`` of keys and values, then ``flash_attn`` with porter's runtime mask"""
     return patterns.attention(lw, node)
+
+
+@lowers("aten.view_as_real.default")
+def view_as_real(lw, node):
+    """a rotary embedding written with complex numbers (``view_as_real(view_as_complex(x) *
+    freqs)``) -> ``rope`` (interleaved pairs); other complex arithmetic is a gap"""
+    match = patterns.complex_rope(lw, node)
+    if match is None:
+        raise Gap("aten.view_as_real.default", "complex numbers other than a rotary embedding of the positions")
+    return match
+
+
+@lowers("aten.view_as_complex.default")
+def view_as_complex(lw, node):
+    """nothing by itself (porter computes in float32): consumed by the complex rotary rewrite of
+    ``aten.view_as_real``"""
+    raise Gap("aten.view_as_complex.default", "complex numbers other than a rotary embedding of the positions")
 
 
 @lowers("aten.topk.default")

@@ -344,6 +344,53 @@ def _emit_rope(lw, x, inv_freq, attn_factor, mode, dim):
     return lw.permute(out, inv)
 
 
+def complex_rope(lw, node):
+    """view_as_real(view_as_complex(x as pairs) * freqs) with a complex table of the positions
+    (Llama-4, DeepSeek-V2 style rotary) -> rope(x) in the interleaved-pairs mode, reshaped to the
+    [..., dim/2, 2] layout view_as_real gives."""
+    prod = _node(node.args[0])
+    if prod is None or _t(prod) != "aten.mul.Tensor":
+        return None
+    for data, table in ((prod.args[0], prod.args[1]), (prod.args[1], prod.args[0])):
+        data, table = _node(data), _node(table)
+        if data is None or table is None or _t(data) != "aten.view_as_complex.default":
+            continue
+        if lw.deps.get(table.name) != "aux" or lw.deps.get(data.name) != "data":
+            continue
+        pairs = _node(data.args[0])
+        if pairs is None or _t(pairs) not in ("aten.view.default", "aten._unsafe_view.default",
+                                              "aten.reshape.default"):
+            continue
+        x = _skip_identity(pairs.args[0])
+        pair_shape, x_shape = lw.meta_shape(pairs), lw.meta_shape(x)
+        if not x_shape or is_sym(x_shape[-1]) or tuple(pair_shape) != tuple(x_shape[:-1]) + (x_shape[-1] // 2, 2):
+            continue
+        dim = int(x_shape[-1])
+        try:
+            freqs = lw.aux.concrete(table)
+        except Gap:
+            return None
+        if not torch.is_complex(freqs):
+            return None
+        # size-one dims (the heads it broadcasts over) dropped; each pair's angle twice, the
+        # layout of the interleaved rope
+        freqs = freqs.reshape([d for d in freqs.shape[:-1] if d != 1] + [freqs.shape[-1]])
+        cos_v = freqs.real.repeat_interleave(2, dim=-1)
+        sin_v = freqs.imag.repeat_interleave(2, dim=-1)
+        fitted = _fit_frequencies(cos_v, sin_v, dim, ROPE_NORMAL)
+        if fitted is None:
+            return None
+        inv_freq, attn_factor = fitted
+        buffer = _inv_freq_buffer(lw, table, dim // 2)
+        if buffer is not None and torch.allclose(buffer.to(torch.float64), inv_freq, rtol=1e-5, atol=0):
+            inv_freq = buffer.to(torch.float64)
+        out = _emit_rope(lw, x, inv_freq, attn_factor, ROPE_NORMAL, dim)
+        if out is None:
+            return None
+        return lw.reshape(out, lw.meta_shape(node))
+    return None
+
+
 def _drop_leading_ones(lw, v: Val, n: int) -> Val:
     shape = tuple(v.shape[n:])
     if v.perm is None:

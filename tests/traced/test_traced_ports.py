@@ -67,3 +67,28 @@ def test_named_type_ports_through_the_traced_path(model_type, tmp_path):
         spec = pair.porter.spec
         # the layers are one loop, not written out one by one
         assert spec.layer_loop is not None, f"{model_type}: layers were unrolled"
+
+
+# types that are the only ones (or among few) to exercise a lowering rewrite: type -> what
+# and the spec ops the rewrite must produce
+REWRITES = {
+    "deepseek_v2": ("rotary embedding written with complex numbers (view_as_complex * freqs_cis)", {"rope"}),
+    "llama4_text": ("complex rotary; router scores scattered back at their top-k indices", {"rope", "top_k"}),
+}
+
+
+def _spec_ops(items) -> set[str]:
+    ops = set()
+    for item in items:
+        body = getattr(item, "body", None)
+        ops |= _spec_ops(body) if body is not None else {item.op}
+    return ops
+
+
+@pytest.mark.parametrize("model_type", sorted(REWRITES))
+def test_rewrite_type_ports_through_the_traced_path(model_type, tmp_path):
+    what, ops = REWRITES[model_type]
+    with port_tiny_traced(model_type, directory=tmp_path) as pair:
+        _check_against_transformers(pair, f"{model_type} ({what})")
+        missing = ops - _spec_ops(pair.porter.spec.graph)
+        assert not missing, f"{model_type}: the spec has no {sorted(missing)} node ({what} lowered literally?)"
