@@ -300,15 +300,24 @@ def addmm(lw, node):
 
 @lowers("aten.baddbmm.default")
 def baddbmm(lw, node):
-    """``mul_mat`` scaled by alpha plus beta times the input"""
-    inp, a, b = lw.val(node.args[0]), lw.val(node.args[1]), lw.val(node.args[2])
+    """``mul_mat`` scaled by alpha plus beta times the input (nothing for a zeros input)"""
+    a, b = lw.val(node.args[1]), lw.val(node.args[2])
     beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
     y = matmul_vals(lw, a, b)
     if alpha != 1:
         y = scale(lw, y, alpha)
-    if beta == 0:
+    if beta == 0 or _is_zeros(node.args[0]):
         return y
+    inp = lw.val(node.args[0])
     return binary(lw, "add", y, binary(lw, "mul", inp, beta) if beta != 1 else inp)
+
+
+def _is_zeros(x) -> bool:
+    """An fx node that is zeros by construction (whatever the sequence length)."""
+    target = str(getattr(x, "target", ""))
+    if target in ("aten.zeros.default", "aten.zeros_like.default", "aten.new_zeros.default"):
+        return True
+    return target in ("aten.full.default", "aten.new_full.default") and x.args[-1] == 0
 
 
 @lowers("aten.embedding.default")
