@@ -74,6 +74,7 @@ def test_named_type_ports_through_the_traced_path(model_type, tmp_path):
 REWRITES = {
     "deepseek_v2": ("rotary embedding written with complex numbers (view_as_complex * freqs_cis)", {"rope"}),
     "llama4_text": ("complex rotary; router scores scattered back at their top-k indices", {"rope", "top_k"}),
+    "gpt_neox_japanese": ("eager attention scores as baddbmm into a zeros tensor, then the mask", {"kv_store"}),
 }
 
 
