@@ -23,7 +23,7 @@ def cache_widths(spec: Spec, which: str) -> list[int]:
     return widths
 
 
-_ABSENT = object()  # a node switched off in a layer whose first input that layer lacks
+ABSENT = object()  # a node switched off in a layer whose first input that layer lacks
 
 
 def cache_names(spec: Spec) -> list[str]:
@@ -34,10 +34,27 @@ def cache_names(spec: Spec) -> list[str]:
     return ["k", "v"] + extra
 
 
+def state_names(spec: Spec) -> list[str]:
+    """The recurrent states a spec's layers keep (``state_width_<name>``: F32 elements per layer,
+    a number or a per-layer list, 0 = none): a fixed-size memory of the last steps, overwritten
+    by every pass (``state_store``), not a row per position like the K and V caches."""
+    return sorted(k[len("state_width_"):] for k in spec.hparams if k.startswith("state_width_"))
+
+
+def state_widths(spec: Spec, name: str) -> list[int]:
+    n_layer = int(spec.hparams["n_layer"])
+    width = spec.hparams[f"state_width_{name}"]
+    widths = [int(w) for w in width] if isinstance(width, list) else [int(width)] * n_layer
+    if len(widths) != n_layer:
+        raise SpecError(f"state_width_{name} lists {len(widths)} layers, n_layer is {n_layer}")
+    return widths
+
+
 def kv_cache_bytes(spec: Spec, n_ctx: int, gtype: GGMLType = GGMLType.F32) -> int:
-    """Bytes the KV cache of ``n_ctx`` positions takes."""
+    """Bytes the KV cache of ``n_ctx`` positions takes (recurrent states included: F32, one copy)."""
     widths = sum(w for name in cache_names(spec) for w in cache_widths(spec, name))
-    return widths * n_ctx * int(lib.ggml_type_size(int(gtype))) // int(lib.ggml_blck_size(int(gtype)))
+    states = sum(w for name in state_names(spec) for w in state_widths(spec, name))
+    return widths * n_ctx * int(lib.ggml_type_size(int(gtype))) // int(lib.ggml_blck_size(int(gtype))) + 4 * states
 
 
 class KVCache:
@@ -50,14 +67,25 @@ class KVCache:
         self.n_ctx = n_ctx
         self.n_layer = int(spec.hparams["n_layer"])
         widths = {name: cache_widths(spec, name) for name in cache_names(spec)}
-        self.ctx = Context(max(1, sum(w > 0 for ws in widths.values() for w in ws)))
+        states = {name: state_widths(spec, name) for name in state_names(spec)}
+        count = sum(w > 0 for ws in (*widths.values(), *states.values()) for w in ws)
+        self.ctx = Context(max(1, count))
         self.caches = {name: [self.ctx.new_tensor(gtype, [w, n_ctx], f"cache_{name}_l{i}") if w else None
                               for i, w in enumerate(ws)] for name, ws in widths.items()}
+        self.states = {name: [self.ctx.new_tensor(GGMLType.F32, [w], f"state_{name}_l{i}") if w else None
+                              for i, w in enumerate(ws)] for name, ws in states.items()}
         self.k, self.v = self.caches["k"], self.caches["v"]
         need = kv_cache_bytes(spec, n_ctx, gtype)
         self.buffer = Buffer(self.ctx, backend.buffer_type, f"the KV cache ({need / 2**20:.0f} MiB for n_ctx={n_ctx})")
         lib.ggml_backend_buffer_clear(self.buffer.ptr, 0)
         self.n_past = 0  # positions 0..n_past-1 hold valid entries
+
+    def clear_states(self) -> None:
+        """Zero the recurrent states (a new sequence starts; K and V rows are masked instead)."""
+        for tensors in self.states.values():
+            for t in tensors:
+                if t is not None:
+                    lib.ggml_backend_tensor_memset(t, 0, 0, lib.ggml_nbytes(t))
 
     @property
     def nbytes(self) -> int:
@@ -81,6 +109,7 @@ class GraphBuilder:
         self.values = dict(spec.hparams)
         self.values.update(symbols)
         self.tensors: dict[str, Any] = {}
+        self.side_effects: list[Any] = []  # state writes: in the graph though no output reads them
 
     # -- values ----------------------------------------------------------------------------------
     def value(self, v: Any, layer: int | None) -> Any:
@@ -109,7 +138,7 @@ class GraphBuilder:
             name = name.format(L=layer)
         for table in (self.tensors, self.inputs, self.weights):
             t = table.get(name)
-            if t is _ABSENT:
+            if t is ABSENT:
                 raise SpecError(f"graph node input {name!r} is switched off (when) in layer {layer} but read")
             if t is not None:
                 return t
@@ -138,7 +167,7 @@ class GraphBuilder:
             try:
                 self.tensors[name] = self.tensor(node.inputs[0], layer, carry)
             except (ModelError, SpecError):  # a weight or node this layer does not have
-                self.tensors[name] = _ABSENT
+                self.tensors[name] = ABSENT
             return
         srcs = [self.tensor(s, layer, carry) for s in node.inputs]
         a = {k: self.value(v, layer) for k, v in node.attrs.items()}
@@ -193,6 +222,10 @@ class GraphBuilder:
             return o.top_k(s[0], int(a["k"]))
         if op == "kv_store":
             return self.kv_store(s[0], a["cache"], int(a["layer"]) if "layer" in a else layer)
+        if op == "state_store":
+            return self.state_store(s[0], a["cache"], int(a["rows"]), int(a["layer"]) if "layer" in a else layer)
+        if op == "ssm_conv":
+            return self.ops.ssm_conv(s[0], s[1])
         if op == "mean_pool":
             t = s[0]  # [n_embd, n_tokens] -> [n_embd, 1]
             return o.scale(o.cont(o.transpose(o.sum_rows(o.cont(o.transpose(t))))), 1.0 / t.ne[1])
@@ -218,6 +251,36 @@ class GraphBuilder:
         n_kv = int(self.values["n_kv"])
         head_bytes = lib.ggml_row_size(cache.type, x.ne[0])  # a quantized cache stores blocks, not elements
         return o.view(stored, [x.ne[0], x.ne[1], n_kv], [head_bytes, cache.nb[1], cache.nb[1] * n_kv], 0)
+
+
+    def state_store(self, x, which: str, rows: int, layer: int):
+        """x ne [C, n] (this pass's steps) -> ne [C, rows + n]: the layer's last ``rows`` steps
+        before them (zeros when a sequence starts, or without a cache), then x; the last ``rows``
+        steps of that are kept for the next pass."""
+        o = self.ops
+        if x.ne[2] != 1 or x.ne[3] != 1 or rows < 1:
+            raise SpecError(f"state_store: needs steps ne [C, n] and rows >= 1 (got {list(x.ne)}, rows={rows})")
+        if self.kv is None:
+            return o.pad(x, [0, 0, rows, 0])
+        if layer is None or not 0 <= layer < self.kv.n_layer:
+            raise SpecError(f"state_store outside the layer loop needs a layer attribute (got {layer})")
+        if which not in self.kv.states:
+            raise SpecError(f"state_store: no state named {which!r} (the spec states state_width_{which})")
+        state = self.kv.states[which][layer]
+        if state is None or state.ne[0] != x.ne[0] * rows:
+            have = 0 if state is None else state.ne[0]
+            raise SpecError(f"state_store: layer {layer} keeps {have} elements of {which!r}, "
+                            f"{x.ne[0]} x {rows} needed")
+        if x.type != GGMLType.F32:
+            x = o.cast(x, GGMLType.F32)
+        if not lib.ggml_is_contiguous(x):
+            x = o.cont(x)
+        past = o.view(state, [x.ne[0], rows], [x.nb[1], x.nb[1] * rows, x.nb[1] * rows], 0)
+        steps = o.concat(past, x, 1)
+        last = o.window(steps, 1, int(x.ne[1]), rows)
+        self.side_effects.append(o.cpy(last, o.view(state, [x.ne[0], rows], [x.nb[1], x.nb[1] * rows,
+                                                                            x.nb[1] * rows], 0)))
+        return steps
 
 
 _SIMPLE = {"silu", "gelu_erf", "gelu_tanh", "relu", "sigmoid", "tanh", "exp", "sqr", "sqrt", "cont",

@@ -196,7 +196,7 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
 
 # hparams that count or size something (an int, or a per-layer list of ints) and those that scale
 # (a finite number, or a list of them); any hparam a weight's shape refers to is a size as well
-_COUNTS = re.compile(r"^(n_|head_dim$|rope_n_|rope_mode$|sliding_window$|kv_width_)")
+_COUNTS = re.compile(r"^(n_|head_dim$|rope_n_|rope_mode$|sliding_window$|kv_width_|state_width_)")
 _REALS = re.compile(r"(eps|scale|factor|softcap|freq_base|beta_fast|beta_slow)$")
 _INT_TYPES = (GGMLType.I8, GGMLType.I16, GGMLType.I32, GGMLType.I64, GGMLType.F64)
 

@@ -19,7 +19,7 @@ from porter.errors import ModelError
 from porter.runtime._lib import ffi, lib
 from porter.runtime.core import Backend, Buffer, Context, get_data, set_data
 from porter.runtime.generation import GenerationMixin, GenerationStats
-from porter.runtime.graph import GraphBuilder, KVCache
+from porter.runtime.graph import ABSENT, GraphBuilder, KVCache
 from porter.runtime.loader import SPEC_KEY, TOKENIZER_KEY, _bf16_as_f16, _bf16_fits_f16, index_tables, load_gguf
 from porter.runtime.masks import alibi_mask, attention_masks
 from porter.runtime.ops import Ops
@@ -171,12 +171,15 @@ class Model(GenerationMixin):
         for t in inputs.values():
             lib.ggml_set_input(t)
         symbols = {"n_tokens": n_tokens, "n_kv": n_kv, "n_out": n_out}
-        nodes = GraphBuilder(self.spec, ops, self.weights, inputs, symbols, self.kv if use_cache else None).build()
+        builder = GraphBuilder(self.spec, ops, self.weights, inputs, symbols, self.kv if use_cache else None)
+        nodes = builder.build()
         graph = lib.ggml_new_graph_custom(ctx.ptr, size, False)
+        for t in builder.side_effects:  # recurrent-state writes, which no output reads
+            lib.ggml_build_forward_expand(graph, t)
         outputs = {}
         for name in tuple(self.spec.outputs) + capture:
             t = nodes.get(name)
-            if t is None:
+            if t is None or t is ABSENT:  # a node switched off in this layer (when) has no value
                 continue
             if not lib.ggml_is_contiguous(t):
                 t = ops.cont(t)
@@ -230,6 +233,8 @@ class Model(GenerationMixin):
         positions = np.arange(start, start + n, dtype=np.int32)
         out_ids = np.arange(n, dtype=np.int32) if all_logits else np.array([n - 1], dtype=np.int32)
         g = self._graph(n, n_kv, out_ids.size, use_cache, tuple(capture))
+        if use_cache and start == 0:
+            self.kv.clear_states()
         feeds = {"tokens": tokens, "positions": positions, "out_ids": out_ids,
                  "token_types": np.zeros(n, dtype=np.int32) if token_types is None else np.asarray(token_types, np.int32),
                  "kv_slots": positions.astype(np.int64)}

@@ -499,6 +499,21 @@ class Ops:
             a = self.cont(a)
         return lib.ggml_pad_ext(self.c, a, *pads)
 
+    def ssm_conv(self, sx, taps):
+        """Depthwise causal convolution (ggml's short convolution of state-space and LFM layers):
+        sx ne [R + n, C, 1] (time innermost, the R earlier steps first), taps ne [R + 1, C]
+        -> ne [C, n, 1], out[c, t] = sum_j taps[j, c] * sx[t + j, c]."""
+        _require_f32("ssm_conv", sx, taps)
+        if sx.ne[2] != 1 or sx.ne[3] != 1 or taps.ne[2] != 1 or taps.ne[3] != 1:
+            raise _fail("ssm_conv", "expects sx [R + n, C] and taps [R + 1, C] (one sequence)", sx, taps)
+        if sx.ne[1] != taps.ne[1] or sx.ne[0] < taps.ne[0]:
+            raise _fail("ssm_conv", "sx must be [R + n, C] with n >= 1 for taps [R + 1, C]", sx, taps)
+        if not _packed(sx):
+            sx = self.cont(sx)
+        if not _packed(taps):
+            taps = self.cont(taps)
+        return lib.ggml_ssm_conv(self.c, sx, taps)
+
     def permute(self, a, axes: Sequence[int]):
         """ggml semantics: source dimension i moves to position ``axes[i]``."""
         axes = [int(x) for x in axes] + list(range(len(axes), 4))

@@ -1333,6 +1333,13 @@ def sdpa(lw, node):
     return patterns.attention(lw, node)
 
 
+@lowers("aten.conv1d.default")
+def conv1d(lw, node):
+    """a causal depthwise convolution (``groups`` = channels, padding kernel - 1: LFM, state-space
+    layers) -> ``state_store`` of the layer's last kernel - 1 inputs + ``ssm_conv``; others are a gap"""
+    return patterns.short_conv(lw, node)
+
+
 @lowers("aten.view_as_real.default")
 def view_as_real(lw, node):
     """a rotary embedding written with complex numbers (``view_as_real(view_as_complex(x) *

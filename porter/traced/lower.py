@@ -118,6 +118,7 @@ class Lowered:
     causal: bool
     n_layer: int
     kv_widths: dict[str, list[int]]  # cache name (k, v, k1, v1...) -> width per layer
+    state_widths: dict[str, list[int]] = field(default_factory=dict)  # recurrent state -> elements per layer
     tables: dict = field(default_factory=dict)  # computed constants the GGUF carries (name -> array)
     hf_outputs: dict[str, str] = field(default_factory=dict)  # spec node -> transformers module
     gaps: list[Gap] = field(default_factory=list)
@@ -140,6 +141,7 @@ class Lowering:
         self.tables: dict = {}  # big computed constants written into the GGUF (name -> numpy array)
         self.hparams: dict[str, Any] = {}
         self.kv_width = {"k": [0] * self.n_layer, "v": [0] * self.n_layer}
+        self.state_width: dict[str, list[int]] = {}  # recurrent state name -> F32 elements per layer
         self.causal: bool | None = None
         self._names: Counter = Counter()
         self._cur = None  # the fx node being lowered (names the emitted nodes)
@@ -553,7 +555,8 @@ class Lowering:
         return Lowered(nodes=self.nodes, inputs=dict(self.inputs), weights=dict(self.weights),
                        constants=dict(self.constants), hparams=dict(self.hparams), output=output,
                        causal=self.causal if self.causal is not None else True, n_layer=self.n_layer,
-                       kv_widths={k: list(v) for k, v in self.kv_width.items()}, tables=dict(self.tables),
+                       kv_widths={k: list(v) for k, v in self.kv_width.items()},
+                       state_widths={k: list(v) for k, v in self.state_width.items()}, tables=dict(self.tables),
                        gaps=self.gaps)
 
     def root_gaps(self, gap: Gap) -> list[Gap]:

@@ -502,6 +502,52 @@ def cached(lw, x: Val, which: str, node) -> Val:
     return lw.permute(out, inv)
 
 
+# -- short (depthwise causal) convolution and its recurrent state ---------------------------------
+def short_conv(lw, node) -> Val:
+    """``conv1d(x, w, b, padding=L-1, groups=C)`` on x [1, C, n_tokens], the causal short
+    convolution of LFM and state-space layers -> ``state_store`` (the layer's last L-1 inputs
+    before this pass: zeros when a sequence starts) + ``ssm_conv``. torch pads both ends and the
+    model keeps the first n_tokens outputs; the L-1 zeros padded at the end here give the same
+    n_tokens + L - 1 outputs."""
+    from porter.traced.lower import module_path
+
+    x, w = lw.val(node.args[0]), lw.val(node.args[1])
+    bias = lw.val(node.args[2]) if len(node.args) > 2 and node.args[2] is not None else None
+    stride, padding, dilation, groups = (list(node.args[3:4]) or [[1]])[0], \
+        (list(node.args[4:5]) or [[0]])[0], (list(node.args[5:6]) or [[1]])[0], (list(node.args[6:7]) or [1])[0]
+    what = "aten.conv1d.default"
+    if not isinstance(x, Val) or not isinstance(w, Val) or w.kind != "weight" or x.rank != 3 or w.rank != 3:
+        raise Gap(what, "a convolution other than a depthwise one of the tokens by weights", node)
+    C, L = x.shape[1], w.shape[2]
+    if x.shape[0] != 1 or x.shape[2] != T or is_sym(C) or is_sym(L):
+        raise Gap(what, f"a convolution of shape {list(x.shape)} (one sequence, channels first expected)", node)
+    pad = padding[0] if isinstance(padding, (list, tuple)) else padding
+    if (groups != C or tuple(w.shape[:2]) != (C, 1) or list(stride) != [1] or list(dilation) != [1]
+            or pad != L - 1 or L < 2):
+        raise Gap(what, "a convolution other than a causal depthwise one (groups = channels, stride 1, "
+                        "padding kernel - 1)", node)
+    layer, _ = lw.layers.split(module_path(node))
+    if layer is None:
+        raise Gap(what, "a convolution outside the model's layer list", node)
+    R = L - 1
+    steps = lw.reshape(lw.contiguous(lw.permute(x, [0, 2, 1])), (T, C))  # ne [C, n]: one row per step
+    slot, n = "conv", 0
+    while lw._cache.get(("state-slot", layer, slot)):  # a second convolution in the layer
+        n += 1
+        slot = f"conv{n}"
+    lw._cache[("state-slot", layer, slot)] = True
+    lw.state_width.setdefault(slot, [0] * lw.n_layer)[layer] = int(C) * R
+    kept = lw.emit("state_store", [steps], {"cache": slot, "rows": R, "layer": layer}, shape=(R + T, C),
+                   role="conv_state")
+    sx = lw.contiguous(lw.permute(kept, [1, 0]))  # ne [R + n, C]: time innermost, as ssm_conv reads
+    sx = lw.emit("pad", [sx], {"pads": [0, R]}, shape=(C, T + 2 * R), role="conv_tail")
+    taps = lw.reshape(w, (C, L))
+    out = lw.emit("ssm_conv", [sx, taps], shape=(1, T + R, C), role="conv")
+    if bias is not None:
+        out = lw.emit("add", [out, bias], shape=(1, T + R, C), role="conv_bias")
+    return lw.permute(out, [0, 2, 1])
+
+
 def attention_products(lw, a: Val, b: Val) -> tuple[Val, Val]:
     """The two products of eager attention, ``q @ k^T`` and ``softmax(...) @ v``, read their keys
     and values from the KV cache (found by shape: the scores' key axis is the sequence)."""

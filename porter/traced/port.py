@@ -129,6 +129,8 @@ def lower_trace(t, model_type: str):
     hparams.update(lowered.hparams)
     for name, widths in lowered.kv_widths.items():
         hparams[f"kv_width_{name}"] = widths if len(set(widths)) > 1 else widths[0]
+    for name, widths in lowered.state_widths.items():
+        hparams[f"state_width_{name}"] = widths if len(set(widths)) > 1 else widths[0]
     hparams.update(extra)
     weights = []
     seen = set()

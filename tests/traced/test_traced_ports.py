@@ -75,6 +75,7 @@ REWRITES = {
     "deepseek_v2": ("rotary embedding written with complex numbers (view_as_complex * freqs_cis)", {"rope"}),
     "llama4_text": ("complex rotary; router scores scattered back at their top-k indices", {"rope", "top_k"}),
     "gpt_neox_japanese": ("eager attention scores as baddbmm into a zeros tensor, then the mask", {"kv_store"}),
+    "lfm3": ("short causal depthwise convolution (conv1d) beside attention layers", {"state_store", "ssm_conv"}),
 }
 
 
@@ -93,3 +94,18 @@ def test_rewrite_type_ports_through_the_traced_path(model_type, tmp_path):
         _check_against_transformers(pair, f"{model_type} ({what})")
         missing = ops - _spec_ops(pair.porter.spec.graph)
         assert not missing, f"{model_type}: the spec has no {sorted(missing)} node ({what} lowered literally?)"
+
+
+def test_recurrent_state_starts_over_with_each_sequence(tmp_path):
+    """A convolution's state is a memory of the last steps, not rows per position: a new sequence
+    (reset) must not see the previous one's steps, and decoding continues it exactly."""
+    with port_tiny_traced("lfm3", directory=tmp_path) as pair:
+        m = pair.porter
+        ids, other = _ids(m.n_vocab), _ids(m.n_vocab, seed=1)
+        first = stepped_logits(m, ids, 5)
+        m.forward(other[:7])  # another sequence's steps in the state
+        m.reset()
+        again = stepped_logits(m, ids, 5)
+        assert np.array_equal(first, again), "the state of an earlier sequence leaked into a new one"
+        e = nmse(hf_logits(pair.hf, ids), first)
+        assert e <= GATE, f"lfm3: prefill 5 + decode NMSE {e:.3e} against transformers"
