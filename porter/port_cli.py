@@ -132,7 +132,7 @@ def lowering_markdown(rows=None) -> str:
              "`porter/traced/aten.py` (checked by the tests). Every ATen op of a `torch.export` graph is",
              "lowered by its rule; an op not listed here is an op gap (`porter port` exits 2 and names it).",
              "Pattern rewrites (`porter/traced/patterns.py`) run first where ggml has a fused op: RMS norm,",
-             "rotary embedding, attention with the KV cache, mixture-of-experts routing.", "",
+             "rotary embedding, attention with the KV cache, ALiBi biases, mixture-of-experts routing.", "",
              f"{len(rows)} ATen ops.", "", "| ATen op | lowered to |", "|---|---|"]
     lines += [f"| `{op}` | {what.replace('|', chr(92) + '|')} |" for op, what in rows]
     return "\n".join(lines) + "\n"

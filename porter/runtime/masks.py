@@ -34,13 +34,18 @@ def _bf16(x: np.ndarray) -> np.ndarray:
 
 def alibi_mask(hparams: dict, visible: np.ndarray, n_kv: int) -> np.ndarray:
     """[n_head, n_tokens, n_kv] F32: slope_h * key position / sqrt(head_dim) where visible, -inf
-    elsewhere. Absolute key positions, as transformers uses (softmax ignores the per-row shift
-    to relative distances); with ``alibi_bf16`` the products are rounded as transformers does."""
+    elsewhere (times ``alibi_scale`` instead, when the spec gives it: traced graphs add the bias
+    to scores already scaled). Absolute key positions, as transformers uses (softmax ignores the
+    per-row shift to relative distances); with ``alibi_bf16`` the products are rounded as
+    transformers does."""
     slopes = np.asarray(hparams["alibi_slopes"], np.float32)
     pos = np.arange(n_kv, dtype=np.float32)
     if hparams.get("alibi_bf16"):
         bias = _bf16(_bf16(slopes)[:, None] * pos[None, :])
     else:
         bias = slopes[:, None] * pos[None, :]
-    bias = bias / np.float32(np.sqrt(float(hparams["head_dim"])))
+    if "alibi_scale" in hparams:
+        bias = bias * np.float32(hparams["alibi_scale"])
+    else:
+        bias = bias / np.float32(np.sqrt(float(hparams["head_dim"])))
     return np.where(visible[None, :, :], bias[:, None, :], -np.inf).astype(np.float32)

@@ -88,7 +88,8 @@ INPUT_KINDS = {
     "kq_mask": "F16 [n_kv, n_tokens] additive attention mask (causal, or padding-only for encoders)",
     "kq_mask_swa": "F16 [n_kv, n_tokens] causal mask limited to the sliding window",
     "kq_mask_alibi": "F32 [n_kv, n_tokens, n_head] causal mask plus the per-head ALiBi bias "
-                     "(hparams alibi_slopes, alibi_bf16: transformers rounds slope * position to bfloat16)",
+                     "(hparams alibi_slopes, alibi_bf16: transformers rounds slope * position to bfloat16; "
+                     "alibi_scale, else 1/sqrt(head_dim))",
     "out_ids": "I32 [n_out] rows whose logits are needed",
 }
 

@@ -300,7 +300,8 @@ def addmm(lw, node):
 
 @lowers("aten.baddbmm.default")
 def baddbmm(lw, node):
-    """``mul_mat`` scaled by alpha plus beta times the input (nothing for a zeros input)"""
+    """``mul_mat`` scaled by alpha plus beta times the input (nothing for a zeros input; an ALiBi
+    bias as input is porter's runtime ``kq_mask_alibi``)"""
     a, b = lw.val(node.args[1]), lw.val(node.args[2])
     beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
     y = matmul_vals(lw, a, b)
@@ -308,6 +309,10 @@ def baddbmm(lw, node):
         y = scale(lw, y, alpha)
     if beta == 0 or _is_zeros(node.args[0]):
         return y
+    if beta == 1:
+        biased = patterns.alibi_bias(lw, node.args[0], y, node)
+        if biased is not None:
+            return biased
     inp = lw.val(node.args[0])
     return binary(lw, "add", y, binary(lw, "mul", inp, beta) if beta != 1 else inp)
 
@@ -511,12 +516,21 @@ def clamp(lw, node):
 # -- elementwise binary -------------------------------------------------------------------------
 @lowers("aten.add.Tensor", "aten.add.Scalar")
 def add(lw, node):
-    """``add`` (``scale`` with a bias for a number; ``alpha`` scales the second operand)"""
+    """``add`` (``scale`` with a bias for a number; ``alpha`` scales the second operand); an ALiBi
+    bias (per head, linear in the key position) added to attention scores is porter's runtime
+    ``kq_mask_alibi``"""
     match = patterns.try_rope(lw, node)
     if match is not None:
         return match
-    a, b = lw.val(node.args[0]), lw.val(node.args[1])
     alpha = node.kwargs.get("alpha", 1)
+    if alpha == 1 and str(node.target) == "aten.add.Tensor":
+        for scores, bias in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+            if patterns._node(scores) is not None and lw.deps.get(scores.name) == "data" \
+                    and lw.deps.get(getattr(bias, "name", None)) == "aux":
+                match = patterns.alibi_bias(lw, bias, lw.val(scores), node)
+                if match is not None:
+                    return match
+    a, b = lw.val(node.args[0]), lw.val(node.args[1])
     if alpha != 1:
         b = binary(lw, "mul", b, alpha)
     return binary(lw, "add", a, b)

@@ -7,6 +7,9 @@
 - **rotary embedding**: ``x * cos + rotate(x) * sin`` with cos/sin computed from the positions is
   ``rope``: the rotation (halves or adjacent pairs) is found by running the traced rotation on a
   probe, the frequencies and scaling from the traced tables.
+- **ALiBi**: a bias computed from the positions alone, linear in the key position with one
+  slope per head, added to the attention scores (BLOOM, MPT): porter's runtime ``kq_mask_alibi``
+  with the slopes read off the traced bias (see :func:`alibi_bias`).
 - **mixture of experts**: see :func:`index_experts`.
 
 A pattern that does not match returns None and the op is lowered literally.
@@ -619,6 +622,129 @@ def _shared_heads(v: Val) -> Val:
                 and src.shape[v.rank - 3] == 1:
             return src
     return v
+
+
+# -- ALiBi: a per-head linear bias of the key positions ------------------------------------------
+ALIBI_CHECK_LENGTH = 19  # a second sequence length the bias is evaluated at (the example is 13 tokens)
+_THROUGH_TO_SOFTMAX = ("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default",
+                       "aten.clone.default", "aten.alias.default", "aten.contiguous.default", "aten._to_copy.default",
+                       "aten.to.dtype", "aten.add.Tensor", "aten.masked_fill.Scalar", "aten.masked_fill.Tensor",
+                       "aten.where.self", "aten.where.ScalarOther", "aten.where.ScalarSelf", "aten.mul.Tensor",
+                       "aten.mul.Scalar", "aten.div.Tensor", "aten.div.Scalar")
+
+
+def alibi_bias(lw, bias_node, scores, node):
+    """``scores + bias`` where ``bias`` depends on neither the tokens nor the weights, broadcasts
+    over the queries ([..., heads, 1, keys]) and is, for each head h, ``slope_h * key position +
+    c_h`` (BLOOM builds ``slope * arange(keys)``, MPT ``slope * (key - last key)``): porter's
+    runtime ``kq_mask_alibi``, which carries ``slope_h * key position`` (and the causal mask).
+    The per-head constant ``c_h`` is dropped, which only softmax allows: the sum must reach a
+    softmax over the keys through reshapes, masks and scalings. The slopes are read off the
+    traced bias (at the traced configuration's head count, a real checkpoint's own) and checked
+    at a second length. None when ``bias`` is not such a bias."""
+    from porter.traced.export import EXAMPLE_TOKENS
+
+    if _node(bias_node) is None or lw.deps.get(bias_node.name) != "aux" or not isinstance(scores, Val):
+        return None
+    if scores.kind != "data" or scores.rank < 3 or scores.shape[-2] != T or scores.shape[-1] not in (T, K):
+        return None
+    meta = bias_node.meta.get("val")
+    if not isinstance(meta, torch.Tensor) or not meta.is_floating_point() or meta.dim() < 2:
+        return None
+    n_head = scores.shape[-3]
+    if not isinstance(n_head, int) or not _reaches_softmax(node):
+        return None
+    try:
+        slopes = _alibi_slopes(lw.aux.concrete(bias_node), n_head, EXAMPLE_TOKENS)
+    except Gap:
+        return None
+    if slopes is None:
+        return None
+    if not lw.trace.static:
+        try:
+            again = lw.trace.evaluate(only={bias_node.name}, length=ALIBI_CHECK_LENGTH).get(bias_node.name)
+        except Exception:  # noqa: BLE001 - not evaluable at another length: not trusted as a bias
+            return None
+        check = _alibi_slopes(again, n_head, ALIBI_CHECK_LENGTH) if again is not None else None
+        if check is None or any(abs(a - b) > 1e-6 * abs(b) for a, b in zip(check, slopes)):
+            return None
+    hp = {"n_head": n_head, "alibi_slopes": slopes, "alibi_scale": 1.0, "alibi_bf16": False}
+    for key, value in hp.items():
+        if lw.hparams.get(key, value) != value:
+            raise Gap("attention", f"two ALiBi biases ({key} {lw.hparams[key]} and {value})", node)
+    lw.hparams.update(hp)
+    lw.inputs["kq_mask_alibi"] = "kq_mask_alibi"
+    keys = scores.shape[-1]
+    mask = Val("kq_mask_alibi", (1,) * (scores.rank - 3) + (n_head, T, keys), F32)
+    from porter.traced.aten import binary
+
+    return binary(lw, "add", scores, mask)
+
+
+def _alibi_slopes(value, n_head: int, length: int) -> list[float] | None:
+    """The per-head slopes of a bias [..., heads, 1, length] that is ``slope_h * j + c_h`` for
+    key position j (as float32 numbers), or None."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() < 2 \
+            or value.shape[-2] != 1 or value.shape[-1] != length:
+        return None
+    rows = value.detach().reshape(-1, length).to(torch.float64)
+    if rows.shape[0] not in (1, n_head) or any(d != 1 for d in value.shape[:-3]):
+        return None
+    j = torch.arange(length, dtype=torch.float64)
+    slopes = []
+    for r in rows:
+        zero = (r == 0).nonzero()
+        if zero.numel():  # next to an exact zero (position 0, or the last key) a step is one slope, exactly
+            z = int(zero[0])
+            s = float(r[z + 1] - r[z]) if z + 1 < length else float(r[z] - r[z - 1])
+        else:
+            s = float(((j - j.mean()) * (r - r.mean())).sum() / ((j - j.mean()) ** 2).sum())
+        s = float(torch.tensor(s, dtype=torch.float32))
+        c = r - s * j
+        if float((c - c.mean()).abs().max()) > 1e-6 * max(1.0, float(r.abs().max())):
+            return None
+        slopes.append(s)
+    if not any(slopes):
+        return None
+    return slopes * n_head if len(slopes) == 1 else slopes
+
+
+def _reaches_softmax(node) -> bool:
+    """Whether every use of ``node`` leads to a softmax over the last dimension through ops that
+    keep a constant per row a constant per row (reshapes keeping the last axis, additions, masks,
+    scalings by a number)."""
+    seen = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        for user in n.users:
+            t = _t(user)
+            if t == "aten._assert_tensor_metadata.default":
+                continue
+            if t in ("aten.softmax.int", "aten._softmax.default"):
+                rank = len(user.args[0].meta["val"].shape)
+                if user.args[0] is not n or user.args[1] % rank != rank - 1:
+                    return False
+                continue
+            if t not in _THROUGH_TO_SOFTMAX:
+                return False
+            if t.startswith("aten.view") or t.startswith("aten._unsafe_view") or t == "aten.reshape.default":
+                src, out = n.meta["val"].shape, user.meta["val"].shape
+                if len(src) < 1 or len(out) < 1 or str(src[-1]) != str(out[-1]):
+                    return False  # the key axis must stay the last one
+            others = [a for a in user.all_input_nodes if a is not n]
+            if t.startswith("aten.mul") or t.startswith("aten.div"):
+                if others:  # scaled by a number only
+                    return False
+            elif t.startswith("aten.masked_fill") and user.args[0] is not n:
+                return False
+            elif t.startswith("aten.where") and (user.args[0] is n or len(others) > 1):
+                return False  # the scores kept where a mask says, a number elsewhere
+            stack.append(user)  # anything added keeps a constant per row a constant per row
+    return True
 
 
 # -- positions computed from the token ids ------------------------------------------------------

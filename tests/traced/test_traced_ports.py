@@ -70,11 +70,14 @@ def test_named_type_ports_through_the_traced_path(model_type, tmp_path):
 
 
 # types that are the only ones (or among few) to exercise a lowering rewrite: type -> what
-# and the spec ops the rewrite must produce
+# and the spec ops (or runtime input kinds) the rewrite must produce
 REWRITES = {
     "deepseek_v2": ("rotary embedding written with complex numbers (view_as_complex * freqs_cis)", {"rope"}),
     "llama4_text": ("complex rotary; router scores scattered back at their top-k indices", {"rope", "top_k"}),
     "gpt_neox_japanese": ("eager attention scores as baddbmm into a zeros tensor, then the mask", {"kv_store"}),
+    "bloom": ("ALiBi slopes * key positions as the baddbmm input of the scores", {"kv_store", "kq_mask_alibi"}),
+    "mpt": ("ALiBi bias of max_seq_len keys, sliced to the keys and added to the scores",
+            {"kv_store", "kq_mask_alibi"}),
     "lfm3": ("short causal depthwise convolution (conv1d) beside attention layers", {"state_store", "ssm_conv"}),
 }
 
@@ -92,8 +95,9 @@ def test_rewrite_type_ports_through_the_traced_path(model_type, tmp_path):
     what, ops = REWRITES[model_type]
     with port_tiny_traced(model_type, directory=tmp_path) as pair:
         _check_against_transformers(pair, f"{model_type} ({what})")
-        missing = ops - _spec_ops(pair.porter.spec.graph)
-        assert not missing, f"{model_type}: the spec has no {sorted(missing)} node ({what} lowered literally?)"
+        spec = pair.porter.spec
+        missing = ops - _spec_ops(spec.graph) - {i.kind for i in spec.inputs}
+        assert not missing, f"{model_type}: the spec has no {sorted(missing)} node or input ({what} lowered literally?)"
 
 
 def test_recurrent_state_starts_over_with_each_sequence(tmp_path):
