@@ -645,6 +645,22 @@ def var_std(lw, node):
     return elementwise(lw, out, "sqrt") if ".std." in str(node.target) else out
 
 
+@lowers("aten.linalg_vector_norm.default")
+def vector_norm(lw, node):
+    """the 2-norm (``sqrt`` of the ``sum_rows`` of ``sqr``), the 1-norm (of ``abs``); other orders
+    are a gap"""
+    v = _float_val(lw.val(node.args[0]), "linalg_vector_norm")
+    order = _arg(node, 1, "ord", 2)
+    if _arg(node, 4, "dtype") not in (None, torch.float32):
+        raise Gap("aten.linalg_vector_norm.default", "a norm computed in another dtype", node)
+    dims, keepdim = _arg(node, 2, "dim"), bool(_arg(node, 3, "keepdim", False))
+    if order == 2:
+        return elementwise(lw, _reduce_val(lw, elementwise(lw, v, "sqr"), dims, keepdim, mean=False), "sqrt")
+    if order == 1:
+        return _reduce_val(lw, elementwise(lw, v, "abs"), dims, keepdim, mean=False)
+    raise Gap("aten.linalg_vector_norm.default", f"a vector norm of order {order}", node)
+
+
 @lowers("aten.mean.dim")
 def mean_dim(lw, node):
     """``sum_rows`` then ``scale`` by 1/n"""
@@ -1001,7 +1017,7 @@ def getitem(lw, node):
     return item
 
 
-@lowers("aten.cat.default")
+@lowers("aten.cat.default", "aten.concat.default")
 def cat(lw, node):
     """``concat`` along the ggml axis of the dimension, pairwise"""
     vals = [lw.val(x) for x in node.args[0]]
@@ -1125,10 +1141,18 @@ def copy(lw, node):
 @lowers("aten.scatter.value")
 def scatter_value(lw, node):
     """writing ``value`` at indices along a dimension of size one (group-limited expert routing
-    with a single group: every row's only slot is written) is a constant; other scatters are a gap"""
+    with a single group: every row's only slot is written) is a constant; writing it at each row's
+    maximum of the same tensor (routers masking the expert already chosen) is ``where(x >= max,
+    value, x)`` (ties at the maximum write every tied slot); other scatters are a gap"""
     base = lw.val(node.args[0])
     dim, value = node.args[1] % base.rank, float(node.args[3])
-    ids = lw.val(node.args[2])
+    ids_n = node.args[2]
+    ids = lw.val(ids_n)
+    source = ids_n.args[0] if getattr(ids_n, "target", None) is operator.getitem and ids_n.args[1] == 1 else None
+    if (source is not None and str(getattr(source, "target", "")) == "aten.max.dim" and source.args[0] is node.args[0]
+            and source.args[1] % base.rank == dim == base.rank - 1 and ids.shape[dim] == 1):
+        x = _float_val(base, "aten.scatter.value")
+        return select_where(lw, _compare(lw, "ge", x, max_last(lw, x)[0]), value, x)
     if base.shape[dim] != 1 or ids.shape[dim] < 1:
         raise Gap("aten.scatter.value", "a scatter into more than one slot (group-limited routing with "
                                         "several groups)")
@@ -1327,8 +1351,24 @@ def masked_fill(lw, node):
 @lowers("aten.minimum.default", "aten.min.other", "aten.maximum.default", "aten.max.other")
 def min_max(lw, node):
     """``clamp`` against a number; ``a - relu(a - b)`` / ``a + relu(b - a)`` between tensors"""
-    a, b = lw.val(node.args[0]), lw.val(node.args[1])
     is_min = str(node.target) in ("aten.minimum.default", "aten.min.other")
+    return _min_max(lw, lw.val(node.args[0]), lw.val(node.args[1]), is_min)
+
+
+@lowers("aten.clamp.Tensor")
+def clamp_tensor(lw, node):
+    """clamp to tensor bounds: the maximum with the lower bound, then the minimum with the upper
+    one (as ``aten.maximum`` / ``aten.minimum``)"""
+    out = lw.val(node.args[0])
+    lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
+    if lo is not None:
+        out = _min_max(lw, out, lw.val(lo), is_min=False)
+    if hi is not None:
+        out = _min_max(lw, out, lw.val(hi), is_min=True)
+    return out
+
+
+def _min_max(lw, a, b, is_min: bool):
     sa, sb = _scalar(a), _scalar(b)
     if sa is not None and sb is not None:
         return Val(None, (), F32, scalar=min(sa, sb) if is_min else max(sa, sb))

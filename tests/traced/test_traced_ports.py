@@ -78,6 +78,8 @@ REWRITES = {
     "bloom": ("ALiBi slopes * key positions as the baddbmm input of the scores", {"kv_store", "kq_mask_alibi"}),
     "mpt": ("ALiBi bias of max_seq_len keys, sliced to the keys and added to the scores",
             {"kv_store", "kq_mask_alibi"}),
+    "phimoe": ("sparsemixer routing: -inf scattered at each row's maximum, clamp to tensor bounds",
+               {"mul_mat_id", "argmax"}),
     "lfm3": ("short causal depthwise convolution (conv1d) beside attention layers", {"state_store", "ssm_conv"}),
 }
 
