@@ -64,7 +64,10 @@ FIXUPS: dict[str, dict[str, Any]] = {
     "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
     "dbrx": {"attn_config": {"clip_qkv": 8.0, "kv_n_heads": 2, "rope_theta": 10000.0}},
     "dots3_note_text": {"per_layer_config": {}},
-    "lfm2_moe": {"layer_types": None},
+    # LFM2 checkpoints mix short-convolution and attention layers; the config defaults have none of
+    # the former (lfm2: every layer attends; lfm2_moe: no list at all)
+    "lfm2": {"layer_types": ["conv", "full_attention"]},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
     # layers that reuse an earlier layer's KV cache: both kinds before the sharing starts
     "gemma3n_text": {"num_hidden_layers": 4, "intermediate_size": [128] * 4, "num_kv_shared_layers": 2,
                      "activation_sparsity_pattern": [0.95, 0.0, 0.0, 0.0],
