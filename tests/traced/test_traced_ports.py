@@ -80,7 +80,7 @@ REWRITES = {
             {"kv_store", "kq_mask_alibi"}),
     "phimoe": ("sparsemixer routing: -inf scattered at each row's maximum, clamp to tensor bounds",
                {"mul_mat_id", "argmax"}),
-    "lfm2_moe": ("short convolution layers beside attention, experts", {"state_store", "ssm_conv", "mul_mat_id"}),
+    "lfm2_moe": ("short convolution layers beside attention", {"state_store", "ssm_conv"}),
     "lfm3": ("short causal depthwise convolution (conv1d) beside attention layers", {"state_store", "ssm_conv"}),
 }
 
