@@ -522,6 +522,9 @@ def short_conv(lw, node) -> Val:
     if not isinstance(x, Val) or not isinstance(w, Val) or w.kind != "weight" or x.rank != 3 or w.rank != 3:
         raise Gap(what, "a convolution other than a depthwise one of the tokens by weights", node)
     C, L = x.shape[1], w.shape[2]
+    if x.shape[0] == 1 and not is_sym(x.shape[2]):
+        raise Gap(what, f"a convolution over a fixed {x.shape[2]} steps (the export fixed the sequence length, "
+                        "e.g. for a Python loop over the tokens)", node)
     if x.shape[0] != 1 or x.shape[2] != T or is_sym(C) or is_sym(L):
         raise Gap(what, f"a convolution of shape {list(x.shape)} (one sequence, channels first expected)", node)
     pad = padding[0] if isinstance(padding, (list, tuple)) else padding
