@@ -252,7 +252,6 @@ class GraphBuilder:
         head_bytes = lib.ggml_row_size(cache.type, x.ne[0])  # a quantized cache stores blocks, not elements
         return o.view(stored, [x.ne[0], x.ne[1], n_kv], [head_bytes, cache.nb[1], cache.nb[1] * n_kv], 0)
 
-
     def state_store(self, x, which: str, rows: int, layer: int):
         """x ne [C, n] (this pass's steps) -> ne [C, rows + n]: the layer's last ``rows`` steps
         before them (zeros when a sequence starts, or without a cache), then x; the last ``rows``
@@ -275,11 +274,11 @@ class GraphBuilder:
             x = o.cast(x, GGMLType.F32)
         if not lib.ggml_is_contiguous(x):
             x = o.cont(x)
-        past = o.view(state, [x.ne[0], rows], [x.nb[1], x.nb[1] * rows, x.nb[1] * rows], 0)
-        steps = o.concat(past, x, 1)
-        last = o.window(steps, 1, int(x.ne[1]), rows)
-        self.side_effects.append(o.cpy(last, o.view(state, [x.ne[0], rows], [x.nb[1], x.nb[1] * rows,
-                                                                            x.nb[1] * rows], 0)))
+        def as_rows():  # the state viewed as `rows` steps of C
+            return o.view(state, [x.ne[0], rows], [x.nb[1], x.nb[1] * rows, x.nb[1] * rows], 0)
+
+        steps = o.concat(as_rows(), x, 1)
+        self.side_effects.append(o.cpy(o.window(steps, 1, int(x.ne[1]), rows), as_rows()))
         return steps
 
 
