@@ -3,13 +3,17 @@
 Starting from the config class's defaults, every size-like field is shrunk (hidden 64, 2 layers,
 4 heads, 2 KV heads, head_dim 16, MLP 128, vocabulary 256, 4 experts of which 2 are used,
 sliding window 4 < the 13 traced tokens so the window shows), per-layer lists are cut to two
-entries keeping two distinct kinds (sliding + full, dense + sparse...), special token ids are
+entries keeping two distinct kinds (sliding + full, dense + sparse...), the same two original
+layers for every list, layer-index lists and per-layer overrides; counts of leading dense layers
+leave a sparse one, routing top-k is never raised, and derived sizes that must agree (latent
+attention's head_dim, an SSM's heads * head_dim) are made to agree again. Special token ids are
 moved into the vocabulary, nested sub-configs are shrunk the same way. A few types need a
 fix-up the generic rules cannot know (``FIXUPS``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from porter.errors import PorterError
@@ -21,7 +25,7 @@ SIZES: dict[str, int] = {
     "ffn_hidden_size": 128, "n_inner": 128, "dim_ff": 128, "dff": 128, "d_ff": 128,
     "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64, "shared_intermediate_size": 64,
     "shared_experts_intermediate_size": 64, "expert_intermediate_size": 64, "mlp_hidden_size": 128,
-    "vocab_size": 256, "vocab_size_per_layer_input": 256, "embed_dim": 64,
+    "vocab_size": 256, "vocab_size_per_layer_input": 256, "decoder_vocab_size": 256, "embed_dim": 64,
     # depth and heads
     "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "decoder_layers": 2, "n_layers": 2,
     "num_attention_heads": 4, "n_head": 4, "decoder_attention_heads": 4, "num_heads": 4, "n_heads": 4,
@@ -40,6 +44,9 @@ SIZES: dict[str, int] = {
     # multi-head latent attention
     "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
     "qk_head_dim": 24, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 4,
+    # a token indexer choosing blocks of keys (budget < the 13 traced tokens so the choice shows)
+    "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
+    "indexer_compress_ratio": 2,
     # linear attention / state spaces
     "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2,
     "linear_num_value_heads": 4, "mamba_n_heads": 4, "mamba_d_state": 16, "mamba_d_head": 16,
@@ -48,12 +55,21 @@ SIZES: dict[str, int] = {
 }
 # sizes that a config may leave unset by default but the model needs (experts counts)
 FILL_IF_NONE = ("n_routed_experts", "num_experts_per_tok", "n_shared_experts", "num_local_experts", "num_key_value_heads",
-                "head_dim")
+                "head_dim", "indexer_n_heads", "indexer_kv_heads", "indexer_head_dim", "indexer_budget",
+                "indexer_compress_ratio")
+# counts shrunk but never raised: an architecture routing each token to one expert (or having
+# one shared expert) keeps that
+NEVER_RAISE = ("num_experts_per_tok", "moe_topk", "num_experts_per_token", "moe_k", "n_shared_experts")
+# how many leading layers are dense before the sparse (MoE) ones start: at most all but the last,
+# so the tiny model has a sparse layer
+LEADING_DENSE = ("first_k_dense_replace", "num_dense_layers")
 TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "sep_token_id": 3, "unk_token_id": 3,
              "decoder_start_token_id": 1}
 LAYERS = 2
 # fields of the per-layer-list kind whose length follows num_hidden_layers
 PER_LAYER_KINDS = (list, tuple)
+# names of lists of layer indices (kept layers renumbered, not one entry per layer)
+LAYER_INDEX_SUFFIXES = ("moe_layers", "_idxs", "_layer_ids", "only_layers", "sparse_layers", "dense_layers")
 
 # BERT-style architectures whose causal-LM head attends both ways unless told it decodes
 ENCODER_STYLE = ("bert", "bert-generation", "big_bird", "camembert", "data2vec-text", "electra", "ernie",
@@ -75,23 +91,27 @@ FIXUPS: dict[str, dict[str, Any]] = {
 }
 
 
-def _shrink_value(key: str, value: Any, n_layers_before: int | None, vocab: int) -> Any:
+def _shrink_value(key: str, value: Any, kept: list[int] | None, n_layers_before: int | None, vocab: int) -> Any:
     if value is None and key in FILL_IF_NONE:
         return SIZES[key]
     if isinstance(value, bool) or value is None:
         return value
+    if key in NEVER_RAISE and isinstance(value, int):
+        return min(value, SIZES[key])
     if key in SIZES and isinstance(value, int):
         return SIZES[key]
+    if key in LEADING_DENSE and isinstance(value, int):
+        return min(value, LAYERS - 1)
     if key.endswith("_token_id") or key.endswith("_token_index") or key in TOKEN_IDS:
         if isinstance(value, int) and value >= vocab:
             return TOKEN_IDS.get(key, 4)
         if isinstance(value, list):
             return [v if not isinstance(v, int) or v < vocab else TOKEN_IDS.get(key, 2) for v in value][:2]
         return value
-    if isinstance(value, PER_LAYER_KINDS) and n_layers_before and len(value) == n_layers_before and n_layers_before > LAYERS:
-        first = value[0]
-        other = next((v for v in value if v != first), None)
-        return [first, other] if other is not None else [first] * LAYERS
+    if kept and _is_layer_index_list(key, value, n_layers_before):
+        return [new for new, old in enumerate(kept) if old in value]
+    if isinstance(value, PER_LAYER_KINDS) and kept and len(value) == n_layers_before:
+        return [value[i] for i in kept]
     if isinstance(value, dict) and (key.endswith("_config") or key.endswith("config")):
         return shrink_dict(value)
     if isinstance(value, int) and value > 256 and not key.startswith(("rope", "original")):
@@ -106,41 +126,91 @@ def shrink_dict(d: dict) -> dict:
         if isinstance(d.get(k), int):
             n_before = d[k]
             break
+    kept = _kept_layers(d, n_before) if n_before and n_before > LAYERS else None
     out = {}
     for k, v in d.items():
-        out[k] = _shrink_value(k, v, n_before, vocab)
-    if n_before and n_before > LAYERS:
-        kept = _kept_layers(d, n_before)
+        out[k] = _shrink_value(k, v, kept, n_before, vocab)
+    _keep_consistent(d, out)
+    if kept:
         for k, v in d.items():
-            if isinstance(v, dict) and v and all(str(i).isdigit() for i in v):
-                out[k] = _shrink_layer_keyed(v, kept)
-    if out.get("kv_lora_rank") and "num_attention_heads" in out and "num_key_value_heads" in out:
-        out["num_key_value_heads"] = out["num_attention_heads"]  # latent attention: keys per head
-        if "qk_rope_head_dim" in out and "head_dim" in out:
-            out["head_dim"] = out["qk_rope_head_dim"]  # the rotary tables' width
-    if all(k in out for k in ("mamba_n_heads", "mamba_d_head", "hidden_size")) and out.get("mamba_expand"):
-        out["mamba_d_head"] = int(out["mamba_expand"] * out["hidden_size"] // out["mamba_n_heads"])
+            if isinstance(v, dict) and v and k not in ("id2label", "label2id") and all(str(i).isdigit() for i in v):
+                out[k] = _shrink_layer_keyed(v, kept, d, out)
     return out
 
 
+def _is_layer_index_list(key: str, value: Any, n_layers: int | None) -> bool:
+    """A list naming layers by index (``moe_layers=[0, 1, ...]``, ``full_attn_idxs``), not one
+    entry per layer: increasing indices below the layer count, under a name that says so."""
+    return (isinstance(value, PER_LAYER_KINDS) and bool(n_layers) and key.endswith(LAYER_INDEX_SUFFIXES)
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+            and all(0 <= a < b < n_layers for a, b in zip(value, value[1:]))
+            and all(0 <= i < n_layers for i in value))
+
+
+def _keep_consistent(d: dict, out: dict) -> None:
+    """Derived sizes the config validates or the model assumes, made to hold again after the
+    shrink (``d`` the original values, ``out`` the shrunk ones, changed in place)."""
+    if out.get("kv_lora_rank") and "num_attention_heads" in out and "num_key_value_heads" in out:
+        out["num_key_value_heads"] = out["num_attention_heads"]  # latent attention: keys per head
+    if out.get("kv_lora_rank") and isinstance(d.get("head_dim"), int) and isinstance(d.get("qk_rope_head_dim"), int):
+        # latent attention's head_dim: the rotary width (DeepSeek), or nope + rope (a full
+        # query/key head), or some multiple of the rotary width: the same relation, shrunk
+        rope, nope = out["qk_rope_head_dim"], out.get("qk_nope_head_dim")
+        if d["head_dim"] == d["qk_rope_head_dim"]:
+            out["head_dim"] = rope
+        elif nope is not None and d["head_dim"] == d.get("qk_nope_head_dim", -1) + d["qk_rope_head_dim"]:
+            out["head_dim"] = nope + rope
+        else:
+            out["head_dim"] = max(rope, rope * d["head_dim"] // d["qk_rope_head_dim"])
+    if isinstance(d.get("attention_hidden_size"), int) and isinstance(d.get("hidden_size"), int) \
+            and d["attention_hidden_size"] % d["hidden_size"] == 0 and "hidden_size" in out:
+        # attention on a multiple of the hidden width (Zamba: the hidden state and the embeddings)
+        out["attention_hidden_size"] = out["hidden_size"] * (d["attention_hidden_size"] // d["hidden_size"])
+        if isinstance(d.get("attention_head_dim"), int) and isinstance(d.get("num_attention_heads"), int) \
+                and d["attention_head_dim"] * d["num_attention_heads"] == d["attention_hidden_size"]:
+            out["attention_head_dim"] = out["attention_hidden_size"] // out["num_attention_heads"]
+    for heads, d_head in (("mamba_n_heads", "mamba_d_head"), ("n_mamba_heads", "mamba_headdim")):
+        if all(k in out for k in (heads, d_head, "hidden_size")) and out.get("mamba_expand"):
+            # the SSM's inner width: mamba_d_ssm when set, else expand * hidden; heads * d_head spans it
+            inner = out.get("mamba_d_ssm") or int(out["mamba_expand"] * out["hidden_size"])
+            out[d_head] = inner // out[heads]
+    if all(isinstance(out.get(k), int) for k in ("expand", "num_heads", "head_dim", "hidden_size", "state_size")):
+        # Mamba-2 naming: expand * hidden == num_heads * head_dim, the B/C groups dividing the heads
+        out["head_dim"] = out["expand"] * out["hidden_size"] // out["num_heads"]
+        if isinstance(out.get("n_groups"), int) and out["n_groups"] > 0:
+            out["n_groups"] = math.gcd(out["n_groups"], out["num_heads"])
+
+
 def _kept_layers(d: dict, n_before: int) -> list[int]:
-    """Which original layers the shrunk per-layer lists keep: layer 0 and the first layer that
-    differs from it (the rule of :func:`_shrink_value`)."""
-    for v in d.values():
-        if isinstance(v, PER_LAYER_KINDS) and len(v) == n_before:
-            other = next((i for i, x in enumerate(v) if x != v[0]), None)
-            if other is not None:
-                return [0, other]
-    return [0, 1]
+    """Which original layers the shrunk per-layer lists keep, the same for every list: layer 0
+    and the first layer that differs from it in the most lists (so with layer kinds
+    [full, full, sliding] and MLP kinds [dense, sparse, sparse], layer 2: sliding and sparse)."""
+    lists = [v for v in d.values() if isinstance(v, PER_LAYER_KINDS) and len(v) == n_before]
+    best, best_differing = 1, 0
+    for j in range(1, n_before):
+        differing = sum(1 for v in lists if v[j] != v[0])
+        if differing > best_differing:
+            best, best_differing = j, differing
+    return [0, best]
 
 
-def _shrink_layer_keyed(v: dict, kept: list[int]) -> dict:
+def _shrink_layer_keyed(v: dict, kept: list[int], parent: dict, parent_out: dict) -> dict:
     """A per-layer dict keyed by layer index (``{"05": {...}}``): the kept layers' entries, at
-    their new indices (the keys' zero padding kept)."""
+    their new indices (the keys' zero padding kept). An entry overrides the parent config's
+    values for its layer, so it is shrunk together with them (a relation between an override and
+    an inherited size, e.g. head_dim == nope + rope, still holds), keeping what it sets and what
+    now differs from the shrunk parent."""
     width = len(str(next(iter(v))))
     by_index = {int(i): x for i, x in v.items()}
-    return {str(new).zfill(width): shrink_dict(by_index[old]) if isinstance(by_index[old], dict) else by_index[old]
-            for new, old in enumerate(kept) if old in by_index}
+    scalars = {k: x for k, x in parent.items() if not isinstance(x, (dict, list, tuple))}
+
+    def entry(x):
+        if not isinstance(x, dict):
+            return x
+        merged = shrink_dict({**scalars, **x})
+        return {k: y for k, y in merged.items() if k in x or (k in parent_out and y != parent_out[k])}
+
+    return {str(new).zfill(width): entry(by_index[old]) for new, old in enumerate(kept) if old in by_index}
 
 
 def tiny_config(model_type: str, **overrides):
@@ -180,7 +250,6 @@ def _version() -> str:
 MULTIMODAL = {"dots3_note", "emu3", "fuyu", "gemma3", "gemma3n", "gemma4", "gemma4_unified", "git", "got_ocr2",
               "llama4", "mllama", "moshi", "moss_transcribe_diarize", "musicgen", "musicgen_melody",
               "phi4_multimodal", "qwen3_5", "qwen3_5_moe", "qwen4_exp", "whisper"}
-
 
 def causal_lm_types() -> list[str]:
     """Every model_type transformers has a causal-LM class for, text-only (multimodal ones,
