@@ -79,11 +79,18 @@ FIXUPS: dict[str, dict[str, Any]] = {
     **{t: {"is_decoder": True} for t in ENCODER_STYLE},
     "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
     "dbrx": {"attn_config": {"clip_qkv": 8.0, "kv_n_heads": 2, "rope_theta": 10000.0}},
-    "dots3_note_text": {"per_layer_config": {}},
     # LFM2 checkpoints mix short-convolution and attention layers; the config defaults have none of
-    # the former (lfm2: every layer attends; lfm2_moe: no list at all)
+    # the former (lfm2: every layer attends; lfm2_moe: no default pattern, the model indexes None)
     "lfm2": {"layer_types": ["conv", "full_attention"]},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    # its causal-LM head asserts is_decoder (the default is False); the axial position embedding's
+    # widths sum to hidden_size and its shape multiplies to max_position_embeddings; attention
+    # chunks shorter than the traced tokens so the chunking shows
+    "reformer": {"is_decoder": True, "axial_pos_embds_dim": [16, 48], "axial_pos_shape": [8, 16],
+                 "local_attn_chunk_length": 4, "lsh_attn_chunk_length": 4},
+    # one attention block shared by every hybrid layer: two hybrid layers so there is something
+    # to share (transformers refuses a tie with nothing to tie into)
+    "zamba": {"num_hidden_layers": 3, "layers_block_type": ["linear_attention", "hybrid", "hybrid"]},
     # layers that reuse an earlier layer's KV cache: both kinds before the sharing starts
     "gemma3n_text": {"num_hidden_layers": 4, "intermediate_size": [128] * 4, "num_kv_shared_layers": 2,
                      "activation_sparsity_pattern": [0.95, 0.0, 0.0, 0.0],
