@@ -7,6 +7,8 @@ graph order, so the first row over tolerance is where the port starts to diverge
 
 from __future__ import annotations
 
+import contextlib
+
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -98,12 +100,16 @@ def capture_transformers(model, ids: list[int], modules: list[str]) -> tuple[dic
             continue
 
         def hook(_m, _inp, out, path=path):
-            t = out[0] if isinstance(out, (tuple, list)) else out
-            captured[path] = t.detach().float().numpy()[0].copy()  # later in-place ops (falcon: mlp_output += attn) must not change it
+            # a tensor, a tuple, or a ModelOutput (a whole model's: its first field is the hidden states)
+            t = out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
+            a = t.detach().float().numpy()
+            # the batch of one dropped; some modules see the tokens flattened ([tokens * heads, d], MoE [tokens, d])
+            a = a[0] if a.ndim > 1 and a.shape[0] == 1 else a
+            captured[path] = a.copy()  # later in-place ops (falcon: mlp_output += attn) must not change it
 
         handles.append(mod.register_forward_hook(hook))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _experts_in_token_order(model):
             from porter.parity.logits import model_output
 
             logits = model_output(model(torch.tensor([ids]), use_cache=False))[0].float().numpy()
@@ -111,6 +117,23 @@ def capture_transformers(model, ids: list[int], modules: list[str]) -> tuple[dic
         for h in handles:
             h.remove()
     return captured, logits
+
+
+@contextlib.contextmanager
+def _experts_in_token_order(model):
+    """Mixture-of-experts layers computed per token (transformers' ``batched_mm``, the same numbers
+    as its default grouped kernel), so the modules inside the experts see every token's rows in
+    token order, as porter's nodes hold them, not grouped by expert."""
+    can = getattr(model, "_can_set_experts_implementation", None)
+    before = getattr(model.config, "_experts_implementation", None)
+    if can is None or not can() or before in (None, "batched_mm"):
+        yield
+        return
+    model.set_experts_implementation("batched_mm")
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(before)
 
 
 def run_parity(hf_model, porter_model, ids: list[int], outtype: str = "f32") -> ParityReport:

@@ -226,6 +226,8 @@ class GraphBuilder:
             return self.state_store(s[0], a["cache"], int(a["rows"]), int(a["layer"]) if "layer" in a else layer)
         if op == "ssm_conv":
             return self.ops.ssm_conv(s[0], s[1])
+        if op == "delta_net":
+            return self.delta_net(s, a["cache"], int(a["layer"]) if "layer" in a else layer)
         if op == "mean_pool":
             t = s[0]  # [n_embd, n_tokens] -> [n_embd, 1]
             return o.scale(o.cont(o.transpose(o.sum_rows(o.cont(o.transpose(t))))), 1.0 / t.ne[1])
@@ -261,15 +263,7 @@ class GraphBuilder:
             raise SpecError(f"state_store: needs steps ne [C, n] and rows >= 1 (got {list(x.ne)}, rows={rows})")
         if self.kv is None:
             return o.pad(x, [0, 0, rows, 0])
-        if layer is None or not 0 <= layer < self.kv.n_layer:
-            raise SpecError(f"state_store outside the layer loop needs a layer attribute (got {layer})")
-        if which not in self.kv.states:
-            raise SpecError(f"state_store: no state named {which!r} (the spec states state_width_{which})")
-        state = self.kv.states[which][layer]
-        if state is None or state.ne[0] != x.ne[0] * rows:
-            have = 0 if state is None else state.ne[0]
-            raise SpecError(f"state_store: layer {layer} keeps {have} elements of {which!r}, "
-                            f"{x.ne[0]} x {rows} needed")
+        state = self._state("state_store", which, layer, int(x.ne[0]) * rows)
         if x.type != GGMLType.F32:
             x = o.cast(x, GGMLType.F32)
         if not lib.ggml_is_contiguous(x):
@@ -280,6 +274,33 @@ class GraphBuilder:
         steps = o.concat(as_rows(), x, 1)
         self.side_effects.append(o.cpy(o.window(steps, 1, int(x.ne[1]), rows), as_rows()))
         return steps
+
+    def _state(self, op: str, which: str, layer: int, elements: int):
+        """The layer's recurrent state ``which`` (F32, ``elements`` long), checked against the spec."""
+        if layer is None or not 0 <= layer < self.kv.n_layer:
+            raise SpecError(f"{op} outside the layer loop needs a layer attribute (got {layer})")
+        if which not in self.kv.states:
+            raise SpecError(f"{op}: no state named {which!r} (the spec states state_width_{which})")
+        state = self.kv.states[which][layer]
+        if state is None or state.ne[0] != elements:
+            have = 0 if state is None else state.ne[0]
+            raise SpecError(f"{op}: layer {layer} keeps {have} elements of {which!r}, {elements} needed")
+        return state
+
+    def delta_net(self, s, which: str, layer: int):
+        """q, k, v, g, beta -> the gated delta rule's output ne [S, H, n], from the layer's memory
+        (ne [S, S, H]; zeros when a sequence starts, or without a cache); the memory after these
+        tokens is kept for the next pass."""
+        o = self.ops
+        S, H = s[2].ne[0], s[2].ne[1]
+        if self.kv is None:
+            out, _ = o.gated_delta_net(*s, o.zeros([S, S, H]))
+            return out
+        state = self._state("delta_net", which, layer, S * S * H)
+        memory = o.reshape(state, [S, S, H])
+        out, after = o.gated_delta_net(*s, memory)
+        self.side_effects.append(o.cpy(after, memory))
+        return out
 
 
 _SIMPLE = {"silu", "gelu_erf", "gelu_tanh", "relu", "sigmoid", "tanh", "exp", "sqr", "sqrt", "cont",

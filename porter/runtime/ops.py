@@ -514,6 +514,33 @@ class Ops:
             taps = self.cont(taps)
         return lib.ggml_ssm_conv(self.c, sx, taps)
 
+    def zeros(self, ne: Sequence[int]):
+        """A new F32 tensor of zeros (computed in the graph, like any other node)."""
+        shape = self.ctx.new_tensor(GGMLType.F32, [int(n) for n in ne])
+        return lib.ggml_fill(self.c, shape, 0.0)
+
+    def gated_delta_net(self, q, k, v, g, beta, state):
+        """The gated delta rule (Qwen3-Next, Kimi linear attention) over n tokens of one sequence:
+        q, k ne [S, H, n], v ne [S, H, n], g ne [1, H, n] (a decay per head) or [S, H, n] (per key
+        channel), beta ne [1, H, n], state ne [S, S, H] (the memory before these tokens). Per head
+        and token: M *= exp(g); M += k (beta (v - k.M)); out = q.M / sqrt(S). Returns
+        (out ne [S, H, n], the memory after them ne [S, S, H])."""
+        _require_f32("gated_delta_net", q, k, v, g, beta, state)
+        S, H, n = v.ne[0], v.ne[1], v.ne[2]
+        if v.ne[3] != 1 or list(q.ne[0:3]) != [S, H, n] or list(k.ne[0:3]) != [S, H, n]:
+            raise _fail("gated_delta_net", "expects q, k, v ne [S, H, n] of one sequence (heads already "
+                                           "repeated to v's; key and value head sizes equal)", q, k, v)
+        if g.ne[0] not in (1, S) or list(g.ne[1:3]) != [H, n] or list(beta.ne[0:3]) != [1, H, n]:
+            raise _fail("gated_delta_net", "expects g ne [1 or S, H, n] and beta ne [1, H, n]", g, beta)
+        if list(state.ne[0:3]) != [S, S, H]:
+            raise _fail("gated_delta_net", "expects the state ne [S, S, H]", state, v)
+        q, k, v, g, beta, state = (x if _packed(x) else self.cont(x) for x in (q, k, v, g, beta, state))
+        r = lib.ggml_gated_delta_net(self.c, q, k, v, g, beta, state, 1)  # ne [S*H, n + S]: outputs, then memory
+        f = r.nb[0]
+        out = lib.ggml_view_3d(self.c, r, S, H, n, f * S, f * S * H, 0)
+        after = lib.ggml_view_3d(self.c, r, S, S, H, f * S, f * S * S, f * S * H * n)
+        return out, after
+
     def permute(self, a, axes: Sequence[int]):
         """ggml semantics: source dimension i moves to position ``axes[i]``."""
         axes = [int(x) for x in axes] + list(range(len(axes), 4))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import operator
 
+import sympy
 import torch
 
 from porter.traced import patterns
@@ -926,10 +927,10 @@ def slice_(lw, node):
     end = n if end is None else lw.size(end)
     if isinstance(end, int) and end >= 2**62:
         end = n
-    if isinstance(start, int) and start < 0:
-        start = n + start
-    if isinstance(end, int) and end < 0:
-        end = n + end
+    if _negative(start):  # counted from the end, as python does (x[..., -n_tokens:])
+        start = _simplest(n + start)
+    if _negative(end):
+        end = _simplest(n + end)
     if isinstance(end, int) and isinstance(n, int):
         end = min(end, n)
     if start == 0 and end == n and step == 1:
@@ -950,6 +951,21 @@ def slice_(lw, node):
     base = lw.tensor(v)
     return lw.emit("slice", [base], {"dim": axis, "start": start, "length": length, **({"step": step} if step > 1 else {})},
                    shape=tuple(shape), kind=v.kind, dense=False).with_(dense=step > 1 and axis == 0)
+
+
+def _negative(x) -> bool:
+    """A python index below zero; a size expression in the sequence length that is (torch guarded
+    its sign when it traced, so one sample length tells)."""
+    if isinstance(x, int):
+        return x < 0
+    return bool(x.subs({s: 13 for s in x.free_symbols}) < 0)
+
+
+def _simplest(x):
+    if isinstance(x, int):
+        return x
+    x = sympy.simplify(x)
+    return int(x) if x.is_Integer else x
 
 
 @lowers("aten.select.int")
@@ -1392,6 +1408,14 @@ def conv1d(lw, node):
     """a causal depthwise convolution (``groups`` = channels, padding kernel - 1: LFM, state-space
     layers) -> ``state_store`` of the layer's last kernel - 1 inputs + ``ssm_conv``; others are a gap"""
     return patterns.short_conv(lw, node)
+
+
+@lowers("porter.delta_rule.default")
+def delta_rule(lw, node):
+    """transformers' gated delta rule kernel (Qwen3-Next, Qwen3.5, OLMo hybrid, Kimi linear
+    attention; kept whole in the trace by porter.traced.kernels) -> ``delta_net`` on the layer's
+    recurrent memory, after the kernel's l2 norms of q and k and its head repeat"""
+    return patterns.delta_rule(lw, node)
 
 
 @lowers("aten.view_as_real.default")

@@ -222,6 +222,8 @@ def _export(model, example, device, max_len, errors):
     import torch
     from transformers.exporters.utils import apply_patches
 
+    from porter.traced.kernels import standing_in
+
     # the declared range first; then a range torch infers from the model's own guards (a model
     # that computes min(seq, 256) or caps a window holds for fewer tokens: recorded as max_tokens);
     # then a static graph
@@ -230,7 +232,7 @@ def _export(model, example, device, max_len, errors):
     for kind, dim in attempts:
         shapes = ({1: dim},) if dim is not None else None
         try:
-            with _quiet(), apply_patches("dynamo"), torch.no_grad():
+            with _quiet(), apply_patches("dynamo"), standing_in(model), torch.no_grad():
                 # a fresh input each time: an attempt may mark its input dynamic
                 ep = torch.export.export(model, (example.to(device).clone(),), dynamic_shapes=shapes, strict=False)
                 return ep.run_decompositions({}), dim is None

@@ -554,6 +554,55 @@ def short_conv(lw, node) -> Val:
     return lw.permute(out, [0, 2, 1])
 
 
+def delta_rule(lw, node) -> Val:
+    """transformers' gated delta rule kernel (kept whole by :mod:`porter.traced.kernels`) on
+    q, k [1, n_tokens, Hk, d], v [1, n_tokens, Hv, d], g [1, n_tokens, Hv] (or a decay per key
+    channel, [.., Hv, d]), beta [1, n_tokens, Hv] -> ``delta_net`` on the layer's recurrent memory
+    (Hv d x d numbers, zeros when a sequence starts), after the kernel's own l2 norms of q and k
+    and its repeat of the key heads over the value heads."""
+    from porter.traced.lower import module_path
+
+    what = "porter.delta_rule"
+    q, k, v, g, beta = (lw.val(a) for a in node.args[:5])
+    if not all(isinstance(x, Val) for x in (q, k, v, g, beta)) or q.rank != 4 or v.rank != 4:
+        raise Gap(what, "a delta rule of other than per-token tensors", node)
+    _, n, hk, dk = q.shape
+    hv, dv = v.shape[2], v.shape[3]
+    if q.shape[0] != 1 or n != T or is_sym(dk) or is_sym(hv):
+        raise Gap(what, f"a delta rule over {list(q.shape)} (one sequence of n_tokens expected)", node)
+    if dk != dv:
+        raise Gap(what, f"key heads of {dk} and value heads of {dv} (ggml's gated_delta_net needs equal sizes)", node)
+    if hv % hk:
+        raise Gap(what, f"{hk} key heads do not divide {hv} value heads", node)
+    layer, _ = lw.layers.split(module_path(node))
+    if layer is None:
+        raise Gap(what, "a delta rule outside the model's layer list", node)
+
+    def normalized(x: Val) -> Val:  # the kernel's l2 norm, x / sqrt(sum x^2 + 1e-6), as an rms norm
+        x = lw.contiguous(x)
+        x = lw.emit("rms_norm", [x], {"eps": 1e-6 / dk}, shape=x.shape, role="l2_norm")
+        return lw.emit("scale", [x], {"s": 1.0 / math.sqrt(dk)}, shape=x.shape, role="l2_scale")
+
+    if node.args[5]:
+        q, k = normalized(q), normalized(k)
+    if hk != hv:  # each key head serves hv / hk consecutive value heads
+        q, k = (lw.contiguous(Val(None, (1, T, hv, dk), x.dtype, kind=x.kind, heads=(x, 2, hv // hk)))
+                for x in (q, k))
+    per_channel = g.rank == 4
+    g = lw.reshape(lw.contiguous(g), (T, hv, dk if per_channel else 1))
+    beta = lw.reshape(lw.contiguous(beta), (T, hv, 1))
+    slot, i = "delta", 0
+    while lw._cache.get(("state-slot", layer, slot)):
+        i += 1
+        slot = f"delta{i}"
+    lw._cache[("state-slot", layer, slot)] = True
+    lw.state_width.setdefault(slot, [0] * lw.n_layer)[layer] = int(hv) * int(dv) * int(dv)
+    q, k, v = (lw.reshape(lw.contiguous(x), (T, hv, dk)) for x in (q, k, v))
+    out = lw.emit("delta_net", [q, k, v, g, beta], {"cache": slot, "layer": layer}, shape=(T, hv, dv),
+                  role="delta_rule")
+    return lw.reshape(out, (1, T, hv, dv))
+
+
 def attention_products(lw, a: Val, b: Val) -> tuple[Val, Val]:
     """The two products of eager attention, ``q @ k^T`` and ``softmax(...) @ v``, read their keys
     and values from the KV cache (found by shape: the scores' key axis is the sequence)."""

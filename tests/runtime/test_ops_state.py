@@ -1,4 +1,5 @@
-"""Property tests of the recurrent-state ops (short convolutions of LFM and state-space layers).
+"""Property tests of the recurrent-state ops (short convolutions of LFM and state-space layers,
+the gated delta rule of Qwen3-Next and Kimi linear attention).
 
 - ``ssm_conv`` (ggml's depthwise causal convolution) against torch's ``conv1d`` with
   ``groups`` = channels in float64: element-wise error <= L * 2**-23 relative to
@@ -7,6 +8,13 @@
   last R steps of everything before it (so a sequence cut into chunks is convolved as a whole),
   and clearing the states starts over; without a cache it only prepends zeros. Bit-exact: it
   only moves values.
+- ``gated_delta_net`` against the delta rule's recurrence in float64 (transformers'
+  ``torch_recurrent_gated_delta_rule``, written out), a decay per head or per key channel:
+  error <= n (4 S + 8) 2**-23 relative to the largest output or memory entry (each token rescales
+  the memory and adds S-term dot products to it, rounding errors add up over the n tokens).
+- ``delta_net`` across passes: a sequence cut into chunks gives bit for bit the outputs and the
+  memory of one pass (ggml walks the tokens in the same order either way); clearing starts over
+  from zeros, as does a pass without a cache.
 
 Shapes are drawn by hypothesis, values by a numpy generator seeded by hypothesis.
 """
@@ -104,5 +112,102 @@ def test_state_store_refuses_a_state_of_another_size(backend):
     try:
         with pytest.raises(SpecError, match="keeps 12 elements"):
             _pass(backend, spec, kv, np.zeros((2, 4), np.float32))
+    finally:
+        kv.close()
+
+
+def _delta_ref(q, k, v, g, beta, memory):
+    """The gated delta rule in float64, in ggml's layouts: q, k, v numpy (n, H, S), g (n, H, 1 or S),
+    beta (n, H, 1), memory (H, S, S) holding M transposed (memory[h, j, i] = M[i, j], i the key
+    channel). Returns out (n, H, S) and the memory after the n tokens."""
+    q, k, v, g, beta = (np.asarray(x, np.float64) for x in (q, k, v, g, beta))
+    M = np.swapaxes(np.asarray(memory, np.float64), 1, 2).copy()  # (H, S_k, S_v)
+    n, H, S = v.shape
+    out = np.zeros((n, H, S))
+    for t in range(n):
+        for h in range(H):
+            M[h] *= np.exp(g[t, h])[:, None]  # one decay, or one per key channel (row i of M)
+            delta = (v[t, h] - k[t, h] @ M[h]) * beta[t, h, 0]
+            M[h] += np.outer(k[t, h], delta)
+            out[t, h] = q[t, h] @ M[h] / np.sqrt(S)
+    return out, np.swapaxes(M, 1, 2)
+
+
+def _delta_inputs(rng, n, H, S, per_channel):
+    def unit(shape):  # the models l2-normalise q and k before the kernel
+        x = rng.standard_normal(shape)
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    q, k = unit((n, H, S)), unit((n, H, S))
+    v = rng.standard_normal((n, H, S)).astype(np.float32)
+    g = -rng.uniform(0.0, 2.0, (n, H, S if per_channel else 1)).astype(np.float32)  # log decays <= 0
+    beta = rng.uniform(0.0, 1.0, (n, H, 1)).astype(np.float32)
+    return q, k, v, g, beta
+
+
+@given(S=st.integers(1, 9), H=st.integers(1, 3), n=st.integers(1, 6), per_channel=st.booleans(), seed=seeds)
+def test_gated_delta_net(backend, S, H, n, per_channel, seed):
+    rng = rng_for(seed)
+    ins = _delta_inputs(rng, n, H, S, per_channel)
+    memory = rng.standard_normal((H, S, S)).astype(np.float32)
+    out, after = run(backend, lambda gr: [gr.ops.cont(t) for t in
+                                          gr.ops.gated_delta_net(*(gr.input(x) for x in ins), gr.input(memory))])
+    ref_out, ref_after = _delta_ref(*ins, memory)
+    scale = max(np.abs(ref_out).max(), np.abs(ref_after).max())
+    err = max(np.abs(out.reshape(ref_out.shape) - ref_out).max(), np.abs(after.reshape(ref_after.shape) - ref_after).max())
+    check("gated_delta_net vs fp64", float(err / scale), n * (4 * S + 8) * 2.0**-23)
+
+
+def test_gated_delta_net_refuses_unequal_head_sizes(backend):
+    with GraphRunner(backend, max_nodes=16) as g:
+        q, v = g.input(np.zeros((3, 2, 4), np.float32)), g.input(np.zeros((3, 2, 8), np.float32))
+        gate, beta = g.input(np.zeros((3, 2, 1), np.float32)), g.input(np.zeros((3, 2, 1), np.float32))
+        with pytest.raises(ShapeError, match="gated_delta_net"):
+            g.ops.gated_delta_net(q, q, v, gate, beta, g.input(np.zeros((2, 8, 8), np.float32)))
+
+
+def _delta_spec(H: int, S: int, per_channel: bool):
+    from porter.spec import Node, Spec, WeightDecl, check as check_spec
+
+    ins = {"q": [1, H, S], "k": [1, H, S], "v": [1, H, S], "g": [1, H, S if per_channel else 1], "beta": [1, H, 1]}
+    return check_spec(Spec(version=2, architecture="one_delta", hparams={"n_layer": 1, "state_width_delta": H * S * S},
+                           inputs=[], weights=[WeightDecl(name=k, shape=v) for k, v in ins.items()],
+                           graph=[Node(name="y", op="delta_net", inputs=list(ins),
+                                       attrs={"cache": "delta", "layer": 0})], outputs=["y"]))
+
+
+def _delta_pass(backend, spec, kv, arrays) -> np.ndarray:
+    from porter.runtime.graph import GraphBuilder
+
+    with GraphRunner(backend, max_nodes=64) as g:
+        names = ["q", "k", "v", "g", "beta"]
+        b = GraphBuilder(spec, g.ops, {k: g.input(x, name=k) for k, x in zip(names, arrays)}, {}, {}, kv)
+        y = b.build()["y"]
+        return g.compute([g.ops.cont(y), *b.side_effects])[0].reshape(arrays[2].shape)  # (n, H, S)
+
+
+@given(S=st.integers(1, 6), H=st.integers(1, 3), chunks=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+       per_channel=st.booleans(), seed=seeds)
+def test_delta_net_carries_its_memory_across_passes(backend, S, H, chunks, per_channel, seed):
+    from porter.runtime.graph import KVCache
+
+    rng = rng_for(seed)
+    n = sum(chunks)
+    ins = _delta_inputs(rng, n, H, S, per_channel)
+    spec = _delta_spec(H, S, per_channel)
+    whole = _delta_pass(backend, spec, None, ins)  # no cache: from zeros
+    ref, _ = _delta_ref(*ins, np.zeros((H, S, S)))
+    check("delta_net (no cache) vs fp64", float(np.abs(whole - ref).max() / np.abs(ref).max()),
+          n * (4 * S + 8) * 2.0**-23)
+    kv = KVCache(backend, spec, 8)
+    try:
+        start, parts = 0, []
+        for m in chunks:
+            parts.append(_delta_pass(backend, spec, kv, [x[start:start + m] for x in ins]))
+            start += m
+        exact("delta_net (chunked passes)", np.concatenate(parts), whole)
+        kv.clear_states()
+        exact("delta_net (after clearing)", _delta_pass(backend, spec, kv, [x[:chunks[0]] for x in ins]),
+              whole[:chunks[0]])
     finally:
         kv.close()

@@ -65,3 +65,16 @@ def test_an_op_without_lowering_exits_2_with_a_report_naming_op_and_module(tmp_p
     assert (gap["op"], gap["module"], gap["module_class"]) == ("aten.special_i0.default", "model.layers.0.mlp.act_fn",
                                                                "Bessel")
     assert not out.exists() and not list(tmp_path.glob(".*tmp"))  # nothing half-written
+
+
+def test_a_hybrid_moe_type_passes_node_by_node(tmp_path):
+    """qwen3_next: delta-rule layers beside attention, routed experts beside a shared one. Modules
+    that see the tokens flattened (its gated norm over tokens x heads, the experts' rows) are
+    compared node by node too, the experts' rows in token order."""
+    cert = tmp_path / "cert.json"
+    r = _port("qwen3_next", "--json", str(cert), "--greedy", "8")
+    assert r.exit_code == 0, r.output
+    nodes = [n for rep in json.loads(cert.read_text())["reports"] for n in rep["nodes"]]
+    compared = {n["hf_module"] for n in nodes}
+    assert "model.layers.0.linear_attn.norm" in compared and "model.layers.0.mlp.experts.act_fn" in compared
+    assert all(n["ok"] for n in nodes), [n["node"] for n in nodes if not n["ok"]]

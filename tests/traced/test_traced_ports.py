@@ -82,6 +82,9 @@ REWRITES = {
                {"mul_mat_id", "argmax"}),
     "lfm2_moe": ("short convolution layers beside attention", {"state_store", "ssm_conv"}),
     "lfm3": ("short causal depthwise convolution (conv1d) beside attention layers", {"state_store", "ssm_conv"}),
+    "qwen3_next": ("gated delta rule kernel (two key heads over four value heads) after a short convolution",
+                   {"delta_net", "state_store", "ssm_conv"}),
+    "kimi_linear": ("Kimi delta attention: the delta rule with a decay per key channel", {"delta_net"}),
 }
 
 
@@ -103,10 +106,12 @@ def test_rewrite_type_ports_through_the_traced_path(model_type, tmp_path):
         assert not missing, f"{model_type}: the spec has no {sorted(missing)} node or input ({what} lowered literally?)"
 
 
-def test_recurrent_state_starts_over_with_each_sequence(tmp_path):
-    """A convolution's state is a memory of the last steps, not rows per position: a new sequence
-    (reset) must not see the previous one's steps, and decoding continues it exactly."""
-    with port_tiny_traced("lfm3", directory=tmp_path) as pair:
+@pytest.mark.parametrize("model_type", ["lfm3", "qwen3_next"])
+def test_recurrent_state_starts_over_with_each_sequence(model_type, tmp_path):
+    """A convolution's state (the last steps) and a delta rule's memory are not rows per
+    position: a new sequence (reset) must not see the previous one's, and decoding continues it
+    exactly."""
+    with port_tiny_traced(model_type, directory=tmp_path) as pair:
         m = pair.porter
         ids, other = _ids(m.n_vocab), _ids(m.n_vocab, seed=1)
         first = stepped_logits(m, ids, 5)
@@ -115,4 +120,4 @@ def test_recurrent_state_starts_over_with_each_sequence(tmp_path):
         again = stepped_logits(m, ids, 5)
         assert np.array_equal(first, again), "the state of an earlier sequence leaked into a new one"
         e = nmse(hf_logits(pair.hf, ids), first)
-        assert e <= GATE, f"lfm3: prefill 5 + decode NMSE {e:.3e} against transformers"
+        assert e <= GATE, f"{model_type}: prefill 5 + decode NMSE {e:.3e} against transformers"
