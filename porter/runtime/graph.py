@@ -228,6 +228,8 @@ class GraphBuilder:
             return self.ops.ssm_conv(s[0], s[1])
         if op == "delta_net":
             return self.delta_net(s, a["cache"], int(a["layer"]) if "layer" in a else layer)
+        if op == "ssm_scan":
+            return self.ssm_scan(s, a["cache"], int(a["layer"]) if "layer" in a else layer)
         if op == "mean_pool":
             t = s[0]  # [n_embd, n_tokens] -> [n_embd, 1]
             return o.scale(o.cont(o.transpose(o.sum_rows(o.cont(o.transpose(t))))), 1.0 / t.ne[1])
@@ -301,6 +303,20 @@ class GraphBuilder:
         out, after = o.gated_delta_net(*s, memory)
         self.side_effects.append(o.cpy(after, memory))
         return out
+
+    def ssm_scan(self, s, which: str, layer: int):
+        """x, dt, A, B, C -> the selective scan's output ne [P, H, n], from the layer's state
+        (ne [N, P, H]; zeros when a sequence starts, or without a cache); the state after these
+        tokens is kept for the next pass."""
+        o = self.ops
+        P, H, N = s[0].ne[0], s[0].ne[1], s[3].ne[0]
+        if self.kv is None:
+            y, _ = o.ssm_scan(*s, o.zeros([N, P, H]))
+            return y
+        state = o.reshape(self._state("ssm_scan", which, layer, N * P * H), [N, P, H])
+        y, after = o.ssm_scan(*s, state)
+        self.side_effects.append(o.cpy(after, state))
+        return y
 
 
 _SIMPLE = {"silu", "gelu_erf", "gelu_tanh", "relu", "sigmoid", "tanh", "exp", "sqr", "sqrt", "cont",

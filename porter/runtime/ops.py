@@ -541,6 +541,33 @@ class Ops:
         after = lib.ggml_view_3d(self.c, r, S, S, H, f * S, f * S * S, f * S * H * n)
         return out, after
 
+    def ssm_scan(self, x, dt, A, B, C, state):
+        """The selective scan of Mamba layers over n tokens of one sequence: x ne [P, H, n],
+        dt ne [H, n] (before its softplus), A ne [1, H] (Mamba-2: one decay per head) or [N, H]
+        (Mamba-1: one per state entry, with P = 1), B, C ne [N, G, n] (G groups of heads,
+        H % G == 0), state ne [N, P, H] (before these tokens). Per head h, token t:
+        d = softplus(dt); S = S exp(d A) + d x B^T; y = S C (the group of h's B and C).
+        Returns (y ne [P, H, n], the state after them ne [N, P, H])."""
+        _require_f32("ssm_scan", x, dt, A, B, C, state)
+        P, H, n = x.ne[0], x.ne[1], x.ne[2]
+        N, G = B.ne[0], B.ne[1]
+        if (x.ne[3] != 1 or list(dt.ne[0:3]) != [H, n, 1] or A.ne[0] not in (1, N) or list(A.ne[1:3]) != [H, 1]
+                or A.ne[0] == N != 1 and P != 1):
+            raise _fail("ssm_scan", "expects x ne [P, H, n] of one sequence, dt ne [H, n], A ne [1, H] "
+                                    "(or [N, H] with P = 1)", x, dt, A)
+        if list(B.ne[0:4]) != [N, G, n, 1] or list(C.ne[0:4]) != [N, G, n, 1] or G == 0 or H % G:
+            raise _fail("ssm_scan", "expects B and C ne [N, G, n] with G dividing the heads", B, C, x)
+        if list(state.ne[0:4]) != [N, P, H, 1]:
+            raise _fail("ssm_scan", "expects the state ne [N, P, H]", state, x, B)
+        x, dt, A, B, C, state = (t if _packed(t) else self.cont(t) for t in (x, dt, A, B, C, state))
+        # ggml reads each sequence's state slot from an I32 tensor: slot 0, the argmax of one number
+        slot = lib.ggml_argmax(self.c, lib.ggml_view_2d(self.c, dt, 1, 1, dt.nb[1], 0))
+        r = lib.ggml_ssm_scan(self.c, state, x, dt, A, B, C, slot, 1)  # y, then the state after
+        f = r.nb[0]
+        y = lib.ggml_view_3d(self.c, r, P, H, n, f * P, f * P * H, 0)
+        after = lib.ggml_view_3d(self.c, r, N, P, H, f * N, f * N * P, f * P * H * n)
+        return y, after
+
     def permute(self, a, axes: Sequence[int]):
         """ggml semantics: source dimension i moves to position ``axes[i]``."""
         axes = [int(x) for x in axes] + list(range(len(axes), 4))

@@ -78,6 +78,7 @@ _op("kv_store", 1, req="cache", opt="layer")  # write into the layer's K or V ca
 # recurrent state: prepend the layer's last `rows` rows (zeros at the start), keep the new last ones
 _op("state_store", 1, req="cache rows", opt="layer")
 _op("delta_net", 5, req="cache", opt="layer")  # gated delta rule q, k, v, g, beta on the layer's recurrent memory
+_op("ssm_scan", 5, req="cache", opt="layer")  # Mamba-2 selective scan x, dt, A, B, C on the layer's recurrent state
 _op("ssm_conv", 2)  # depthwise causal convolution: sx ne [R + n, C], taps ne [R + 1, C] -> ne [C, n]
 _op("mean_pool", 1)  # mean over tokens (encoder pooling)
 

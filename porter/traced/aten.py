@@ -1033,7 +1033,7 @@ def getitem(lw, node):
     return item
 
 
-@lowers("aten.cat.default", "aten.concat.default")
+@lowers("aten.cat.default", "aten.concat.default", "aten.concatenate.default")
 def cat(lw, node):
     """``concat`` along the ggml axis of the dimension, pairwise"""
     vals = [lw.val(x) for x in node.args[0]]
@@ -1416,6 +1416,22 @@ def delta_rule(lw, node):
     attention; kept whole in the trace by porter.traced.kernels) -> ``delta_net`` on the layer's
     recurrent memory, after the kernel's l2 norms of q and k and its head repeat"""
     return patterns.delta_rule(lw, node)
+
+
+@lowers("porter.ssm_scan.default")
+def ssm_scan(lw, node):
+    """Mamba-2's chunked selective scan kernel (Mamba-2, Bamba, Nemotron-H, Falcon-H1, Zamba2,
+    Granite hybrids; kept whole in the trace by porter.traced.kernels) -> ``ssm_scan`` on the
+    layer's recurrent state, with the time-step bias before it and the skip term D x after it"""
+    return patterns.ssm_scan(lw, node)
+
+
+@lowers("porter.selective_scan.default")
+def selective_scan(lw, node):
+    """Mamba's selective scan kernel (Mamba, Falcon-Mamba, Jamba; kept whole in the trace by
+    porter.traced.kernels) -> ``ssm_scan`` with one head per channel on the layer's recurrent
+    state, the time-step bias before it, the skip term D x and the silu gate after it"""
+    return patterns.selective_scan(lw, node)
 
 
 @lowers("aten.view_as_real.default")

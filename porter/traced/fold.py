@@ -115,7 +115,7 @@ def _fold(lowered, container: str, n_layer: int):
                     ins.append(p if p is not None else src)
                 else:
                     ins.append(src)
-            attrs = {k: v for k, v in n.attrs.items() if not (n.op in ("kv_store", "state_store", "delta_net") and k == "layer")}
+            attrs = {k: v for k, v in n.attrs.items() if not (n.op in ("kv_store", "state_store", "delta_net", "ssm_scan") and k == "layer")}
             hf = n.hf
             if hf:
                 hf = re.sub(rf"^{re.escape(container)}\.{i}(\.|$)", rf"{container}.{{L}}\1", hf)

@@ -537,12 +537,7 @@ def short_conv(lw, node) -> Val:
         raise Gap(what, "a convolution outside the model's layer list", node)
     R = L - 1
     steps = lw.reshape(lw.contiguous(lw.permute(x, [0, 2, 1])), (T, C))  # ne [C, n]: one row per step
-    slot, n = "conv", 0
-    while lw._cache.get(("state-slot", layer, slot)):  # a second convolution in the layer
-        n += 1
-        slot = f"conv{n}"
-    lw._cache[("state-slot", layer, slot)] = True
-    lw.state_width.setdefault(slot, [0] * lw.n_layer)[layer] = int(C) * R
+    slot = _state_slot(lw, layer, "conv", C * R)
     kept = lw.emit("state_store", [steps], {"cache": slot, "rows": R, "layer": layer}, shape=(R + T, C),
                    role="conv_state")
     sx = lw.contiguous(lw.permute(kept, [1, 0]))  # ne [R + n, C]: time innermost, as ssm_conv reads
@@ -591,16 +586,102 @@ def delta_rule(lw, node) -> Val:
     per_channel = g.rank == 4
     g = lw.reshape(lw.contiguous(g), (T, hv, dk if per_channel else 1))
     beta = lw.reshape(lw.contiguous(beta), (T, hv, 1))
-    slot, i = "delta", 0
-    while lw._cache.get(("state-slot", layer, slot)):
-        i += 1
-        slot = f"delta{i}"
-    lw._cache[("state-slot", layer, slot)] = True
-    lw.state_width.setdefault(slot, [0] * lw.n_layer)[layer] = int(hv) * int(dv) * int(dv)
+    slot = _state_slot(lw, layer, "delta", hv * dv * dv)
     q, k, v = (lw.reshape(lw.contiguous(x), (T, hv, dk)) for x in (q, k, v))
     out = lw.emit("delta_net", [q, k, v, g, beta], {"cache": slot, "layer": layer}, shape=(T, hv, dv),
                   role="delta_rule")
     return lw.reshape(out, (1, T, hv, dv))
+
+
+def _state_slot(lw, layer: int, base: str, elements: int) -> str:
+    """A recurrent state of the layer (``base``, or base1, base2... for a second one) holding
+    ``elements`` F32 numbers (the ``state_width_<slot>`` hparam)."""
+    slot, i = base, 0
+    while lw._cache.get(("state-slot", layer, slot)):
+        i += 1
+        slot = f"{base}{i}"
+    lw._cache[("state-slot", layer, slot)] = True
+    lw.state_width.setdefault(slot, [0] * lw.n_layer)[layer] = int(elements)
+    return slot
+
+
+def ssm_scan(lw, node) -> Val:
+    """Mamba-2's chunked selective scan kernel (kept whole by :mod:`porter.traced.kernels`) on
+    x [1, n_tokens, H, P], dt [1, n_tokens, H], A [H], B, C [1, n_tokens, G, N] -> ``ssm_scan`` on
+    the layer's recurrent state (H P N numbers, zeros when a sequence starts), dt + dt_bias before
+    it (ggml applies the softplus) and the skip term D x after it."""
+    from porter.traced import aten
+    from porter.traced.lower import module_path
+
+    what = "porter.ssm_scan"
+    x, dt, A, B, C, D, dt_bias = (lw.val(a) for a in node.args[:7])
+    softplus, lo, hi = node.args[7], node.args[8], node.args[9]
+    if not all(isinstance(v, Val) for v in (x, dt, A, B, C)) or x.rank != 4 or B.rank != 4 or A.rank != 1:
+        raise Gap(what, "a selective scan of other than per-token tensors and per-head decays", node)
+    _, n, h, p = x.shape
+    g, N = B.shape[2], B.shape[3]
+    if x.shape[0] != 1 or n != T or any(is_sym(d) for d in (h, p, g, N)):
+        raise Gap(what, f"a selective scan over {list(x.shape)} (one sequence of n_tokens expected)", node)
+    if not softplus:
+        raise Gap(what, "a time step without softplus (ggml's ssm_scan applies one)", node)
+    layer, _ = lw.layers.split(module_path(node))
+    if layer is None:
+        raise Gap(what, "a selective scan outside the model's layer list", node)
+    if isinstance(dt_bias, Val):
+        dt = aten.binary(lw, "add", dt, dt_bias)
+    if lo > 0.0 or hi < math.inf:
+        # softplus(dt) clamped to [lo, hi] is softplus of dt clamped to their preimages (softplus
+        # is increasing): the clamp moves before the softplus ggml applies
+        big = float(torch.finfo(torch.float32).max)
+        pre = [math.log(math.expm1(b)) if 0.0 < b < math.inf else e for b, e in ((lo, -big), (hi, big))]
+        dt = lw.emit("clamp", [lw.contiguous(dt)], {"min": pre[0], "max": pre[1]}, shape=dt.shape, role="dt_limit")
+    slot = _state_slot(lw, layer, "ssm", h * p * N)
+    xs = lw.reshape(lw.contiguous(x), (T, h, p))
+    ins = [xs, lw.reshape(lw.contiguous(dt), (T, h)), lw.reshape(lw.contiguous(A), (h, 1)),
+           lw.reshape(lw.contiguous(B), (T, g, N)), lw.reshape(lw.contiguous(C), (T, g, N))]
+    y = lw.emit("ssm_scan", ins, {"cache": slot, "layer": layer}, shape=(T, h, p), role="ssm_scan")
+    if isinstance(D, Val):  # the skip connection D x, one D per head
+        y = aten.binary(lw, "add", y, aten.binary(lw, "mul", xs, lw.reshape(D, (h, 1))))
+    return lw.reshape(y, (1, T, h, p))
+
+
+def selective_scan(lw, node) -> Val:
+    """Mamba's selective scan kernel (kept whole by :mod:`porter.traced.kernels`) on x, dt
+    [1, D, n_tokens], A [D, N], B, C [1, N, n_tokens] -> ``ssm_scan`` with one head per channel
+    (head size 1, a decay per state entry) on the layer's recurrent state (D N numbers), dt + its
+    bias before it (ggml applies the softplus), D x and the silu(z) gate after it."""
+    from porter.traced import aten
+    from porter.traced.lower import module_path
+
+    what = "porter.selective_scan"
+    x, dt, A, B, C, D, z, bias = (lw.val(a) for a in node.args[:8])
+    if not all(isinstance(v, Val) for v in (x, dt, A, B, C)) or x.rank != 3 or A.rank != 2 or B.rank != 3:
+        raise Gap(what, "a selective scan of other than per-channel tensors", node)
+    d, n = x.shape[1], x.shape[2]
+    N = A.shape[1]
+    if x.shape[0] != 1 or n != T or is_sym(d) or is_sym(N) or tuple(B.shape) != (1, N, T):
+        raise Gap(what, f"a selective scan over {list(x.shape)} (one sequence of n_tokens expected)", node)
+    if not node.args[8]:
+        raise Gap(what, "a time step without softplus (ggml's ssm_scan applies one)", node)
+    layer, _ = lw.layers.split(module_path(node))
+    if layer is None:
+        raise Gap(what, "a selective scan outside the model's layer list", node)
+    if isinstance(bias, Val):
+        dt = aten.binary(lw, "add", dt, lw.reshape(bias, (d, 1)))
+    slot = _state_slot(lw, layer, "ssm", d * N)
+
+    def tokens_first(v: Val, shape) -> Val:  # [1, C, n_tokens] -> ne [.., C, n_tokens] rows of a token
+        return lw.reshape(lw.contiguous(lw.permute(v, [0, 2, 1])), shape)
+
+    ins = [tokens_first(x, (T, d, 1)), tokens_first(dt, (T, d)), A,
+           tokens_first(B, (T, 1, N)), tokens_first(C, (T, 1, N))]
+    y = lw.emit("ssm_scan", ins, {"cache": slot, "layer": layer}, shape=(T, d, 1), role="ssm_scan")
+    y = lw.permute(lw.reshape(y, (1, T, d)), [0, 2, 1])  # back to [1, D, n_tokens]
+    if isinstance(D, Val):  # the skip connection D x, one D per channel
+        y = aten.binary(lw, "add", y, aten.binary(lw, "mul", x, lw.reshape(D, (d, 1))))
+    if isinstance(z, Val):  # the gate
+        y = aten.binary(lw, "mul", y, aten.elementwise(lw, z, "silu"))
+    return y
 
 
 def attention_products(lw, a: Val, b: Val) -> tuple[Val, Val]:

@@ -10,9 +10,16 @@ the gated delta rule of Qwen3-Next and Kimi linear attention).
   only moves values.
 - ``gated_delta_net`` against the delta rule's recurrence in float64 (transformers'
   ``torch_recurrent_gated_delta_rule``, written out), a decay per head or per key channel:
-  error <= n (4 S + 8) 2**-23 relative to the largest output or memory entry (each token rescales
-  the memory and adds S-term dot products to it, rounding errors add up over the n tokens).
-- ``delta_net`` across passes: a sequence cut into chunks gives bit for bit the outputs and the
+  error <= n (4 S + 8) 2**-23 relative to the largest output, memory entry or v (each token
+  rescales the memory and adds S-term dot products to it, rounding errors add up over the n
+  tokens; q and k are unit vectors, so no term is larger).
+- ``ssm_scan`` against Mamba's selective scan recurrence in float64, Mamba-2 form (a decay per
+  head, groups of heads sharing B and C) and Mamba-1 form (head size 1, a decay per state entry):
+  each output's and state entry's error relative to the same recurrence run on |terms| (a
+  relative error would blow up where the sums cancel) within n steps of (2 N + 8) roundings plus
+  the time step's error (ggml's softplus log(1 + e^dt) is off by 2**-24 / d relative) carried
+  into d x B and, |d A| times larger, into exp(d A).
+- ``delta_net`` and ``ssm_scan`` across passes: a sequence cut into chunks gives bit for bit the outputs and the
   memory of one pass (ggml walks the tokens in the same order either way); clearing starts over
   from zeros, as does a pass without a cache.
 
@@ -153,7 +160,9 @@ def test_gated_delta_net(backend, S, H, n, per_channel, seed):
     out, after = run(backend, lambda gr: [gr.ops.cont(t) for t in
                                           gr.ops.gated_delta_net(*(gr.input(x) for x in ins), gr.input(memory))])
     ref_out, ref_after = _delta_ref(*ins, memory)
-    scale = max(np.abs(ref_out).max(), np.abs(ref_after).max())
+    # the terms each step sums are as large as the memory and v (q and k are unit vectors): where
+    # they cancel, the result is smaller than the rounding of its terms
+    scale = max(np.abs(ref_out).max(), np.abs(ref_after).max(), np.abs(memory).max(), np.abs(ins[2]).max())
     err = max(np.abs(out.reshape(ref_out.shape) - ref_out).max(), np.abs(after.reshape(ref_after.shape) - ref_after).max())
     check("gated_delta_net vs fp64", float(err / scale), n * (4 * S + 8) * 2.0**-23)
 
@@ -197,7 +206,7 @@ def test_delta_net_carries_its_memory_across_passes(backend, S, H, chunks, per_c
     spec = _delta_spec(H, S, per_channel)
     whole = _delta_pass(backend, spec, None, ins)  # no cache: from zeros
     ref, _ = _delta_ref(*ins, np.zeros((H, S, S)))
-    check("delta_net (no cache) vs fp64", float(np.abs(whole - ref).max() / np.abs(ref).max()),
+    check("delta_net (no cache) vs fp64", float(np.abs(whole - ref).max() / max(np.abs(ref).max(), np.abs(ins[2]).max())),
           n * (4 * S + 8) * 2.0**-23)
     kv = KVCache(backend, spec, 8)
     try:
@@ -209,5 +218,128 @@ def test_delta_net_carries_its_memory_across_passes(backend, S, H, chunks, per_c
         kv.clear_states()
         exact("delta_net (after clearing)", _delta_pass(backend, spec, kv, [x[:chunks[0]] for x in ins]),
               whole[:chunks[0]])
+    finally:
+        kv.close()
+
+
+def _softplus(x):
+    return np.where(x > 20, x, np.log1p(np.exp(np.minimum(x, 20))))
+
+
+def _scan_ref(x, dt, A, B, C, state):
+    """Mamba's selective scan in float64, in ggml's layouts: x numpy (n, H, P), dt (n, H) before
+    its softplus, A (H, 1) or (H, N), B, C (n, G, N), state (H, P, N). Returns y (n, H, P), the
+    state after, each output's size and the state's (the recurrence run on |terms|)."""
+    x, dt, A, B, C = (np.asarray(a, np.float64) for a in (x, dt, A, B, C))
+    S = np.asarray(state, np.float64).copy()
+    M = np.abs(S)  # the same recurrence on |terms|: what the sums cancel from, step after step
+    n, H, P = x.shape
+    G = B.shape[1]
+    y, size = np.zeros((n, H, P)), np.zeros((n, H, P))
+    for t in range(n):
+        d = _softplus(dt[t])
+        for h in range(H):
+            g = h // (H // G)
+            decay, new = np.exp(d[h] * A[h])[None, :], d[h] * np.outer(x[t, h], B[t, g])
+            S[h] = S[h] * decay + new
+            M[h] = M[h] * decay + np.abs(new)
+            y[t, h] = S[h] @ C[t, g]
+            size[t, h] = M[h] @ np.abs(C[t, g])
+    return y, S, size, M
+
+
+def _scan_bound(n: int, N: int, ins) -> float:
+    """Error bound of n steps of a scan of state size N on inputs (x, dt, A, ...): (2 N + 8) roundings
+    a step, plus the error of the time step d = softplus(dt) into d x B and, |d A| times larger,
+    into exp(d A). ggml computes log(1 + e^dt), whose 1 + e^dt rounds: d is off by 2**-24 / d
+    relative (more than torch's log1p where d is small)."""
+    dt, A = np.asarray(ins[1], np.float64), np.asarray(ins[2], np.float64)
+    d = _softplus(dt)
+    exponent = float((d[:, :, None] * np.abs(A)[None]).max())
+    e_d = 2.0**-23 * (2 + 1 / float(d.min()))
+    return n * ((2 * N + 8) * 2.0**-23 + (1 + 4 * exponent) * e_d)
+
+
+def _scan_inputs(rng, n, H, P, N, G, mamba1):
+    x = rng.standard_normal((n, H, P)).astype(np.float32)
+    dt = rng.uniform(-4.0, 1.0, (n, H)).astype(np.float32)
+    A = -rng.uniform(0.5, 4.0, (H, N if mamba1 else 1)).astype(np.float32)
+    B, C = (rng.standard_normal((n, G, N)).astype(np.float32) for _ in range(2))
+    return x, dt, A, B, C
+
+
+_scan_shapes = st.one_of(
+    st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 9), st.integers(1, 3), st.just(False))
+    .map(lambda t: (t[0] * t[3], t[1], t[2], t[3], False)),  # Mamba-2: H = G * heads per group
+    st.tuples(st.integers(1, 6), st.just(1), st.integers(1, 9), st.just(1), st.just(True)))  # Mamba-1
+
+
+@given(shape=_scan_shapes, n=st.integers(1, 6), seed=seeds)
+def test_ssm_scan(backend, shape, n, seed):
+    H, P, N, G, mamba1 = shape
+    rng = rng_for(seed)
+    ins = _scan_inputs(rng, n, H, P, N, G, mamba1)
+    state = rng.standard_normal((H, P, N)).astype(np.float32)
+    y, after = run(backend, lambda gr: [gr.ops.cont(t) for t in
+                                        gr.ops.ssm_scan(*(gr.input(a) for a in ins), gr.input(state))])
+    ref_y, ref_after, size, state_size = _scan_ref(*ins, state)
+    err = max((np.abs(y.reshape(ref_y.shape) - ref_y) / (size + 1e-30)).max(),
+              (np.abs(after.reshape(ref_after.shape) - ref_after) / (state_size + 1e-30)).max())
+    check("ssm_scan vs fp64", float(err), _scan_bound(n, N, ins))
+
+
+def test_ssm_scan_refuses_groups_that_do_not_divide_the_heads(backend):
+    with GraphRunner(backend, max_nodes=16) as g:
+        x, dt = g.input(np.zeros((2, 3, 4), np.float32)), g.input(np.zeros((2, 3), np.float32))
+        A, B = g.input(np.zeros((3, 1), np.float32)), g.input(np.zeros((2, 2, 5), np.float32))
+        with pytest.raises(ShapeError, match="ssm_scan"):
+            g.ops.ssm_scan(x, dt, A, B, B, g.input(np.zeros((3, 4, 5), np.float32)))
+
+
+def _scan_spec(H: int, P: int, N: int, mamba1: bool):
+    from porter.spec import Node, Spec, WeightDecl, check as check_spec
+
+    ins = {"x": [1, H, P], "dt": [1, H], "A": [H, N if mamba1 else 1], "B": [1, 1, N], "C": [1, 1, N]}
+    return check_spec(Spec(version=2, architecture="one_scan", hparams={"n_layer": 1, "state_width_ssm": H * P * N},
+                           inputs=[], weights=[WeightDecl(name=k, shape=v) for k, v in ins.items()],
+                           graph=[Node(name="y", op="ssm_scan", inputs=list(ins),
+                                       attrs={"cache": "ssm", "layer": 0})], outputs=["y"]))
+
+
+def _scan_pass(backend, spec, kv, arrays) -> np.ndarray:
+    from porter.runtime.graph import GraphBuilder
+
+    with GraphRunner(backend, max_nodes=64) as g:
+        b = GraphBuilder(spec, g.ops, {k: g.input(a, name=k) for k, a in zip(["x", "dt", "A", "B", "C"], arrays)},
+                         {}, {}, kv)
+        y = b.build()["y"]
+        return g.compute([g.ops.cont(y), *b.side_effects])[0].reshape(arrays[0].shape)  # (n, H, P)
+
+
+@given(shape=_scan_shapes.filter(lambda s: s[3] == 1), chunks=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+       seed=seeds)
+def test_ssm_scan_carries_its_state_across_passes(backend, shape, chunks, seed):
+    from porter.runtime.graph import KVCache
+
+    H, P, N, _, mamba1 = shape
+    rng = rng_for(seed)
+    x, dt, A, B, C = _scan_inputs(rng, sum(chunks), H, P, N, 1, mamba1)
+    spec = _scan_spec(H, P, N, mamba1)
+    whole = _scan_pass(backend, spec, None, [x, dt, A, B, C])  # no cache: from zeros
+    ref, _, size, _ = _scan_ref(x, dt, A, B, C, np.zeros((H, P, N)))
+    check("ssm_scan (no cache) vs fp64", float((np.abs(whole - ref) / (size + 1e-30)).max()),
+          _scan_bound(sum(chunks), N, [x, dt, A]))
+    kv = KVCache(backend, spec, 8)
+    try:
+        start, parts = 0, []
+        for m in chunks:
+            cut = slice(start, start + m)
+            parts.append(_scan_pass(backend, spec, kv, [x[cut], dt[cut], A, B[cut], C[cut]]))
+            start += m
+        exact("ssm_scan (chunked passes)", np.concatenate(parts), whole)
+        kv.clear_states()
+        first = slice(0, chunks[0])
+        exact("ssm_scan (after clearing)", _scan_pass(backend, spec, kv, [x[first], dt[first], A, B[first], C[first]]),
+              whole[first])
     finally:
         kv.close()

@@ -85,6 +85,9 @@ REWRITES = {
     "qwen3_next": ("gated delta rule kernel (two key heads over four value heads) after a short convolution",
                    {"delta_net", "state_store", "ssm_conv"}),
     "kimi_linear": ("Kimi delta attention: the delta rule with a decay per key channel", {"delta_net"}),
+    "mamba2": ("Mamba-2's chunked scan kernel: a decay per head, groups of heads sharing B and C",
+               {"ssm_scan", "state_store", "ssm_conv"}),
+    "mamba": ("Mamba's selective scan kernel: a decay per state entry, D x and the silu gate", {"ssm_scan"}),
 }
 
 
@@ -106,10 +109,10 @@ def test_rewrite_type_ports_through_the_traced_path(model_type, tmp_path):
         assert not missing, f"{model_type}: the spec has no {sorted(missing)} node or input ({what} lowered literally?)"
 
 
-@pytest.mark.parametrize("model_type", ["lfm3", "qwen3_next"])
+@pytest.mark.parametrize("model_type", ["lfm3", "qwen3_next", "mamba2"])
 def test_recurrent_state_starts_over_with_each_sequence(model_type, tmp_path):
-    """A convolution's state (the last steps) and a delta rule's memory are not rows per
-    position: a new sequence (reset) must not see the previous one's, and decoding continues it
+    """A convolution's state (the last steps), a delta rule's memory and a scan's state are not
+    rows per position: a new sequence (reset) must not see the previous one's, and decoding continues it
     exactly."""
     with port_tiny_traced(model_type, directory=tmp_path) as pair:
         m = pair.porter
