@@ -214,6 +214,7 @@ def check_hparams(spec: Spec, path, n_tensors: int) -> None:
     (a layer count of 2**63-1 would otherwise expand weight names until memory runs out)."""
     hp = spec.hparams
     sizes = {name for w in spec.weights for d in w.shape if expr.is_reference(d) for name, _ in expr.references(d)}
+    sizes.add("n_vocab")  # a size even where the shapes state it as a number
     for key, value in hp.items():
         items = value if isinstance(value, list) else [value]
         if key in sizes or _COUNTS.match(key):
@@ -223,9 +224,6 @@ def check_hparams(spec: Spec, path, n_tensors: int) -> None:
         elif _REALS.search(key) and not all(_is_real(v) for v in items):
             raise ModelError(f"{path}: spec hparam {key} = {value!r} is not a finite number; "
                              "the file is damaged: convert the model again")
-    if "n_vocab" in hp and not (_is_int(hp["n_vocab"]) and hp["n_vocab"] > 0):
-        raise ModelError(f"{path}: spec hparam n_vocab = {hp['n_vocab']!r} is not a positive integer; "
-                         "convert the model again")
     loop = spec.layer_loop
     if loop is None:
         return

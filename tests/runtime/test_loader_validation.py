@@ -114,3 +114,108 @@ def test_truncated_gguf_says_truncated(keep, tmp_path):
     path.write_bytes(data[:int(len(data) * keep)])
     out = run(path)
     assert out.startswith("PorterError:") and "truncated" in out, out
+
+
+def test_n_vocab_must_be_positive(tmp_path):
+    """Also when no weight shape names it (specs written by porter state literal shapes)."""
+    s = tinygguf.spec_with(n_vocab=-3)
+    for w in s["weights"]:
+        w["shape"] = [8, 4] if w["name"] != "blk.{L}.attn_norm.weight" else [4]
+    out = run(tinygguf.write(tmp_path / "m.gguf", spec=s))
+    assert "hparam n_vocab = -3 is not a positive integer" in out, out
+
+
+def _header_string_at(data: bytes, text: str, before: int) -> int:
+    """Where the header's copy of ``text`` starts (the last one before byte ``before``: the
+    spec's JSON names the same keys and tensors earlier)."""
+    return data.rindex(text.encode(), 0, before)
+
+
+def test_non_utf8_metadata_key(tmp_path):
+    path = tinygguf.write(tmp_path / "m.gguf")
+    data = _raw(path)
+    data[_header_string_at(data, "tiny.context_length", len(data))] = 0xFF
+    path.write_bytes(bytes(data))
+    out = run(path)
+    assert out.startswith("PorterError:"), out
+    assert "metadata key 3 of 3 (after porter.graph_spec) is not UTF-8 text; the file is damaged" in out, out
+
+
+def test_non_utf8_tensor_name(tmp_path):
+    path = tinygguf.write(tmp_path / "m.gguf")
+    data = _raw(path)
+    data[_header_string_at(data, "output.weight", len(data)) + 2] = 0xC3  # a lead byte without its continuation
+    path.write_bytes(bytes(data))
+    out = run(path)
+    assert out.startswith("PorterError:"), out
+    assert "the name of tensor 4 of 4 (after blk.1.attn_norm.weight) is not UTF-8 text" in out, out
+
+
+def _cut_points(data: bytes) -> dict[str, tuple[int, str]]:
+    """Where to cut the tiny file, and what the message must say the cut is inside."""
+    tensor_table = _header_string_at(data, "output.weight", len(data))
+    return {
+        "empty": (0, "the file is empty"),
+        "inside the fixed header": (10, "inside the first 24 bytes"),
+        "inside a key": (_header_string_at(data, "tiny.context_length", tensor_table) + 3,
+                         "inside metadata key 3 of 3 (after porter.graph_spec)"),
+        "inside a value": (_header_string_at(data, '"outputs"', tensor_table), "inside the value of porter.graph_spec"),
+        "inside the tensor table": (tensor_table + 3, "inside the name of tensor 4 of 4 (after blk.1.attn_norm.weight)"),
+        "inside the data": (len(data) - 8, "tensor output.weight runs past the end of the file"),
+    }
+
+
+@pytest.mark.parametrize("where", list(_cut_points(tinygguf.write(__import__("pathlib").Path(
+    __import__("tempfile").mkdtemp()) / "m.gguf").read_bytes())))
+def test_cut_short_says_truncated_and_where(where, tmp_path):
+    path = tinygguf.write(tmp_path / "m.gguf")
+    data = path.read_bytes()
+    cut, inside = _cut_points(data)[where]
+    path.write_bytes(data[:cut])
+    out = run(path)
+    assert out.startswith("PorterError:") and "truncated" in out and inside in out, out
+    assert "convert the model again" in out, out
+    for jargon in ("unpack", "buffer", "mmap", "codec"):  # struct, numpy and mmap wording
+        assert jargon not in out, out
+
+
+# damaged files through the command line, as a user meets them
+def _damaged(tmp_path, how: str):
+    path = tmp_path / "m.gguf"
+    if how == "corrupt tokenizer JSON":
+        return tinygguf.write(path, strings={"porter.tokenizer_json": '{"version": "1.0", "model": {'})
+    if how == "n_vocab abc":
+        return tinygguf.write(path, spec=tinygguf.spec_with(n_vocab="abc"))
+    tinygguf.write(path)
+    data = _raw(path)
+    if how == "non-UTF-8 key":
+        data[_header_string_at(data, "tiny.context_length", len(data))] = 0xFF
+    elif how == "non-UTF-8 spec":
+        data[data.index(b'"architecture"') + 1] = 0xFF
+    elif how == "truncated":
+        data = data[:_header_string_at(data, "output.weight", len(data))]
+    path.write_bytes(bytes(data))
+    return path
+
+
+CLI_CASES = {
+    "corrupt tokenizer JSON": "the tokenizer JSON in this GGUF (porter.tokenizer_json) is corrupt (EOF while parsing",
+    "n_vocab abc": "spec hparam n_vocab = 'abc' is not a positive integer",
+    "non-UTF-8 key": "metadata key 3 of 3 (after porter.graph_spec) is not UTF-8 text",
+    "non-UTF-8 spec": "the value of porter.graph_spec is not UTF-8 text",
+    "truncated": "truncated: the file ends",
+}
+
+
+@pytest.mark.parametrize("how", CLI_CASES)
+def test_damaged_gguf_through_porter_run(how, tmp_path):
+    path = _damaged(tmp_path, how)
+    before = path.read_bytes()
+    r = subprocess.run([sys.executable, "-m", "porter", "run", str(path), "-p", "hi", "--no-chat", "-n", "1"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env=dict(os.environ, GGML_NO_BACKTRACE="1"))
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: ") and CLI_CASES[how] in r.stderr, r.stderr
+    assert "convert the model again" in r.stderr, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf"] and path.read_bytes() == before
