@@ -167,26 +167,6 @@ def _model_context(model: Path) -> int | None:
     return n if isinstance(n, int) and n >= 2 else None
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
-
-
-def _reserve_kv_cache(m) -> None:
-    """Allocate the KV cache before any compute, refusing a context whose cache does not fit."""
-    from porter.runtime.core import available_memory
-    from porter.runtime.graph import kv_cache_bytes
-
-    need, have = kv_cache_bytes(m.spec, m.n_ctx, m.cache_type), available_memory()
-    what = f"the KV cache of {m.n_ctx} positions (-c) needs {_gib(need)}"
-    advice = "lower -c or use --cache-type f16/q8_0"
-    if have is not None and need > have:
-        raise OptionError(f"{what}, {_gib(have)} are available; {advice}")
-    try:
-        m.kv
-    except MemoryError:  # within the machine's free memory, beyond what this process may take
-        raise OptionError(f"{what} and could not be allocated (a memory limit of this process?); {advice}") from None
-
-
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", default="Write a haiku about porting models.", show_default=True)
@@ -224,7 +204,7 @@ def run(model, prompt, n_predict, chat, temp, top_k, top_p, seed, threads, ctx_s
             raise OptionError(f"the prompt has {len(ids)} tokens, the context holds {m.n_ctx} (and needs room for "
                               f"at least one new token); shorten the prompt or raise -c "
                               f"(this model has {m.metadata.get('context_length') or 'an unknown number of'} positions)")
-        _reserve_kv_cache(m)
+        m.kv  # allocated before any compute: a cache that cannot fit is refused with its size
         click.secho(prompt, fg="cyan", err=True)
         _, stats = m.generate(ids, n_predict, temperature=temp, top_k=top_k, top_p=top_p, seed=seed,
                               on_text=lambda s: click.echo(s, nl=False))

@@ -8,6 +8,7 @@ an empty dimension), raised raw Python errors, or grew without bound (n_layer = 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -68,13 +69,26 @@ CASES = {
     "n_layer 2**63-1": (tinygguf.spec_with(n_layer=2**63 - 1), None,
                         r"hparam n_layer = 9223372036854775807 is not a layer count this file can hold \(0\.\.4"),
     "n_layer true": (tinygguf.spec_with(n_layer=True), None, r"hparam n_layer = True is not a non-negative integer"),
+    # a width beyond int64 reached cffi (OverflowError); below it, sizes whose products overflow ggml's
+    "n_embd_kv 2**70": (tinygguf.spec_with(n_embd_kv=2**70), None,
+                        r"hparam n_embd_kv = 1180591620717411303424 is not a non-negative integer below 2\*\*31"),
+    "norm_eps a list": (tinygguf.spec_with(norm_eps=[1e-5, 1e-5]), None,
+                        r"node norm-0: eps = \[1e-05, 1e-05\] \(\$norm_eps\) is not a finite number >= 0"),
+    "eps attribute nan": (spec(lambda s: s["graph"][1]["body"][0]["attrs"].update(eps=float("nan"))), None,
+                          r"node norm-0: eps = nan is not a finite number >= 0"),  # ggml asserted (exit 134)
+    "eps attribute abc": (spec(lambda s: s["graph"][1]["body"][0]["attrs"].update(eps="abc")), None,
+                          r"node norm-0: eps = 'abc' is not a finite number >= 0"),
+    "no KV cache width": (tinygguf.spec_with(n_embd_kv=0), None, r"the KV cache holds nothing"),
+    "KV cache beyond memory": (tinygguf.spec_with(n_embd_kv=2**30), None,
+                               r"the KV cache of 16 positions needs 256\.0 GiB, [0-9.]+ GiB are available"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_inconsistent_gguf_is_refused(case, tmp_path):
     s, w, message = CASES[case]
-    out = run(tinygguf.write(tmp_path / "m.gguf", spec=s, weights=w))
+    # json.dumps writes NaN as JavaScript's NaN, as a damaged file may hold it
+    out = run(tinygguf.write(tmp_path / "m.gguf", spec_text=json.dumps(s or tinygguf.SPEC), weights=w))
     assert out.startswith("PorterError:"), out
     assert __import__("re").search(message, out), out
 
