@@ -114,16 +114,24 @@ def convert(model_dir, out, outtype, force, trust_remote_code, quiet):
     click.echo(report.summary() if hasattr(report, "summary") else str(report))
 
 
-def _check_run_options(prompt, n_predict, temp, top_k, top_p, seed, threads, ctx_size) -> int | None:
-    """Refuse options outside their range before anything loads; the thread count, capped at the
-    cores this process may use."""
-    import math
-    import os
-
+def _check_prompt(prompt: str, chat: bool) -> None:
+    """Refuse a prompt that is empty without a chat template around it, or not UTF-8 text."""
+    if not prompt and not chat:
+        raise OptionError("the prompt is empty (nothing to continue); give some text with -p")
     try:
         prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise OptionError("the prompt is not valid UTF-8 text; pass it in a UTF-8 locale or from a UTF-8 file") from None
+    except UnicodeEncodeError as exc:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        code = ord(prompt[exc.start])
+        what = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
+        raise OptionError(f"the prompt is not valid UTF-8 text ({what} at character {exc.start}); give UTF-8 text "
+                          "(check the encoding of the terminal or of the file it came from)") from None
+
+
+def _check_run_options(n_predict, temp, top_k, top_p, seed, threads, ctx_size) -> tuple[int | None, int | None]:
+    """Refuse options outside their range before anything loads; the seed (None: random) and the
+    thread count, capped at the cores this process may use."""
+    import math
+
     if n_predict < -1:
         raise OptionError(f"-n {n_predict}: give a number of tokens >= 0, or -1 for until the end of the sequence "
                           "or a full context")
@@ -133,10 +141,11 @@ def _check_run_options(prompt, n_predict, temp, top_k, top_p, seed, threads, ctx
         raise OptionError(f"--top-k {top_k}: give a number of candidates >= 0 (0 = all)")
     if not 0 < top_p <= 1:  # NaN fails too
         raise OptionError(f"--top-p {top_p}: the nucleus probability must be in (0, 1] (1 = off)")
-    if seed is not None and not 0 <= seed < 2**64:
-        raise OptionError(f"--seed {seed}: give a seed in 0..2**64-1 (or none for a random one)")
-    if ctx_size is not None and ctx_size < 2:
-        raise OptionError(f"-c {ctx_size}: the context must hold at least 2 tokens (a prompt token and a new one)")
+    if seed is not None and not -1 <= seed < 2**64:
+        raise OptionError(f"--seed {seed}: give a seed in 0..2**64-1, or -1 for a random one")
+    if ctx_size is not None and ctx_size != 0 and ctx_size < 2:
+        raise OptionError(f"-c {ctx_size}: the context must hold at least 2 tokens (a prompt token and a new one), "
+                          "or give 0 for the model's own length")
     if threads is not None:
         if threads < 1:
             raise OptionError(f"-t {threads}: give at least 1 thread")
@@ -144,17 +153,18 @@ def _check_run_options(prompt, n_predict, temp, top_k, top_p, seed, threads, ctx
         if threads > cores:
             click.secho(f"warning: -t {threads} exceeds the {cores} cores available; using {cores}", fg="yellow", err=True)
             threads = cores
-    return threads
+    return (None if seed == -1 else seed), threads
 
 
-def _check_kv_memory(m) -> None:
-    from porter.runtime.core import available_memory
-    from porter.runtime.graph import kv_cache_bytes
+def _model_context(model: Path) -> int | None:
+    """The context length a GGUF states (-c 0 asks for it, as in llama.cpp), read from its header."""
+    from porter.runtime.gguf_file import GGUFFile
 
-    need, have = kv_cache_bytes(m.spec, m.n_ctx, m.cache_type), available_memory()
-    if have is not None and need > have:
-        raise OptionError(f"-c {m.n_ctx}: the KV cache needs {need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB are "
-                          "available; lower -c or use --cache-type f16/q8_0")
+    if not model.is_file():
+        return None  # the loader says what is wrong with the path
+    with GGUFFile(model) as f:
+        n = f.get(f"{f.get('general.architecture')}.context_length")
+    return n if isinstance(n, int) and n >= 2 else None
 
 
 @main.command()
@@ -163,12 +173,15 @@ def _check_kv_memory(m) -> None:
 @click.option("-n", "--n-predict", default=64, show_default=True,
               help="Tokens to generate (-1: until the end of the sequence or a full context).")
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
-@click.option("--temp", default=0.0, show_default=True, help="Sampling temperature (0 = greedy).")
-@click.option("--top-k", default=40, show_default=True)
-@click.option("--top-p", default=0.95, show_default=True)
-@click.option("--seed", default=None, type=int, help="Random seed for sampling.")
-@click.option("-t", "--threads", default=None, type=int, help="Threads (default: the physical cores).")
-@click.option("-c", "--ctx-size", default=None, type=int, help="Context length (default: min(model's, 2048)).")
+@click.option("--temp", default=0.0, show_default=True, help="Sampling temperature, >= 0 (0 = greedy).")
+@click.option("--top-k", default=40, show_default=True, help="Sample among the k likeliest tokens (0 = all candidates).")
+@click.option("--top-p", default=0.95, show_default=True,
+              help="Sample among the likeliest tokens whose probabilities add up to p, in (0, 1] (1 = off).")
+@click.option("--seed", default=None, type=int, help="Random seed for sampling, 0..2**64-1 (-1 or none: a random seed).")
+@click.option("-t", "--threads", default=None, type=int,
+              help="Threads, >= 1, capped at the cores available (default: the physical cores).")
+@click.option("-c", "--ctx-size", default=None, type=int,
+              help="Context length, >= 2 (0: the model's; default: min(model's, 2048)).")
 @click.option("--cache-type", type=click.Choice(["f32", "f16", "q8_0"]), default="f32", show_default=True,
               help="KV cache type (f16 halves its memory and speeds long contexts; llama.cpp's default).")
 def run(model, prompt, n_predict, chat, temp, top_k, top_p, seed, threads, ctx_size, cache_type):
@@ -176,26 +189,30 @@ def run(model, prompt, n_predict, chat, temp, top_k, top_p, seed, threads, ctx_s
     the sequence or a full context, as llama.cpp)."""
     import porter
 
-    threads = _check_run_options(prompt, n_predict, temp, top_k, top_p, seed, threads, ctx_size)
+    _check_prompt(prompt, chat)
+    seed, threads = _check_run_options(n_predict, temp, top_k, top_p, seed, threads, ctx_size)
+    if ctx_size == 0:
+        ctx_size = _model_context(model)
     with porter.load(model, n_threads=threads, n_ctx=ctx_size, cache_type=cache_type) as m:
-        _check_kv_memory(m)
         text = prompt
         if chat and m.metadata.get("chat_template"):
             text = m.apply_chat_template([{"role": "user", "content": prompt}])
         ids = m.encode(text, add_special_tokens=not chat)
-        if not ids or not (prompt or chat):
+        if not ids:
             raise OptionError("the prompt is empty (nothing to continue); give some text with -p")
         if len(ids) >= m.n_ctx:
             raise OptionError(f"the prompt has {len(ids)} tokens, the context holds {m.n_ctx} (and needs room for "
                               f"at least one new token); shorten the prompt or raise -c "
                               f"(this model has {m.metadata.get('context_length') or 'an unknown number of'} positions)")
+        m.kv  # allocated before any compute: a cache that cannot fit is refused with its size
         click.secho(prompt, fg="cyan", err=True)
         _, stats = m.generate(ids, n_predict, temperature=temp, top_k=top_k, top_p=top_p, seed=seed,
                               on_text=lambda s: click.echo(s, nl=False))
         click.echo()
         click.secho(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tokens/s | "
                     f"generation: {stats.generated_tokens} tokens, {stats.generate_tps:.1f} tokens/s "
-                    f"| {m.backend.threads_in_use} of {m.backend.n_threads} threads", fg="bright_black", err=True)
+                    f"| {m.backend.threads_in_use} of {m.backend.n_threads} threads | context {m.n_ctx}",
+                    fg="bright_black", err=True)
 
 
 @main.command()

@@ -16,6 +16,7 @@ type u32 and data offset u64; the data section starts at the next multiple of
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,12 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _SIZES = {k: struct.calcsize(v) for k, v in _SCALARS.items()}
 _STRING, _ARRAY = 8, 9
 _NUMPY = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+_FIXED = 24  # magic, version, tensor count, key-value count
+_AGAIN = "convert the model again"
+
+
+class _PastEnd(Exception):
+    """The header runs past the end of the file (struct.error says the same for fixed fields)."""
 
 
 @dataclass(frozen=True)
@@ -46,46 +53,66 @@ class GGUFFile:
             self._file = open(self.path, "rb")
         except OSError as exc:
             raise ModelError(f"{self.path}: cannot open ({exc.strerror})") from None
+        if os.fstat(self._file.fileno()).st_size == 0:  # mmap refuses empty files
+            self._file.close()
+            raise ModelError(f"{self.path}: the file is empty (truncated: a copy or download cut short?); {_AGAIN}")
         try:
             # private copy-on-write pages: ggml can never write into the file
             self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
-        except (ValueError, OSError) as exc:  # empty file
+        except (ValueError, OSError) as exc:
             self._file.close()
-            raise ModelError(f"{self.path}: not a readable GGUF file ({exc}); convert the model again") from None
+            raise ModelError(f"{self.path}: cannot map the file into memory ({exc})") from None
+        self._where = f"the first {_FIXED} bytes (magic, version and counts)"  # what _parse is reading
         try:
             self._parse()
-        except (struct.error, UnicodeDecodeError, IndexError, ValueError) as exc:
+        except (struct.error, _PastEnd, UnicodeDecodeError, IndexError, ValueError) as exc:
+            error = self._header_error(exc)
             self.close()
-            raise ModelError(f"{self.path}: not a readable GGUF file (truncated or corrupt header: {exc}); "
-                             "convert the model again") from None
+            raise error from None
         except ModelError:
             self.close()
             raise
 
+    def _header_error(self, exc: Exception) -> ModelError:
+        if isinstance(exc, UnicodeDecodeError):
+            return ModelError(f"{self.path}: {self._where} is not UTF-8 text; the file is damaged: {_AGAIN}")
+        if isinstance(exc, (struct.error, _PastEnd)):
+            size = len(self._map)
+            damaged = ", or a length there is damaged" if size >= _FIXED else ""
+            return ModelError(f"{self.path}: truncated: the file ends (at {size} bytes) inside {self._where}{damaged}; "
+                              f"{_AGAIN}")
+        return ModelError(f"{self.path}: the header is corrupt in {self._where} ({exc}); the file is damaged: {_AGAIN}")
+
     # -- header ----------------------------------------------------------------------------------
     def _parse(self) -> None:
         m = self._map
-        if len(m) < 24 or m[:4] != b"GGUF":
-            raise ModelError(f"{self.path}: not a GGUF file (no GGUF magic); convert the model again")
+        if m[:4] != b"GGUF"[:len(m)]:
+            raise ModelError(f"{self.path}: not a GGUF file (no GGUF magic); {_AGAIN}")
         self.version, n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
         if self.version not in (2, 3):
             raise ModelError(f"{self.path}: GGUF version {self.version} is not supported (2 or 3)")
-        pos = 24
+        pos = _FIXED
         self._fields: dict[str, tuple[int, int]] = {}  # key -> (value type, offset of the value)
-        for _ in range(n_kv):
+        key = None
+        for i in range(n_kv):
+            self._where = f"metadata key {i + 1} of {n_kv}" + (f" (after {key})" if key else "")
             key, pos = self._string(pos)
+            self._where = f"the value of {key}"
             (vtype,) = struct.unpack_from("<I", m, pos)
             pos += 4
             self._fields[key] = (vtype, pos)
             pos = self._skip(vtype, pos)
             if pos > len(m):
-                raise ValueError(f"the value of {key} runs past the end of the file")
+                raise _PastEnd
         infos = []
-        for _ in range(n_tensors):
+        name = None
+        for i in range(n_tensors):
+            self._where = f"the name of tensor {i + 1} of {n_tensors}" + (f" (after {name})" if name else "")
             name, pos = self._string(pos)
+            self._where = f"the shape and type of tensor {name}"
             (n_dims,) = struct.unpack_from("<I", m, pos)
             if n_dims > 4:
-                raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
+                raise ValueError(f"{n_dims} dimensions; ggml has at most 4")
             ne = struct.unpack_from(f"<{n_dims}Q", m, pos + 4)
             gtype, offset = struct.unpack_from("<IQ", m, pos + 4 + 8 * n_dims)
             pos += 4 + 8 * n_dims + 12
@@ -97,8 +124,8 @@ class GGUFFile:
             nbytes = _nbytes(gtype, ne)
             start = self.data_offset + offset
             if nbytes is not None and start + nbytes > len(m):
-                raise ModelError(f"{self.path}: tensor {name} runs past the end of the file "
-                                 f"({start + nbytes} > {len(m)} bytes; truncated file?)")
+                raise ModelError(f"{self.path}: truncated: tensor {name} runs past the end of the file (its data "
+                                 f"ends at byte {start + nbytes}, the file has {len(m)}); {_AGAIN}")
             self.tensors[name] = TensorInfo(name, tuple(int(x) for x in ne), int(gtype), start,
                                             -1 if nbytes is None else nbytes)
 
@@ -106,7 +133,7 @@ class GGUFFile:
         (n,) = struct.unpack_from("<Q", self._map, pos)
         end = pos + 8 + n
         if end > len(self._map):
-            raise ValueError("string past the end of the file")
+            raise _PastEnd
         return self._map[pos + 8:end].decode("utf-8"), end
 
     def _skip(self, vtype: int, pos: int) -> int:
@@ -140,7 +167,7 @@ class GGUFFile:
             itype, n = struct.unpack_from("<IQ", m, pos)
             pos += 12
             if n > len(m) - pos:
-                raise ValueError(f"an array of {n} values runs past the end of the file")
+                raise _PastEnd
             if itype in _NUMPY:
                 import numpy as np
 
@@ -164,11 +191,12 @@ class GGUFFile:
         try:
             return self._value(*f)
         except UnicodeDecodeError:
-            raise ModelError(f"{self.path}: the value of {key} is not UTF-8 text (corrupt file); "
-                             "convert the model again") from None
-        except (struct.error, ValueError) as exc:
-            raise ModelError(f"{self.path}: the value of {key} is truncated or corrupt ({exc}); "
-                             "convert the model again") from None
+            raise ModelError(f"{self.path}: the value of {key} is not UTF-8 text; the file is damaged: {_AGAIN}") from None
+        except (struct.error, _PastEnd):
+            raise ModelError(f"{self.path}: truncated: the value of {key} runs past the end of the file, or a length "
+                             f"in it is damaged; {_AGAIN}") from None
+        except ValueError as exc:
+            raise ModelError(f"{self.path}: the value of {key} is corrupt ({exc}); the file is damaged: {_AGAIN}") from None
 
     def data(self, name: str) -> memoryview:
         """The bytes of a tensor, a view into the map (valid until :meth:`close`)."""

@@ -111,6 +111,7 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
         raise ModelError(f"{path}: {SPEC_KEY} is not a string; convert the model again")
     spec = loads(text)
     check_hparams(spec, path, len(reader.tensors))
+    check_attrs(spec, path)
     arch = _field_value(reader, "general.architecture")
     metadata = {
         "architecture": arch,
@@ -199,6 +200,14 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
 _COUNTS = re.compile(r"^(n_|head_dim$|rope_n_|rope_mode$|sliding_window$|kv_width_|state_width_)")
 _REALS = re.compile(r"(eps|scale|factor|softcap|freq_base|beta_fast|beta_slow)$")
 _INT_TYPES = (GGMLType.I8, GGMLType.I16, GGMLType.I32, GGMLType.I64, GGMLType.F64)
+# no real size comes near it, and sizes below it cannot overflow ggml's byte counts when multiplied
+_MAX_SIZE = 2**31
+# node attributes the interpreter hands ggml as floats: numbers (infinities pass: a traced graph
+# may scale by one), and what some ops need besides (ggml asserts eps >= 0, which NaN fails; a
+# soft cap divides by cap)
+_FLOAT_ATTRS = re.compile(r"^(s|bias|cap|max_bias)$|(eps|scale|factor|softcap|freq_base|beta_fast|beta_slow)$")
+_ATTR_RULES = {"eps": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+               "cap": (lambda v: v != 0, "a non-zero number")}
 
 
 def _is_int(v) -> bool:
@@ -214,19 +223,19 @@ def check_hparams(spec: Spec, path, n_tensors: int) -> None:
     (a layer count of 2**63-1 would otherwise expand weight names until memory runs out)."""
     hp = spec.hparams
     sizes = {name for w in spec.weights for d in w.shape if expr.is_reference(d) for name, _ in expr.references(d)}
+    sizes.add("n_vocab")  # a size even where the shapes state it as a number
+    loop = spec.layer_loop
     for key, value in hp.items():
         items = value if isinstance(value, list) else [value]
         if key in sizes or _COUNTS.match(key):
-            if not all(_is_int(v) and v >= 0 for v in items) or (key in sizes and not all(v > 0 for v in items)):
+            limit = None if loop is not None and key == loop.repeat else _MAX_SIZE  # bounded by the file below
+            if (not all(_is_int(v) and v >= 0 and (limit is None or v < limit) for v in items)
+                    or (key in sizes and not all(v > 0 for v in items))):
                 raise ModelError(f"{path}: spec hparam {key} = {value!r} is not a {'positive' if key in sizes else 'non-negative'} "
-                                 "integer; the file is damaged: convert the model again")
+                                 f"integer{' below 2**31' if limit else ''}; the file is damaged: convert the model again")
         elif _REALS.search(key) and not all(_is_real(v) for v in items):
             raise ModelError(f"{path}: spec hparam {key} = {value!r} is not a finite number; "
                              "the file is damaged: convert the model again")
-    if "n_vocab" in hp and not (_is_int(hp["n_vocab"]) and hp["n_vocab"] > 0):
-        raise ModelError(f"{path}: spec hparam n_vocab = {hp['n_vocab']!r} is not a positive integer; "
-                         "convert the model again")
-    loop = spec.layer_loop
     if loop is None:
         return
     n_layer = hp[loop.repeat]
@@ -245,6 +254,34 @@ def check_hparams(spec: Spec, path, n_tensors: int) -> None:
                     if indexed and len(hp[name]) < n_layer:
                         raise ModelError(f"{path}: spec hparam {name} lists {len(hp[name])} layers, "
                                          f"{loop.repeat} is {n_layer}; convert the model again")
+
+
+def check_attrs(spec: Spec, path) -> None:
+    """Every float attribute of a node, resolved in each layer, is a number the op can take
+    (ggml would abort on some, Python would raise a raw TypeError on others)."""
+    hp = spec.hparams
+    n_layer = int(hp[spec.layer_loop.repeat]) if spec.layer_loop else 0
+    for item in spec.graph:
+        body, layers = (item.body, range(n_layer)) if isinstance(item, Repeat) else ([item], [None])
+        for node in body:
+            checked = [(k, v) for k, v in node.attrs.items() if _FLOAT_ATTRS.search(k)]
+            for layer in layers if checked else ():
+                for key, raw in checked:
+                    _check_attr(node, layer, key, raw, hp, path)
+
+
+def _check_attr(node, layer, key: str, raw, hp: dict, path) -> None:
+    try:
+        value = expr.evaluate(raw, lambda name, per_layer: hp[name][layer] if per_layer else hp[name]) \
+            if expr.is_reference(raw) else raw
+    except (KeyError, IndexError, TypeError):
+        return  # runtime symbols (n_tokens...), or not resolvable here: the interpreter reports it
+    rule, wanted = _ATTR_RULES.get(key, (lambda v: True, "a number"))
+    if not ((_is_int(value) or isinstance(value, float)) and rule(value)):
+        name = node.name.format(L=layer) if layer is not None else node.name
+        source = f" ({raw})" if expr.is_reference(raw) else ""
+        raise ModelError(f"{path}: node {name}: {key} = {value!r}{source} is not {wanted}; "
+                         "the file is damaged: convert the model again")
 
 
 def _shape(shape) -> tuple[int, ...]:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from porter.errors import ModelError
+from porter.errors import ModelError, OptionError
 from porter.runtime._lib import ffi, lib
-from porter.runtime.core import Backend, Buffer, Context, get_data, set_data
+from porter.runtime.core import Backend, Buffer, Context, available_memory, get_data, set_data
 from porter.runtime.generation import GenerationMixin, GenerationStats
-from porter.runtime.graph import ABSENT, GraphBuilder, KVCache
+from porter.runtime.graph import ABSENT, GraphBuilder, KVCache, kv_cache_bytes
 from porter.runtime.loader import SPEC_KEY, TOKENIZER_KEY, _bf16_as_f16, _bf16_fits_f16, index_tables, load_gguf
 from porter.runtime.masks import alibi_mask, attention_masks
 from porter.runtime.ops import Ops
@@ -142,8 +142,25 @@ class Model(GenerationMixin):
     @property
     def kv(self) -> KVCache:
         if self._kv is None:
-            self._kv = KVCache(self.backend, self.spec, self.n_ctx, self.cache_type)
+            self._kv = self._new_kv_cache()
         return self._kv
+
+    def _new_kv_cache(self) -> KVCache:
+        """The KV cache, refused in Python when it holds nothing or cannot fit (ggml cannot
+        allocate an empty buffer, and a failed allocation would blame no one)."""
+        need = kv_cache_bytes(self.spec, self.n_ctx, self.cache_type)
+        if need == 0:
+            raise ModelError(f"{self.path or 'this model'}: the KV cache holds nothing (every layer's cache width is 0: n_layer, "
+                             "n_embd_kv or kv_width_*); the file is damaged: convert the model again")
+        what = f"the KV cache of {self.n_ctx} positions needs {need / 2**30:.1f} GiB"
+        advice = "lower the context (porter run -c, or n_ctx=) or use a smaller cache type (f16, q8_0)"
+        have = available_memory()
+        if have is not None and need > have:
+            raise OptionError(f"{what}, {have / 2**30:.1f} GiB are available; {advice}")
+        try:
+            return KVCache(self.backend, self.spec, self.n_ctx, self.cache_type)
+        except MemoryError:  # within the machine's free memory, beyond what this process may take
+            raise OptionError(f"{what} and could not be allocated (a memory limit of this process?); {advice}") from None
 
     def _graph(self, n_tokens: int, n_kv: int, n_out: int, use_cache: bool, capture: tuple[str, ...] = ()):
         key = (n_tokens, n_kv, n_out, use_cache, capture)

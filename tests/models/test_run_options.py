@@ -1,6 +1,16 @@
-"""`porter run` refuses options outside their range with the valid range, before any compute."""
+"""`porter run` refuses options outside their range with the valid range, before any compute.
+
+Each case runs ``python -m porter run`` in its own process, as a user would: the exit status,
+the message, the absence of a traceback and of any file left behind are checked there (argv
+bytes that are not UTF-8 only exist that way).
+"""
 
 from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -24,19 +34,29 @@ def gguf(tmp_path_factory):
     return out
 
 
-def run(gguf, *args):
-    return CliRunner().invoke(main, ["run", str(gguf), "-n", "2", *args])
+def porter_run(model, *args, tmp_path, limit_memory: int | None = None) -> tuple[int, str, str]:
+    """Run ``python -m porter run MODEL -n 2 ARGS`` in ``tmp_path``; (exit status, stdout, stderr),
+    after checking that no traceback was printed and no file was written."""
+    before = sorted(os.listdir(tmp_path))
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_AS, (limit_memory, limit_memory))) if limit_memory else None
+    r = subprocess.run([sys.executable, "-m", "porter", "run", str(model), "-n", "2", *args], cwd=tmp_path,
+                       capture_output=True, timeout=300, preexec_fn=limit)
+    out, err = r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+    assert "Traceback" not in err, err
+    assert sorted(os.listdir(tmp_path)) == before
+    return r.returncode, out, err
 
 
-REFUSED = {
+# options checked before the model is read: refused even when MODEL does not exist
+BEFORE_LOADING = {
     "empty prompt": (["-p", "", "--no-chat"], "the prompt is empty"),
-    "non-UTF-8 prompt": (["-p", "caf\udce9", "--no-chat"], "not valid UTF-8"),
-    "prompt longer than the context": (["-p", "word " * 40, "--no-chat", "-c", "8"], "the context holds 8"),
+    "non-UTF-8 prompt": (["-p", b"\xff\xfe", "--no-chat"], "the prompt is not valid UTF-8 text (byte 0xff at character 0)"),
     "-c 1": (["-c", "1"], "-c 1: the context must hold at least 2 tokens"),
     "-c -1": (["-c", "-1"], "-c -1: the context must hold at least 2 tokens"),
-    "-c 10**12": (["-c", str(10**12)], "the KV cache needs"),
     "-t -1": (["-t", "-1"], "-t -1: give at least 1 thread"),
-    "--seed -1": (["--seed", "-1"], "--seed -1: give a seed in 0..2**64-1"),
+    "-t 0": (["-t", "0"], "-t 0: give at least 1 thread"),
+    "--seed -2": (["--seed", "-2"], "--seed -2: give a seed in 0..2**64-1, or -1 for a random one"),
+    "--seed 2**64": (["--seed", str(2**64)], "give a seed in 0..2**64-1"),
     "--temp nan": (["--temp", "nan"], "--temp nan: the temperature must be a finite number >= 0"),
     "--temp -1": (["--temp", "-1"], "--temp -1.0: the temperature must be a finite number >= 0"),
     "--top-p 5": (["--top-p", "5"], "--top-p 5.0: the nucleus probability must be in (0, 1]"),
@@ -47,28 +67,88 @@ REFUSED = {
 }
 
 
-@pytest.mark.parametrize("case", REFUSED)
-def test_refused_with_the_valid_range(case, gguf):
-    args, message = REFUSED[case]
-    r = run(gguf, *args)
-    assert r.exit_code == 1, (r.exit_code, r.output, r.exception)
-    assert "error: " in r.output and message in r.output, r.output
-    assert "Traceback" not in r.output
+@pytest.mark.parametrize("case", BEFORE_LOADING)
+def test_refused_with_the_valid_range_before_loading(case, tmp_path):
+    args, message = BEFORE_LOADING[case]
+    status, _, err = porter_run(tmp_path / "absent.gguf", *args, tmp_path=tmp_path)
+    assert status == 1, err
+    assert err.startswith("error: ") and message in err, err
+    assert "no such GGUF file" not in err  # refused before the model was looked at
 
 
-def test_threads_are_capped_at_the_cores(gguf):
-    import os
+@pytest.mark.parametrize("case", ["empty prompt", "non-UTF-8 prompt", "-c 1", "--top-p nan", "-n -5"])
+def test_refused_with_a_model_too(case, gguf, tmp_path):
+    args, message = BEFORE_LOADING[case]
+    status, _, err = porter_run(gguf, *args, tmp_path=tmp_path)
+    assert status == 1 and message in err, err
 
+
+def test_prompt_longer_than_the_context(gguf, tmp_path):
+    status, _, err = porter_run(gguf, "-p", "word " * 40, "--no-chat", "-c", "8", tmp_path=tmp_path)
+    assert status == 1, err
+    assert "tokens, the context holds 8 (and needs room for at least one new token); shorten the prompt or " \
+           "raise -c (this model has 256 positions)" in err, err
+
+
+def test_prompt_longer_than_the_context_is_refused_before_any_compute(gguf, monkeypatch):
+    from porter.runtime.model import Model
+
+    def forward(*args, **kwargs):
+        raise AssertionError("a forward pass ran before the prompt length was checked")
+
+    monkeypatch.setattr(Model, "forward", forward)
+    r = CliRunner().invoke(main, ["run", str(gguf), "-p", "word " * 40, "--no-chat", "-c", "8"])
+    assert r.exit_code == 1 and "the context holds 8" in r.output, (r.output, r.exception)
+
+
+def test_kv_cache_beyond_available_memory(gguf, tmp_path):
+    status, _, err = porter_run(gguf, "-c", str(10**12), tmp_path=tmp_path)
+    assert status == 1, err
+    assert "the KV cache of 1000000000000 positions needs 476837.2 GiB" in err, err
+    assert "lower the context (porter run -c" in err, err
+
+
+def test_kv_cache_that_cannot_be_allocated(gguf, tmp_path):
+    """Within the machine's free memory but beyond the process's limit: the allocation fails,
+    and the error still names the KV cache and its size (it blamed the weight buffer once)."""
+    from porter.runtime.core import available_memory
+
+    status, _, err = porter_run(gguf, "-c", str(10**7), "-p", "hi", "--no-chat", tmp_path=tmp_path,
+                                limit_memory=2 << 30)
+    assert status == 1, err
+    assert "the KV cache of 10000000 positions needs 4.8 GiB" in err and "lower the context (porter run -c" in err, err
+    if (available_memory() or 0) > 5 << 30:  # else refused before allocating, as above
+        assert "could not be allocated" in err, err
+
+
+def test_threads_are_capped_at_the_cores(gguf, tmp_path):
     cores = len(os.sched_getaffinity(0))
-    r = run(gguf, "-t", "1000", "-p", "hi", "--no-chat")
-    assert r.exit_code == 0, r.output
-    assert f"-t 1000 exceeds the {cores} cores available; using {cores}" in r.output
-    assert f"of {cores} threads" in r.output
+    status, _, err = porter_run(gguf, "-t", "1000", "-p", "hi", "--no-chat", tmp_path=tmp_path)
+    assert status == 0, err
+    assert f"warning: -t 1000 exceeds the {cores} cores available; using {cores}\n" in err, err
+    assert f"of {cores} threads" in err
 
 
-def test_n_minus_one_runs_until_the_context_is_full(gguf):
-    r = run(gguf, "-p", "hi", "--no-chat", "-c", "12", "-n", "-1", "--temp", "0")
-    assert r.exit_code == 0, r.output
-    n_prompt = int(r.output.split("prompt: ")[1].split(" tokens")[0])
-    generated = int(r.output.split("generation: ")[1].split(" tokens")[0])
-    assert 1 <= generated <= 12 - n_prompt, r.output  # stops at end of sequence or a full context
+def test_n_minus_one_runs_until_the_context_is_full(gguf, tmp_path):
+    status, _, err = porter_run(gguf, "-p", "hi", "--no-chat", "-c", "12", "-n", "-1", tmp_path=tmp_path)
+    assert status == 0, err
+    n_prompt = int(err.split("prompt: ")[1].split(" tokens")[0])
+    generated = int(err.split("generation: ")[1].split(" tokens")[0])
+    assert 1 <= generated <= 12 - n_prompt, err  # stops at end of sequence or a full context
+
+
+def test_llama_cpp_meanings(gguf, tmp_path):
+    """--seed -1 is a random seed, --top-k 0 keeps every candidate, -c 0 is the model's context."""
+    status, _, err = porter_run(gguf, "-p", "hi", "--no-chat", "--seed", "-1", "--temp", "1", "--top-k", "0",
+                                "-c", "0", tmp_path=tmp_path)
+    assert status == 0, err
+    assert "context 256" in err, err  # the tiny checkpoint's max_position_embeddings
+
+
+def test_help_states_the_ranges():
+    r = CliRunner().invoke(main, ["run", "--help"], terminal_width=400)
+    assert r.exit_code == 0
+    text = " ".join(r.output.split())
+    for meaning in ("-1: until the end of the sequence or a full context", "0 = greedy", "0 = all candidates",
+                    "1 = off", "-1 or none: a random seed", "0: the model's", "capped at the cores available"):
+        assert meaning in text, meaning

@@ -38,12 +38,14 @@ def tensors(n_vocab: int = 8, n_embd: int = 4, n_layer: int = 2) -> dict[str, np
 
 
 def write(path: Path, *, spec: dict | None = None, weights: dict[str, np.ndarray] | None = None,
-          spec_text: str | None = None) -> Path:
+          spec_text: str | None = None, strings: dict[str, str] | None = None) -> Path:
     """Write the tiny GGUF, with ``spec`` (a changed copy of :data:`SPEC`) or raw ``spec_text``
-    and ``weights`` in place of the defaults."""
+    and ``weights`` in place of the defaults, and any extra string ``strings`` (key: value)."""
     w = gguf.GGUFWriter(str(path), "tiny")
     w.add_string(SPEC_KEY, spec_text if spec_text is not None else json.dumps(spec or SPEC))
     w.add_context_length(16)
+    for key, value in (strings or {}).items():
+        w.add_string(key, value)
     for name, a in (tensors() if weights is None else weights).items():
         w.add_tensor(name, a)
     w.write_header_to_file()
