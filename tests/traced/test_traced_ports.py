@@ -124,3 +124,19 @@ def test_recurrent_state_starts_over_with_each_sequence(model_type, tmp_path):
         assert np.array_equal(first, again), "the state of an earlier sequence leaked into a new one"
         e = nmse(hf_logits(pair.hf, ids), first)
         assert e <= GATE, f"{model_type}: prefill 5 + decode NMSE {e:.3e} against transformers"
+
+
+def test_a_time_step_limit_that_binds(tmp_path):
+    """Mamba-2's dt limit clamps softplus(dt); ggml applies the softplus itself, so porter clamps dt
+    at the limits' preimages. With limits that bind on both sides, the port still matches, and
+    transformers' own logits move (the limit is not a no-op here)."""
+    limit = {"time_step_limit": (0.02, 0.05)}
+    with port_tiny_traced("mamba2", overrides=limit, directory=tmp_path / "limited") as pair:
+        _check_against_transformers(pair, "mamba2 with a binding time-step limit")
+        assert "clamp" in _spec_ops(pair.porter.spec.graph)
+        ids = _ids(pair.porter.n_vocab)
+        limited = hf_logits(pair.hf, ids)
+        pair.hf.config.time_step_limit = (0.0, float("inf"))
+        for layer in pair.hf.backbone.layers:
+            layer.mixer.time_step_limit = (0.0, float("inf"))
+        assert nmse(limited, hf_logits(pair.hf, ids)) > 1e-4, "the limit did not change transformers' logits"
