@@ -115,7 +115,7 @@ def traced_ops(markdown, pattern):
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"traced-path lowering table ({len(rows)} ATen ops)")
+    table = Table(title=f"traced-path lowering table ({len(rows)} ATen ops and kernels)")
     table.add_column("ATen op", style="bold")
     table.add_column("lowered to")
     for op, what in rows:
@@ -132,7 +132,10 @@ def lowering_markdown(rows=None) -> str:
              "`porter/traced/aten.py` (checked by the tests). Every ATen op of a `torch.export` graph is",
              "lowered by its rule; an op not listed here is an op gap (`porter port` exits 2 and names it).",
              "Pattern rewrites (`porter/traced/patterns.py`) run first where ggml has a fused op: RMS norm,",
-             "rotary embedding, attention with the KV cache, ALiBi biases, mixture-of-experts routing.", "",
-             f"{len(rows)} ATen ops.", "", "| ATen op | lowered to |", "|---|---|"]
+             "rotary embedding, attention with the KV cache, ALiBi biases, mixture-of-experts routing.",
+             "The `porter.*` ops are transformers' kernels kept whole while exporting",
+             "(`porter/traced/kernels.py`: the gated delta rule, Mamba's selective scans).", "",
+             f"{sum(not op.startswith('porter.') for op, _ in rows)} ATen ops, "
+             f"{sum(op.startswith('porter.') for op, _ in rows)} kernels.", "", "| ATen op | lowered to |", "|---|---|"]
     lines += [f"| `{op}` | {what.replace('|', chr(92) + '|')} |" for op, what in rows]
     return "\n".join(lines) + "\n"

@@ -329,9 +329,10 @@ def _is_zeros(x) -> bool:
 @lowers("aten.embedding.default")
 def embedding(lw, node):
     """``get_rows`` of the table by the token ids (or by the positions, for learned position
-    embeddings)"""
+    embeddings; or by an element-wise function of the ids, tabulated over the vocabulary)"""
     w = lw.val(node.args[0])
-    ids = patterns.positions_from_tokens(lw, node.args[1]) or lw.val(node.args[1])
+    ids = patterns.positions_from_tokens(lw, node.args[1]) or patterns.remapped_ids(lw, node.args[1]) \
+        or lw.val(node.args[1])
     if isinstance(ids, Val) and ids.meta.get("fill") is not None:
         # one row for every position (token types of a single segment): a broadcast row
         c = int(ids.meta["fill"])
@@ -339,7 +340,8 @@ def embedding(lw, node):
                       dense=False)
         shape = tuple(ids.shape) + (w.shape[1],)
         return Val(None, shape, F32, kind="weight", expand=lw.reshape(lw.contiguous(row), (1,) * len(ids.shape) + (w.shape[1],)))
-    if not isinstance(ids, Val) or ids.tensor not in ("tokens", "positions") and not ids.meta.get("rows_of"):
+    if not isinstance(ids, Val) or ids.tensor not in ("tokens", "positions") and not ids.meta.get("rows_of") \
+            and not ids.meta.get("token_map"):
         raise Gap("aten.embedding.default", "embedding looked up by something other than token ids or positions")
     table = w
     offset = ids.meta.get("offset", 0)
@@ -553,7 +555,7 @@ def rsub(lw, node):
     return binary(lw, "sub", lw.val(node.args[1]), lw.val(node.args[0]))
 
 
-@lowers("aten.mul.Tensor", "aten.mul.Scalar")
+@lowers("aten.mul.Tensor", "aten.mul.Scalar", "aten.multiply.Tensor")
 def mul(lw, node):
     """``mul`` (``scale`` for a number); the RMS-norm pattern ``x * rsqrt(mean(x^2) + eps)`` is
     ``rms_norm``"""

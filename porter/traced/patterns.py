@@ -906,6 +906,64 @@ def positions_from_tokens(lw, ids_node):
     return pos
 
 
+# element-wise ops an index may be computed from the token ids with (remapped_ids)
+_ID_OPS = {"aten.ge.Scalar", "aten.gt.Scalar", "aten.le.Scalar", "aten.lt.Scalar", "aten.eq.Scalar",
+           "aten.ne.Scalar", "aten.ge.Tensor", "aten.gt.Tensor", "aten.le.Tensor", "aten.lt.Tensor",
+           "aten.eq.Tensor", "aten.ne.Tensor", "aten.logical_and.default", "aten.logical_or.default",
+           "aten.logical_not.default", "aten.bitwise_and.Tensor", "aten.bitwise_or.Tensor", "aten.__and__.Tensor",
+           "aten.where.self", "aten.where.ScalarOther", "aten.where.ScalarSelf", "aten.add.Tensor", "aten.add.Scalar",
+           "aten.sub.Tensor", "aten.sub.Scalar", "aten.mul.Tensor", "aten.remainder.Scalar", "aten.clamp.default",
+           "aten.clamp_min.default", "aten.clamp_max.default", "aten._to_copy.default", "aten.clone.default",
+           "aten.alias.default"}
+
+
+def remapped_ids(lw, ids_node):
+    """An index the model computes from the token ids alone, element by element (Gemma 3n reads
+    row 0 of its per-layer table for ids outside it) -> that function tabulated over the
+    vocabulary at trace time, read by the token ids (``get_rows`` of an F32 table, then ``cast``
+    to I32). None when the index is anything else."""
+    from porter.traced.export import _materialize
+    from porter.traced.lower import target_name
+
+    if _node(ids_node) is None or ids_node.op != "call_function" or lw.deps.get(ids_node.name) != "data":
+        return None
+    tokens = [n for n in lw.graph.nodes if n.op == "placeholder" and lw.deps.get(n.name) == "data"]
+    vocab = int(getattr(lw.trace.config, "vocab_size", 0) or 0)
+    if len(tokens) != 1 or not 0 < vocab <= 2**24:  # ids beyond 2**24 are not exact in an F32 table
+        return None
+    sub, constants, stack = set(), set(), [ids_node]
+    while stack:
+        n = stack.pop()
+        if n is tokens[0] or n.name in sub or n.name in constants:
+            continue
+        if lw.deps.get(n.name) != "data":
+            constants.add(n.name)
+        elif n.op != "call_function" or target_name(n) not in _ID_OPS:
+            return None
+        else:
+            sub.add(n.name)
+            stack.extend(n.all_input_nodes)
+    values = dict(lw.trace.evaluate(only=constants)) if constants else {}
+    values[tokens[0].name] = torch.arange(vocab).reshape(1, vocab)  # every id, as one sequence
+    try:
+        for n in lw.graph.nodes:
+            if n.name in sub:
+                values[n.name] = n.target(*_materialize(n.args, values), **_materialize(n.kwargs, values))
+    except Exception:  # noqa: BLE001 - not an element-wise function of the ids after all
+        return None
+    rows = values[ids_node.name]
+    if not isinstance(rows, torch.Tensor) or rows.numel() != vocab or rows.is_floating_point():
+        return None
+    shape = lw.meta_shape(ids_node)
+    if torch.equal(rows.reshape(-1), torch.arange(vocab)):
+        return lw.input("tokens", "tokens", shape, torch.int32)
+    table = lw.constant(rows.reshape(vocab, 1).to(torch.float32), "token_map", big=True)
+    picked = lw.emit("get_rows", [table, Val("tokens", (T,), torch.int32)], shape=(T, 1), role="token_map")
+    ids = lw.emit("cast", [lw.reshape(picked, (T,))], {"type": "i32"}, shape=(T,), dtype=torch.int32,
+                  role="token_map_ids")
+    return Val(ids.tensor, shape, torch.int32, meta={"token_map": True})
+
+
 # -- mixture of experts (batched_mm) ----------------------------------------------------------
 def topk(lw, node):
     """topk(x, k) over the last dimension: indices by ``top_k``, values by ``get_rows``."""

@@ -140,3 +140,15 @@ def test_a_time_step_limit_that_binds(tmp_path):
         for layer in pair.hf.backbone.layers:
             layer.mixer.time_step_limit = (0.0, float("inf"))
         assert nmse(limited, hf_logits(pair.hf, ids)) > 1e-4, "the limit did not change transformers' logits"
+
+
+def test_an_index_computed_from_the_token_ids(tmp_path):
+    """Gemma 3n reads its per-layer embedding table at ``where(0 <= id < rows, id, 0)``: an
+    element-wise function of the ids, tabulated over the vocabulary at trace time. With a table
+    shorter than the vocabulary, ids beyond it (in the prompt here) read row 0 in porter too."""
+    with port_tiny_traced("gemma3n_text", overrides={"vocab_size_per_layer_input": 200},
+                          directory=tmp_path) as pair:
+        ids = _ids(pair.porter.n_vocab)
+        assert max(ids) >= 200, "the prompt never leaves the per-layer table"
+        _check_against_transformers(pair, "gemma3n_text with a short per-layer table")
+        assert any("token_map" in n.name for n in pair.porter.spec.graph)
