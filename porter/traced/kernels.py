@@ -6,9 +6,8 @@ fallbacks are long chunked algorithms (padding to the chunk size, triangular sol
 over the chunks) that torch.export unrolls for one sequence length. Where ggml has that kernel
 (``ggml_gated_delta_net``, ``ggml_ssm_scan``), porter swaps the fallback for a custom op while it
 exports, so the trace holds one node with the kernel's inputs, which the lowering maps to the
-runtime op. The op's eager
-implementation is transformers' own fallback: evaluating the trace (node-by-node parity) computes
-exactly what transformers computes.
+runtime op. The op's eager implementation is transformers' own fallback: evaluating the trace
+(node-by-node parity) computes exactly what transformers computes.
 
 A kernel is recognised by the name transformers gives it (the decorator's ``func_name``), not by the
 function's name, which differs between model files.
