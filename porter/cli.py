@@ -146,14 +146,20 @@ def _check_run_options(n_predict, temp, top_k, top_p, seed, threads, ctx_size) -
     if ctx_size is not None and ctx_size != 0 and ctx_size < 2:
         raise OptionError(f"-c {ctx_size}: the context must hold at least 2 tokens (a prompt token and a new one), "
                           "or give 0 for the model's own length")
-    if threads is not None:
-        if threads < 1:
-            raise OptionError(f"-t {threads}: give at least 1 thread")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if threads > cores:
-            click.secho(f"warning: -t {threads} exceeds the {cores} cores available; using {cores}", fg="yellow", err=True)
-            threads = cores
-    return (None if seed == -1 else seed), threads
+    return (None if seed == -1 else seed), _check_threads(threads)
+
+
+def _check_threads(threads: int | None) -> int | None:
+    """-t refused below 1; above the cores this process may use, capped with a warning."""
+    if threads is None:
+        return None
+    if threads < 1:
+        raise OptionError(f"-t {threads}: give at least 1 thread")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads > cores:
+        click.secho(f"warning: -t {threads} exceeds the {cores} cores available; using {cores}", fg="yellow", err=True)
+        threads = cores
+    return threads
 
 
 def _model_context(model: Path) -> int | None:
@@ -220,7 +226,8 @@ def run(model, prompt, n_predict, chat, temp, top_k, top_p, seed, threads, ctx_s
 @click.argument("texts", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the embeddings as a JSON list of lists.")
 @click.option("-n", "--show", default=8, show_default=True, help="Values shown per embedding.")
-@click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option("-t", "--threads", type=int, default=None,
+              help="CPU threads, >= 1, capped at the cores available (default: the physical cores).")
 def embed(model, texts, as_json, show, threads):
     """Sentence embeddings of TEXTS from an encoder GGUF (bert), pooled as the checkpoint says."""
     import json
@@ -229,6 +236,7 @@ def embed(model, texts, as_json, show, threads):
 
     import porter
 
+    threads = _check_threads(threads)
     with porter.load(model, n_threads=threads) as m:
         vectors = m.embed(list(texts))
     if as_json:

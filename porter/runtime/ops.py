@@ -219,21 +219,23 @@ class Ops:
     def rms_norm(self, a, eps: float):
         _require_f32("rms_norm", a)
         _require_dense("rms_norm", a)
-        if eps < 0:
-            raise ShapeError(f"rms_norm: epsilon must be non-negative, got {eps}")
+        if not eps >= 0:  # NaN too
+            raise ShapeError(f"rms_norm: epsilon must be a non-negative number, got {eps}")
         return lib.ggml_rms_norm(self.c, a, float(eps))
 
     def norm(self, a, eps: float):
         """Layer normalization over ne[0] without affine parameters."""
         _require_f32("norm", a)
         _require_dense("norm", a)
-        if eps < 0:
-            raise ShapeError(f"norm: epsilon must be non-negative, got {eps}")
+        if not eps >= 0:  # NaN too
+            raise ShapeError(f"norm: epsilon must be a non-negative number, got {eps}")
         return lib.ggml_norm(self.c, a, float(eps))
 
     def l2_norm(self, a, eps: float):
         _require_f32("l2_norm", a)
         _require_dense("l2_norm", a)
+        if not eps >= 0:  # NaN too
+            raise ShapeError(f"l2_norm: epsilon must be a non-negative number, got {eps}")
         return lib.ggml_l2_norm(self.c, a, float(eps))
 
     # -- unary ------------------------------------------------------------------------------------

@@ -152,3 +152,13 @@ def test_help_states_the_ranges():
     for meaning in ("-1: until the end of the sequence or a full context", "0 = greedy", "0 = all candidates",
                     "1 = off", "-1 or none: a random seed", "0: the model's", "capped at the cores available"):
         assert meaning in text, meaning
+
+
+def test_embed_threads_refused_or_capped(gguf):
+    """``porter embed -t``: the same range as ``porter run`` (refused below 1, before loading;
+    capped at the cores available, with a warning)."""
+    r = CliRunner().invoke(main, ["embed", str(gguf), "hello", "-t", "0"])
+    assert r.exit_code != 0 and "-t 0: give at least 1 thread" in r.output, r.output
+    cores = len(os.sched_getaffinity(0))
+    r = CliRunner().invoke(main, ["embed", str(gguf), "hello", "-t", str(cores + 7)])
+    assert f"exceeds the {cores} cores available; using {cores}" in r.output, r.output

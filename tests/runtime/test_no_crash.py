@@ -161,7 +161,7 @@ CASES = {
     "top_k zero": ("out = o.top_k(f32(3, 8), 0)", "top_k: k=0"),
     "unary F16": ("out = o.silu(f16(3, 8))", "silu: expects F32"),
     "unary non-contiguous": ("out = o.silu(o.transpose(f32(3, 8)))", "silu: needs the elements of each row adjacent"),
-    "norm negative eps": ("out = o.rms_norm(f32(3, 8), -1.0)", "epsilon must be non-negative"),
+    "norm negative eps": ("out = o.rms_norm(f32(3, 8), -1.0)", "epsilon must be a non-negative number"),
     "cpy element count": ("out = o.cpy(f32(3, 8), g.input(gtype=T.F16, shape=(3, 7)))", "cpy: element counts differ"),
     "input dtype": ("g.input(np.zeros(3, np.complex64))", "numpy dtype complex64 has no ggml counterpart"),
     "too many dimensions": ("g.input(np.zeros((1, 1, 1, 1, 2), np.float32))", "1 to 4 dimensions"),

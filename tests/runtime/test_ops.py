@@ -502,3 +502,14 @@ def test_reference_helpers_can_fail():
     # the tiling reference differs from numpy-style broadcasting on a non-1 divisor
     b = np.arange(2.0)
     assert not np.array_equal(tile_to(b, (4,)), np.repeat(b, 2))
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "norm", "l2_norm"])
+def test_norms_refuse_a_nan_epsilon(backend, op):
+    """ggml asserts on a NaN epsilon (the process aborts): refused in Python first."""
+    from porter.errors import ShapeError
+    from porter.runtime.core import GraphRunner
+
+    with GraphRunner(backend, max_nodes=8) as g:
+        with pytest.raises(ShapeError, match=f"{op}: epsilon must be a non-negative number"):
+            getattr(g.ops, op)(g.input(np.ones((2, 4), np.float32)), float("nan"))
