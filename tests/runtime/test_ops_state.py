@@ -68,22 +68,29 @@ def test_ssm_conv_refuses_too_few_steps(backend):
             g.ops.ssm_conv(g.input(np.zeros((4, 2), np.float32)), g.input(np.zeros((4, 3), np.float32)))
 
 
-def _state_spec(c: int, rows: int):
+def _one_op_spec(op: str, inputs: dict, state: str, width: int, **attrs):
+    """A one-layer spec of one node ``y = op(inputs)`` (weights of the given shapes) on the layer's
+    recurrent state ``state`` of ``width`` F32 numbers."""
     from porter.spec import Node, Spec, WeightDecl, check as check_spec
 
-    return check_spec(Spec(version=2, architecture="one_state", hparams={"n_layer": 1, "state_width_conv": c * rows},
-                           inputs=[], weights=[WeightDecl(name="x", shape=[1, c])],
-                           graph=[Node(name="y", op="state_store", inputs=["x"],
-                                       attrs={"cache": "conv", "rows": rows, "layer": 0})], outputs=["y"]))
+    return check_spec(Spec(version=2, architecture=f"one_{op}", hparams={"n_layer": 1, f"state_width_{state}": width},
+                           inputs=[], weights=[WeightDecl(name=k, shape=v) for k, v in inputs.items()],
+                           graph=[Node(name="y", op=op, inputs=list(inputs),
+                                       attrs={"cache": state, "layer": 0, **attrs})], outputs=["y"]))
 
 
-def _pass(backend, spec, kv, x: np.ndarray) -> np.ndarray:
+def _pass(backend, spec, kv, arrays: dict) -> np.ndarray:
+    """One pass of a one-node spec on ``arrays`` (input name -> numpy), with the cache ``kv`` (or none)."""
     from porter.runtime.graph import GraphBuilder
 
     with GraphRunner(backend, max_nodes=64) as g:
-        b = GraphBuilder(spec, g.ops, {"x": g.input(x, name="x")}, {}, {}, kv)
+        b = GraphBuilder(spec, g.ops, {k: g.input(a, name=k) for k, a in arrays.items()}, {}, {}, kv)
         y = b.build()["y"]
         return g.compute([g.ops.cont(y), *b.side_effects])[0]
+
+
+def _state_spec(c: int, rows: int):
+    return _one_op_spec("state_store", {"x": [1, c]}, "conv", c * rows, rows=rows)
 
 
 @given(c=st.integers(1, 6), rows=st.integers(1, 4), chunks=st.lists(st.integers(1, 5), min_size=1, max_size=4),
@@ -98,14 +105,14 @@ def test_state_store_carries_the_last_steps(backend, c, rows, chunks, seed):
         steps = [rng.standard_normal((n, c)).astype(np.float32) for n in chunks]  # numpy (n, C) = ne [C, n]
         history = np.zeros((rows, c), np.float32)
         for x in steps:
-            got = _pass(backend, spec, kv, x)
+            got = _pass(backend, spec, kv, {"x": x})
             want = np.concatenate([history[-rows:], x])
             exact("state_store (pass)", got, want)
             history = want
         kv.clear_states()
-        exact("state_store (after clearing)", _pass(backend, spec, kv, steps[0]),
+        exact("state_store (after clearing)", _pass(backend, spec, kv, {"x": steps[0]}),
               np.concatenate([np.zeros((rows, c), np.float32), steps[0]]))
-        exact("state_store (no cache)", _pass(backend, spec, None, steps[0]),
+        exact("state_store (no cache)", _pass(backend, spec, None, {"x": steps[0]}),
               np.concatenate([np.zeros((rows, c), np.float32), steps[0]]))
     finally:
         kv.close()
@@ -118,7 +125,7 @@ def test_state_store_refuses_a_state_of_another_size(backend):
     kv = KVCache(backend, _state_spec(4, 3), 8)
     try:
         with pytest.raises(SpecError, match="keeps 12 elements"):
-            _pass(backend, spec, kv, np.zeros((2, 4), np.float32))
+            _pass(backend, spec, kv, {"x": np.zeros((2, 4), np.float32)})
     finally:
         kv.close()
 
@@ -176,23 +183,13 @@ def test_gated_delta_net_refuses_unequal_head_sizes(backend):
 
 
 def _delta_spec(H: int, S: int, per_channel: bool):
-    from porter.spec import Node, Spec, WeightDecl, check as check_spec
-
     ins = {"q": [1, H, S], "k": [1, H, S], "v": [1, H, S], "g": [1, H, S if per_channel else 1], "beta": [1, H, 1]}
-    return check_spec(Spec(version=2, architecture="one_delta", hparams={"n_layer": 1, "state_width_delta": H * S * S},
-                           inputs=[], weights=[WeightDecl(name=k, shape=v) for k, v in ins.items()],
-                           graph=[Node(name="y", op="delta_net", inputs=list(ins),
-                                       attrs={"cache": "delta", "layer": 0})], outputs=["y"]))
+    return _one_op_spec("delta_net", ins, "delta", H * S * S)
 
 
 def _delta_pass(backend, spec, kv, arrays) -> np.ndarray:
-    from porter.runtime.graph import GraphBuilder
-
-    with GraphRunner(backend, max_nodes=64) as g:
-        names = ["q", "k", "v", "g", "beta"]
-        b = GraphBuilder(spec, g.ops, {k: g.input(x, name=k) for k, x in zip(names, arrays)}, {}, {}, kv)
-        y = b.build()["y"]
-        return g.compute([g.ops.cont(y), *b.side_effects])[0].reshape(arrays[2].shape)  # (n, H, S)
+    out = _pass(backend, spec, kv, dict(zip(["q", "k", "v", "g", "beta"], arrays)))
+    return out.reshape(arrays[2].shape)  # (n, H, S)
 
 
 @given(S=st.integers(1, 6), H=st.integers(1, 3), chunks=st.lists(st.integers(1, 4), min_size=1, max_size=4),
@@ -297,23 +294,13 @@ def test_ssm_scan_refuses_groups_that_do_not_divide_the_heads(backend):
 
 
 def _scan_spec(H: int, P: int, N: int, mamba1: bool):
-    from porter.spec import Node, Spec, WeightDecl, check as check_spec
-
     ins = {"x": [1, H, P], "dt": [1, H], "A": [H, N if mamba1 else 1], "B": [1, 1, N], "C": [1, 1, N]}
-    return check_spec(Spec(version=2, architecture="one_scan", hparams={"n_layer": 1, "state_width_ssm": H * P * N},
-                           inputs=[], weights=[WeightDecl(name=k, shape=v) for k, v in ins.items()],
-                           graph=[Node(name="y", op="ssm_scan", inputs=list(ins),
-                                       attrs={"cache": "ssm", "layer": 0})], outputs=["y"]))
+    return _one_op_spec("ssm_scan", ins, "ssm", H * P * N)
 
 
 def _scan_pass(backend, spec, kv, arrays) -> np.ndarray:
-    from porter.runtime.graph import GraphBuilder
-
-    with GraphRunner(backend, max_nodes=64) as g:
-        b = GraphBuilder(spec, g.ops, {k: g.input(a, name=k) for k, a in zip(["x", "dt", "A", "B", "C"], arrays)},
-                         {}, {}, kv)
-        y = b.build()["y"]
-        return g.compute([g.ops.cont(y), *b.side_effects])[0].reshape(arrays[0].shape)  # (n, H, P)
+    out = _pass(backend, spec, kv, dict(zip(["x", "dt", "A", "B", "C"], arrays)))
+    return out.reshape(arrays[0].shape)  # (n, H, P)
 
 
 @given(shape=_scan_shapes.filter(lambda s: s[3] == 1), chunks=st.lists(st.integers(1, 4), min_size=1, max_size=4),
