@@ -289,34 +289,28 @@ class GraphBuilder:
             raise SpecError(f"{op}: layer {layer} keeps {have} elements of {which!r}, {elements} needed")
         return state
 
+    def _on_state(self, op: str, which: str, layer: int, ne: list[int], compute):
+        """``compute(state)`` -> (output, state after) on the layer's recurrent state ``which``
+        viewed as ``ne`` (zeros without a cache); the state after is kept for the next pass."""
+        o = self.ops
+        if self.kv is None:
+            return compute(o.zeros(ne))[0]
+        state = o.reshape(self._state(op, which, layer, ne[0] * ne[1] * ne[2]), ne)
+        out, after = compute(state)
+        self.side_effects.append(o.cpy(after, state))
+        return out
+
     def delta_net(self, s, which: str, layer: int):
         """q, k, v, g, beta -> the gated delta rule's output ne [S, H, n], from the layer's memory
-        (ne [S, S, H]; zeros when a sequence starts, or without a cache); the memory after these
-        tokens is kept for the next pass."""
-        o = self.ops
+        (ne [S, S, H]; zeros when a sequence starts, or without a cache)."""
         S, H = s[2].ne[0], s[2].ne[1]
-        if self.kv is None:
-            out, _ = o.gated_delta_net(*s, o.zeros([S, S, H]))
-            return out
-        state = self._state("delta_net", which, layer, S * S * H)
-        memory = o.reshape(state, [S, S, H])
-        out, after = o.gated_delta_net(*s, memory)
-        self.side_effects.append(o.cpy(after, memory))
-        return out
+        return self._on_state("delta_net", which, layer, [S, S, H], lambda m: self.ops.gated_delta_net(*s, m))
 
     def ssm_scan(self, s, which: str, layer: int):
         """x, dt, A, B, C -> the selective scan's output ne [P, H, n], from the layer's state
-        (ne [N, P, H]; zeros when a sequence starts, or without a cache); the state after these
-        tokens is kept for the next pass."""
-        o = self.ops
+        (ne [N, P, H]; zeros when a sequence starts, or without a cache)."""
         P, H, N = s[0].ne[0], s[0].ne[1], s[3].ne[0]
-        if self.kv is None:
-            y, _ = o.ssm_scan(*s, o.zeros([N, P, H]))
-            return y
-        state = o.reshape(self._state("ssm_scan", which, layer, N * P * H), [N, P, H])
-        y, after = o.ssm_scan(*s, state)
-        self.side_effects.append(o.cpy(after, state))
-        return y
+        return self._on_state("ssm_scan", which, layer, [N, P, H], lambda st: self.ops.ssm_scan(*s, st))
 
 
 _SIMPLE = {"silu", "gelu_erf", "gelu_tanh", "relu", "sigmoid", "tanh", "exp", "sqr", "sqrt", "cont",
