@@ -469,11 +469,7 @@ def _mask_input(lw, mask: Val | None, is_causal: bool, node) -> str | None:
 def cached(lw, x: Val, which: str, node) -> Val:
     """Store keys or values of this pass in the layer's cache; the result holds every cached
     position (n_kv of them) in the layout of ``x``."""
-    from porter.traced.lower import module_path
-
-    layer, _ = lw.layers.split(module_path(node))
-    if layer is None:
-        raise Gap("attention", "attention outside the model's layer list", node)
+    layer = _layer_of(lw, node, "attention", "attention")
     x = lw.plain(x)
     memo = lw._cache.get(("kv", layer, which, x.tensor, x.perm, tuple(map(str, x.shape))))
     if memo is not None:  # the same keys (or values) attended to twice in a layer
@@ -512,8 +508,6 @@ def short_conv(lw, node) -> Val:
     before this pass: zeros when a sequence starts) + ``ssm_conv``. torch pads both ends and the
     model keeps the first n_tokens outputs; the L-1 zeros padded at the end here give the same
     n_tokens + L - 1 outputs."""
-    from porter.traced.lower import module_path
-
     x, w = lw.val(node.args[0]), lw.val(node.args[1])
     bias = lw.val(node.args[2]) if len(node.args) > 2 and node.args[2] is not None else None
     stride, padding, dilation, groups = (list(node.args[3:4]) or [[1]])[0], \
@@ -532,9 +526,7 @@ def short_conv(lw, node) -> Val:
             or pad != L - 1 or L < 2):
         raise Gap(what, "a convolution other than a causal depthwise one (groups = channels, stride 1, "
                         "padding kernel - 1)", node)
-    layer, _ = lw.layers.split(module_path(node))
-    if layer is None:
-        raise Gap(what, "a convolution outside the model's layer list", node)
+    layer = _layer_of(lw, node, what, "a convolution")
     R = L - 1
     steps = lw.reshape(lw.contiguous(lw.permute(x, [0, 2, 1])), (T, C))  # ne [C, n]: one row per step
     slot = _state_slot(lw, layer, "conv", C * R)
@@ -555,8 +547,6 @@ def delta_rule(lw, node) -> Val:
     channel, [.., Hv, d]), beta [1, n_tokens, Hv] -> ``delta_net`` on the layer's recurrent memory
     (Hv d x d numbers, zeros when a sequence starts), after the kernel's own l2 norms of q and k
     and its repeat of the key heads over the value heads."""
-    from porter.traced.lower import module_path
-
     what = "porter.delta_rule"
     q, k, v, g, beta = (lw.val(a) for a in node.args[:5])
     if not all(isinstance(x, Val) for x in (q, k, v, g, beta)) or q.rank != 4 or v.rank != 4:
@@ -569,9 +559,7 @@ def delta_rule(lw, node) -> Val:
         raise Gap(what, f"key heads of {dk} and value heads of {dv} (ggml's gated_delta_net needs equal sizes)", node)
     if hv % hk:
         raise Gap(what, f"{hk} key heads do not divide {hv} value heads", node)
-    layer, _ = lw.layers.split(module_path(node))
-    if layer is None:
-        raise Gap(what, "a delta rule outside the model's layer list", node)
+    layer = _layer_of(lw, node, what, "a delta rule")
 
     def normalized(x: Val) -> Val:  # the kernel's l2 norm, x / sqrt(sum x^2 + 1e-6), as an rms norm
         x = lw.contiguous(x)
@@ -593,6 +581,17 @@ def delta_rule(lw, node) -> Val:
     return lw.reshape(out, (1, T, hv, dv))
 
 
+def _layer_of(lw, node, what: str, thing: str) -> int:
+    """The model layer ``node`` runs in (its caches and recurrent states are that layer's); a gap
+    for ``thing`` outside the layer list."""
+    from porter.traced.lower import module_path
+
+    layer, _ = lw.layers.split(module_path(node))
+    if layer is None:
+        raise Gap(what, f"{thing} outside the model's layer list", node)
+    return layer
+
+
 def _state_slot(lw, layer: int, base: str, elements: int) -> str:
     """A recurrent state of the layer (``base``, or base1, base2... for a second one) holding
     ``elements`` F32 numbers (the ``state_width_<slot>`` hparam)."""
@@ -611,7 +610,6 @@ def ssm_scan(lw, node) -> Val:
     the layer's recurrent state (H P N numbers, zeros when a sequence starts), dt + dt_bias before
     it (ggml applies the softplus) and the skip term D x after it."""
     from porter.traced import aten
-    from porter.traced.lower import module_path
 
     what = "porter.ssm_scan"
     x, dt, A, B, C, D, dt_bias = (lw.val(a) for a in node.args[:7])
@@ -624,9 +622,7 @@ def ssm_scan(lw, node) -> Val:
         raise Gap(what, f"a selective scan over {list(x.shape)} (one sequence of n_tokens expected)", node)
     if not softplus:
         raise Gap(what, "a time step without softplus (ggml's ssm_scan applies one)", node)
-    layer, _ = lw.layers.split(module_path(node))
-    if layer is None:
-        raise Gap(what, "a selective scan outside the model's layer list", node)
+    layer = _layer_of(lw, node, what, "a selective scan")
     if isinstance(dt_bias, Val):
         dt = aten.binary(lw, "add", dt, dt_bias)
     if lo > 0.0 or hi < math.inf:
@@ -651,7 +647,6 @@ def selective_scan(lw, node) -> Val:
     (head size 1, a decay per state entry) on the layer's recurrent state (D N numbers), dt + its
     bias before it (ggml applies the softplus), D x and the silu(z) gate after it."""
     from porter.traced import aten
-    from porter.traced.lower import module_path
 
     what = "porter.selective_scan"
     x, dt, A, B, C, D, z, bias = (lw.val(a) for a in node.args[:8])
@@ -663,9 +658,7 @@ def selective_scan(lw, node) -> Val:
         raise Gap(what, f"a selective scan over {list(x.shape)} (one sequence of n_tokens expected)", node)
     if not node.args[8]:
         raise Gap(what, "a time step without softplus (ggml's ssm_scan applies one)", node)
-    layer, _ = lw.layers.split(module_path(node))
-    if layer is None:
-        raise Gap(what, "a selective scan outside the model's layer list", node)
+    layer = _layer_of(lw, node, what, "a selective scan")
     if isinstance(bias, Val):
         dt = aten.binary(lw, "add", dt, lw.reshape(bias, (d, 1)))
     slot = _state_slot(lw, layer, "ssm", d * N)
