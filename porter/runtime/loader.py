@@ -205,7 +205,7 @@ _MAX_SIZE = 2**31
 # node attributes the interpreter hands ggml as floats: numbers (infinities pass: a traced graph
 # may scale by one), and what some ops need besides (ggml asserts eps >= 0, which NaN fails; a
 # soft cap divides by cap)
-_FLOAT_ATTRS = re.compile(r"^(s|bias|cap|max_bias)$|(eps|scale|factor|softcap|freq_base|beta_fast|beta_slow)$")
+_FLOAT_ATTRS = re.compile(r"^(s|bias|cap|max_bias)$|" + _REALS.pattern)
 _ATTR_RULES = {"eps": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
                "cap": (lambda v: v != 0, "a non-zero number")}
 
