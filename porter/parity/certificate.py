@@ -37,14 +37,15 @@ def show(console, reports, *, title: str, outtype: str, quiet: bool = False) -> 
     """Print the table of the worst prompt, the logits summary and the verdict; True on PASS."""
     from rich.table import Table
 
-    report = max(reports, key=lambda r: r.logits["nmse"])  # the worst prompt is shown
+    report = max(reports, key=lambda r: r.badness)  # the worst prompt is shown
     if not quiet:
         table = Table(title=title)
         for col in ("node", "transformers module", "NMSE", "max |err|", "cosine", ""):
             table.add_column(col)
         for n in report.nodes:
             table.add_row(n.node, n.hf_module, f"{n.nmse:.2e}", f"{n.max_abs:.2e}", f"{n.cosine:.8f}",
-                          "[green]ok" if n.ok else "[red]over" if n.gated else "[yellow]over (not gated)")
+                          "[green]ok" if n.ok else "[red]not finite" if not n.finite
+                          else "[red]over" if n.gated else "[yellow]over (not gated)")
         console.print(table)
     lg = report.logits
     gate = f"gate {report.tolerance:g}" if report.tolerance != float("inf") else f"no gate for {outtype}: report only"
@@ -61,13 +62,29 @@ def show(console, reports, *, title: str, outtype: str, quiet: bool = False) -> 
     elif report.first_over and not quiet:
         console.print(f"[yellow]branch outputs over {report.tolerance:g} are not gated for {outtype} (rounded "
                       "weights): only the residual stream and the outputs are")
+    _show_nonfinite(console, report)
     ok = passed(reports)
-    if report.tolerance == float("inf"):
+    if report.tolerance == float("inf") and report.finite and report.first_nonfinite is None:
         console.print(f"REPORT ONLY: porter has no parity tolerance for {outtype} (gates exist for "
                       "f32, f16, bf16 and q8_0)")
     else:
         console.print("[green]PASS" if ok else "[red]FAIL")
     return ok
+
+
+def _show_nonfinite(console, report) -> None:
+    """Say where values stop being finite: porter's first such node, or transformers' own."""
+    ref = report.reference_nonfinite
+    if ref is not None or not report.logits.get("ref_finite", True):
+        where = f"from {ref.hf_module} (porter node {ref.node})" if ref else "in its logits"
+        console.print(f"[red]transformers itself computes NaN or infinity {where}: the checkpoint's weights or "
+                      "config produce them, not the port (check them with `porter verify` after converting)")
+    bad = report.first_nonfinite
+    if bad is not None:
+        console.print(f"[red]porter computes NaN or infinity from node {bad.node} (layer {bad.layer}, role "
+                      f"{bad.role}, transformers {bad.hf_module}), where transformers' values are finite")
+    elif not report.finite:
+        console.print("[red]porter's logits hold NaN or infinity (every compared node before them is finite)")
 
 
 def write_json(path: Path, model: str, prompts, reports, extra: dict | None = None) -> None:

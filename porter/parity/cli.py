@@ -165,7 +165,7 @@ def run_certificate(source: str, *, outtype: str, traced: bool, prompts, n_greed
         certificate.write_json(json_path, str(source), prompts, reports, {"route": result.route})
         console.print(f"JSON report: {json_path}")
     if plot_path:
-        worst = max(reports, key=lambda r: r.logits["nmse"])
+        worst = max(reports, key=lambda r: r.badness)
         plot(worst, plot_path, f"porter vs transformers: {name} ({outtype}, {result.route})")
         console.print(f"picture: {plot_path}")
     return 0 if ok else 1

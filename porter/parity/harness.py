@@ -28,6 +28,8 @@ class NodeParity:
     cosine: float
     ok: bool  # within the type's tolerance
     gated: bool = True  # False: reported only (see STREAM_ROLES)
+    finite: bool = True  # porter's values hold no NaN or infinity
+    ref_finite: bool = True  # transformers' values hold no NaN or infinity
 
 
 @dataclass
@@ -49,13 +51,39 @@ class ParityReport:
         return next((n for n in self.nodes if not n.ok), None)
 
     @property
+    def first_nonfinite(self) -> NodeParity | None:
+        """The first node where porter computes NaN or infinity while transformers does not."""
+        return next((n for n in self.nodes if not n.finite and n.ref_finite), None)
+
+    @property
+    def reference_nonfinite(self) -> NodeParity | None:
+        """The first node where transformers itself computes NaN or infinity (the checkpoint's doing)."""
+        return next((n for n in self.nodes if not n.ref_finite), None)
+
+    @property
+    def finite(self) -> bool:
+        """porter's logits hold no NaN or infinity (a failure whatever the weight type's gate)."""
+        return self.logits.get("finite", True)
+
+    @property
+    def badness(self) -> float:
+        """The logits NMSE, infinite when porter computes NaN or infinity: the worst prompt is shown."""
+        e = self.logits.get("nmse", 0.0)
+        return float("inf") if not self.finite or self.first_nonfinite or e != e else e
+
+    @property
     def passed(self) -> bool:
-        return self.first_divergence is None and self.logits.get("ok", False)
+        # NaN fails whatever the type's gate, even when it does not reach the logits (ggml's
+        # quantization of activations for a quantized matmul turns NaN into ordinary numbers)
+        return (self.first_divergence is None and self.logits.get("ok", False) and self.finite
+                and self.first_nonfinite is None)
 
     def as_dict(self) -> dict:
         d = asdict(self)
         first = self.first_divergence
         d["first_divergence"] = first.node if first else None
+        bad = self.first_nonfinite
+        d["first_nonfinite"] = bad.node if bad else None
         d["passed"] = self.passed
         return d
 
@@ -157,7 +185,8 @@ def run_parity(hf_model, porter_model, ids: list[int], outtype: str = "f32") -> 
         e = nmse(ref, got)
         gated = outtype.lower() == "f32" or role in STREAM_ROLES
         report.nodes.append(NodeParity(node, module, layer, role, e, max_abs(ref, got), cosine(ref, got),
-                                       e <= tol["nmse"], gated))
+                                       e <= tol["nmse"], gated, bool(np.isfinite(got).all()),
+                                       bool(np.isfinite(ref).all())))
     e = nmse(ref_logits, logits)
     top1 = top1_agreement(ref_logits, logits)
     # Top-1 is gated on positions where transformers' winner leads clearly (by 5x the RMS
@@ -169,6 +198,7 @@ def run_parity(hf_model, porter_model, ids: list[int], outtype: str = "f32") -> 
     report.logits = {"nmse": e, "max_abs": max_abs(ref_logits, logits), "top1": top1,
                      "top1_clear": top1_clear, "clear_positions": int(clear.sum()),
                      "kl": kl_divergence(ref_logits, logits),
-                     "ok": e <= tol["nmse"] and top1_clear >= tol["top1"]}
+                     "ok": e <= tol["nmse"] and top1_clear >= tol["top1"],
+                     "finite": bool(np.isfinite(logits).all()), "ref_finite": bool(np.isfinite(ref_logits).all())}
     porter_model.reset()
     return report

@@ -57,11 +57,15 @@ def format_failure(report: ParityReport, context: str = "") -> str:
     if first is not None:
         lines.append(f"first diverging node: {first.node} (layer {first.layer}, role {first.role}, "
                      f"transformers module {first.hf_module}): NMSE {first.nmse:.3e}, max |err| {first.max_abs:.3e}")
+    bad = report.first_nonfinite
+    if bad is not None:
+        lines.append(f"first non-finite node: {bad.node} (layer {bad.layer}, transformers module {bad.hf_module}): "
+                     "porter computes NaN or infinity where transformers' values are finite")
     lg = report.logits
     lines.append(f"logits: NMSE {lg.get('nmse', float('nan')):.3e}, top-1 {lg.get('top1', 0):.1%}")
     lines.append("nodes (graph order):")
     for n in report.nodes[:40]:
-        state = "ok  " if n.ok else "OVER" if n.gated else "over"  # lower case: reported, not gated
+        state = "ok  " if n.ok else "NaN " if not n.finite else "OVER" if n.gated else "over"  # over: not gated
         lines.append(f"  {state} {n.node:24s} {n.nmse:.2e}  {n.hf_module}")
     return "\n".join(lines)
 

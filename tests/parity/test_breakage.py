@@ -94,3 +94,43 @@ def test_at_f32_every_node_is_gated(tmp_path):
     with port_tiny(Llama, {"num_attention_heads": 4, "num_key_value_heads": 2}, tmp_path) as pair:
         report = run_parity(pair.hf, pair.porter, IDS, "f32")
         assert report.nodes and all(n.gated for n in report.nodes)
+
+
+
+def _damage(path, name, index):
+    """One NaN written into a GGUF's tensor in place (convert refuses NaN weights: a file damaged after)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path, "r+")
+    tensor = next(t for t in reader.tensors if t.name == name)
+    tensor.data[index] = np.nan
+    tensor.data.flush()
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q4_0"])
+def test_non_finite_values_fail_naming_the_first_node(outtype, tmp_path):
+    """NaN from porter fails parity at any weight type (q4_0 has no NMSE gate: it is still a
+    failure), and the report names the first node where porter's values stop being finite."""
+    import porter
+    from rich.console import Console
+
+    from porter.parity import certificate
+
+    with port_tiny(Llama, {"num_hidden_layers": 3}, tmp_path, outtype=outtype) as pair:
+        pair.porter.close()
+        _damage(pair.gguf, "blk.1.ffn_norm.weight", 3)
+        pair.porter = porter.load(pair.gguf)
+        report = run_parity(pair.hf, pair.porter, IDS, outtype)
+        assert not report.passed
+        # at f32 the NaN reaches the logits; at q4_0 the activations' Q8_0 rounding before the
+        # quantized matmuls turns it into ordinary numbers: the node still names it
+        assert report.finite is (outtype != "f32")
+        assert report.first_nonfinite.node == "ffn_norm-1"
+        assert report.reference_nonfinite is None
+        assert report.as_dict()["first_nonfinite"] == "ffn_norm-1"
+        console = Console(record=True, width=200)
+        assert certificate.show(console, [report], title="t", outtype=outtype, quiet=True) is False
+        text = console.export_text()
+        assert "porter computes NaN or infinity from node ffn_norm-1 (layer 1" in text and "FAIL" in text, text
+        with pytest.raises(AssertionError, match="first non-finite node: ffn_norm-1"):
+            assert_parity(pair, IDS)
