@@ -289,7 +289,7 @@ def loads(text: str) -> Spec:
     if not isinstance(data, dict) or data.get("format") != SPEC_FORMAT:
         raise SpecError(f"not a porter graph spec (expected \"format\": \"{SPEC_FORMAT}\")")
     version = data.get("version")
-    if version not in READABLE_VERSIONS:
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:  # True == 1 in Python
         raise SpecError(
             f"graph spec version {version!r} is not supported by this porter (it reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}); regenerate the spec or convert the model again with this porter"
@@ -297,8 +297,19 @@ def loads(text: str) -> Spec:
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(f"invalid graph spec: {exc}") from None
+        raise SpecError(_validation_message(exc)) from None
     return check(spec)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    """pydantic's errors as one line: where, what, and what to do."""
+    problems = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(part) for part in err["loc"]) or "the spec"
+        problems.append(f"{where}: {err['msg']}")
+    more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
+    return (f"invalid graph spec: {'; '.join(problems)}{more}; the spec is damaged or was written by another "
+            "tool: convert the model again (or regenerate a plugin's spec with `porter generate`)")
 
 
 def load(path: str | Path) -> Spec:

@@ -43,6 +43,23 @@ def test_unknown_version_is_a_clear_error():
         loads(json.dumps(minimal(version=99)))
 
 
+def test_a_boolean_version_is_not_version_1():
+    with pytest.raises(SpecError, match="version True is not supported"):
+        loads(json.dumps(minimal(version=True)))
+
+
+def test_schema_errors_are_one_line_saying_where_and_what_to_do():
+    spec = minimal()
+    del spec["hparams"]
+    spec["weights"][0]["shape"] = "ten"
+    with pytest.raises(SpecError) as info:
+        loads(json.dumps(spec))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "hparams: Field required" in message and "weights.0.shape:" in message, message
+    assert message.endswith("convert the model again (or regenerate a plugin's spec with `porter generate`)")
+
+
 def test_not_a_spec():
     with pytest.raises(SpecError, match="not a porter graph spec"):
         loads("{}")
