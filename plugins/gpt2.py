@@ -54,6 +54,11 @@ class GPT2(FusedQKV):
         w = arrays[0]
         return w.T.copy() if gguf_name.endswith(_CONV1D) else w
 
+    def weight_shapes(self):
+        # the spec states the GGUF's shapes: the Conv1D matrices as transform writes them
+        return {name: shape[::-1] if name.endswith(_CONV1D) else shape
+                for name, shape in super().weight_shapes().items()}
+
     @classmethod
     def tiny_config(cls, **overrides):
         names = {"intermediate_size": "n_inner", "hidden_act": "activation_function"}

@@ -319,8 +319,7 @@ def check_weights(spec: Spec, by_name: dict, path) -> None:
                 want = tuple(expr.evaluate(d, lookup) if expr.is_reference(d) else d for d in w.shape)
             except (KeyError, IndexError, TypeError):
                 continue  # sizes that need runtime symbols: the ops check them
-            # some plugins state a matrix in its checkpoint's orientation (gpt2's Conv1D: in, out)
-            if not all(_is_int(d) for d in want) or _shape(found) not in (_shape(want), _shape(want[::-1])):
+            if not all(_is_int(d) for d in want) or _shape(found) != _shape(want):
                 raise ModelError(f"{path}: tensor {name} has shape {list(found)}, the graph spec expects "
                                  f"{list(want)}; the file is damaged or inconsistent: convert the model again")
 

@@ -60,6 +60,9 @@ CASES = {
                         r"token_embd.weight has an empty dimension"),
     "wrong inner size": (None, weights(**{"output.weight": np.ones((8, 2), np.float32)}),
                          r"output.weight has shape \[8, 2\], the graph spec expects \[8, 4\]"),
+    # a transposed matrix was accepted until every plugin's spec stated the GGUF's own shapes
+    "transposed matrix": (None, weights(**{"output.weight": np.ones((4, 8), np.float32)}),
+                          r"output.weight has shape \[4, 8\], the graph spec expects \[8, 4\]"),
     "integer weight": (None, weights(**{"output.weight": np.ones((8, 4), np.int32)}),
                        r"output.weight has type I32"),
     "no outputs": (spec(lambda s: s.update(outputs=[])), None, r"the graph has no outputs"),
