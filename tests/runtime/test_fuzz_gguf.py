@@ -2,7 +2,8 @@
 metadata, the tensor table and the data; leaves of the graph spec; truncation), each loaded and
 run in its own process under a time and memory limit. The property: a clean PorterError (or
 forward's ValueError for an input) or a correct run; never a signal, a hang, a raw traceback, or
-a file left behind. The ``ci`` profile runs a small fixed budget; ``--hypothesis-profile=thorough``
+a file left behind. Each case's outcome is a hypothesis event (``--hypothesis-show-statistics``
+counts them). The ``ci`` profile runs a small fixed budget; ``--hypothesis-profile=thorough``
 runs 250 cases per property:
 
     pytest tests/runtime/test_fuzz_gguf.py --hypothesis-profile=thorough
@@ -19,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import tinygguf
@@ -61,6 +62,8 @@ def check(data: bytes) -> None:
         assert "Traceback" not in r.stderr, r.stderr[-3000:]
         assert r.stdout.startswith(("OK", "PorterError:", "ValueError:")), r.stdout
         assert sorted(os.listdir(tmp)) == ["m.gguf"]
+        event({"OK": "loaded and ran", "PorterError": "refused (PorterError)",
+               "ValueError": "token ids refused (ValueError)"}[r.stdout.split(":")[0].strip()])
 
 
 def _original() -> bytes:
