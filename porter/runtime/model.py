@@ -120,15 +120,19 @@ class Model(GenerationMixin):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *, tools=None,
+                            **kwargs) -> str:
+        """The prompt text transformers' ``apply_chat_template(..., tokenize=False)`` renders."""
         from porter.chat import render_chat
 
         template = self.metadata.get("chat_template")
         if not template:
             raise ModelError("this model has no chat template; pass a plain prompt")
-        return render_chat(template, messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=self._token_text(self.metadata.get("bos_token_id")),
-                           eos_token=self._token_text(self.metadata.get("eos_token_id")))
+        special = {f"{t}_token": self._token_text(self.metadata.get(f"{t}_token_id"))
+                   for t in ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
+                   if self.metadata.get(f"{t}_token_id") is not None}
+        return render_chat(template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                           **{"bos_token": "", "eos_token": "", **special, **kwargs})
 
     def _token_text(self, tid):
         return "" if tid is None else self.tokenizer.id_to_token(int(tid)) or ""
