@@ -49,22 +49,34 @@ class ChatReply(str):
 
 
 class _StopStrings:
-    """Finds the first stop string in text that grows piece by piece, and says how much of the
-    text is safe to show (none of it can still become the start of a stop string)."""
+    """The reply's text as it grows piece by piece: cut before the first stop string, and shown
+    only where it can no longer become the start of one."""
 
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
         self.longest = max((len(s) for s in self.stops), default=0)
+        self.text, self.shown, self.stopped = "", 0, False
 
-    def find(self, text: str, start: int) -> int | None:
-        hits = [i for s in self.stops if (i := text.find(s, max(0, start - self.longest))) >= 0]
-        return min(hits) if hits else None
+    def feed(self, piece: str) -> str:
+        """Add a piece; the text that is now safe to show (``stopped`` once a stop string appears)."""
+        start = len(self.text)
+        self.text += piece
+        hits = [i for s in self.stops if (i := self.text.find(s, max(0, start - self.longest + 1))) >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+            return self.flush()
+        safe = len(self.text)
+        for k in range(min(self.longest - 1, len(self.text)), 0, -1):
+            if any(s.startswith(self.text[-k:]) for s in self.stops):
+                safe -= k
+                break
+        out, self.shown = self.text[self.shown:safe], max(self.shown, safe)
+        return out
 
-    def safe(self, text: str) -> int:
-        for k in range(min(self.longest - 1, len(text)), 0, -1):
-            if any(s.startswith(text[-k:]) for s in self.stops):
-                return len(text) - k
-        return len(text)
+    def flush(self) -> str:
+        """The text not shown yet (at the end: held back, but no stop string followed)."""
+        out, self.shown = self.text[self.shown:], len(self.text)
+        return out
 
 
 @dataclass
@@ -72,7 +84,8 @@ class _Cached:
     """What the KV cache holds after a call: ids (the last generated one is not evaluated yet),
     valid while nothing else ran the model (its evaluated-token count says)."""
 
-    ids: list[int] = field(default_factory=list)
+    prompt: list[int] = field(default_factory=list)
+    out: list[int] = field(default_factory=list)
     evaluated: int = -1
 
 
@@ -126,10 +139,10 @@ class ChatSession:
     def _reusable(self, ids: list[int]) -> int:
         """How many leading ids of the prompt the cache already holds (fewer than all: the last
         prompt token is evaluated for its logits)."""
-        m, held = self.model, self.cached.ids
-        if m._kv is None or m.tokens_evaluated != self.cached.evaluated or m.kv.n_past != len(held) - 1:
+        m, c = self.model, self.cached
+        held = c.prompt + c.out[:-1]  # the last generated id was never evaluated
+        if not c.out or m._kv is None or m.tokens_evaluated != c.evaluated or m.kv.n_past != len(held):
             return 0
-        held = held[:-1]  # the last generated id was never evaluated
         n = 0
         for a, b in zip(held, ids):
             if a != b:
@@ -143,48 +156,48 @@ class ChatSession:
     def run(self, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
             top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] | str = (), tools=None,
             reply_box: ChatStream | None = None) -> Iterator[str]:
-        from tokenizers.decoders import DecodeStream
-
+        """Check the request and render the prompt now; the returned generator runs the model."""
         if max_new_tokens == 0 or max_new_tokens < -1:
             raise OptionError(f"max_new_tokens={max_new_tokens}: give at least 1 (or -1: until an end or a full context)")
-        m = self.model
         ids = self.prompt_ids(messages, tools)
-        cached = self._reusable(ids)
         stops = _StopStrings([stop] if isinstance(stop, str) else list(stop))
+        return self._generate(ids, stops, reply_box, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_k=top_k, top_p=top_p, seed=seed)
+
+    def _generate(self, ids: list[int], stops: _StopStrings, reply_box: ChatStream | None, **sampling):
+        from tokenizers.decoders import DecodeStream
+
+        m = self.model
+        cached = self._reusable(ids)
         ends = end_ids(m.metadata)
         stats = GenerationStats()
         out: list[int] = []
         self.cached = _Cached()
         before = m.tokens_evaluated
-        gen = m.generate_ids(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                             stop_ids=ends, stats=stats, cached=cached)
+        gen = m.generate_ids(ids, stop_ids=ends, stats=stats, cached=cached, **sampling)
         decoder = DecodeStream(skip_special_tokens=True)
-        text, shown, finish = "", 0, "length"
+        finish = "length"
         try:
             for tok in gen:
                 out.append(tok)
                 # the cache now holds the prompt and every generated id but this one
-                self.cached = _Cached(ids + out, before + len(ids) - cached + len(out) - 1)
+                self.cached = _Cached(ids, out, before + len(ids) - cached + len(out) - 1)
                 if tok in ends:
                     finish = "stop"
                     break
                 piece = decoder.step(m.tokenizer, tok)
-                if not piece:
-                    continue
-                start = len(text)
-                text += piece
-                cut = stops.find(text, start)
-                if cut is not None:
-                    text, finish = text[:cut], "stop"
+                shown = stops.feed(piece) if piece else ""
+                if shown:
+                    yield shown
+                if stops.stopped:
+                    finish = "stop"
                     break
-                safe = stops.safe(text)
-                if safe > shown:
-                    yield text[shown:safe]
-                    shown = safe
         finally:
             gen.close()
-        if len(text) > shown:  # held back as a possible start of a stop string, or cut before one
-            yield text[shown:]
+        rest = stops.flush()
+        if rest:
+            yield rest
+        text = stops.text
         reply = ChatReply(text, finish_reason=finish, prompt_tokens=len(ids), cached_tokens=cached,
                           completion_tokens=len(out), tokens=out, stats=stats)
         if reply_box is not None:

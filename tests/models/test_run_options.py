@@ -162,3 +162,27 @@ def test_embed_threads_refused_or_capped(gguf):
     cores = len(os.sched_getaffinity(0))
     r = CliRunner().invoke(main, ["embed", str(gguf), "hello", "-t", str(cores + 7)])
     assert f"exceeds the {cores} cores available; using {cores}" in r.output, r.output
+
+
+def test_prompt_from_a_file_or_standard_input(gguf, tmp_path):
+    """-f FILE and -f - give the same generation as the same text passed with -p."""
+    text = "hé b ab\nc"
+    (tmp_path / "prompt.txt").write_text(text, encoding="utf-8")
+    status, expected, err = porter_run(gguf, "-p", text, "--no-chat", tmp_path=tmp_path)
+    assert status == 0, err
+    status, out, err = porter_run(gguf, "-f", "prompt.txt", "--no-chat", tmp_path=tmp_path)
+    assert status == 0 and out == expected, err
+    r = subprocess.run([sys.executable, "-m", "porter", "run", str(gguf), "-n", "2", "-f", "-", "--no-chat"],
+                       input=text.encode(), capture_output=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.decode() == expected, r.stderr.decode()
+
+
+@pytest.mark.parametrize("case", ["missing", "not UTF-8"])
+def test_a_bad_prompt_file_is_refused(gguf, tmp_path, case):
+    if case == "not UTF-8":
+        (tmp_path / "p.txt").write_bytes(b"ok \xff\xfe")
+        message = "-f p.txt: the prompt is not valid UTF-8 text (byte 0xff at byte 3); give UTF-8 text"
+    else:
+        message = "-f p.txt: cannot read the prompt file (No such file or directory)"
+    status, _, err = porter_run(gguf, "-f", "p.txt", tmp_path=tmp_path)
+    assert status == 1 and message in err, err
