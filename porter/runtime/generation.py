@@ -42,10 +42,10 @@ class GenerationMixin:
         stats = stats if stats is not None else GenerationStats()
         rng = np.random.default_rng(seed)
         prompt_ids = list(prompt_ids)
-        if not 0 <= cached < len(prompt_ids) or cached > self.kv.n_past:
-            raise ValueError(f"cached={cached}: give 0..{min(len(prompt_ids) - 1, self.kv.n_past)} "
-                             "(prompt ids already in the cache)")
         if cached:
+            if not 0 < cached < len(prompt_ids) or cached > self.kv.n_past:
+                raise ValueError(f"cached={cached}: give 0..{min(len(prompt_ids) - 1, self.kv.n_past)} "
+                                 "(prompt ids already in the cache)")
             self.kv.n_past = cached  # later rows are masked, then overwritten
         else:
             self.reset()

@@ -186,3 +186,41 @@ def test_a_bad_prompt_file_is_refused(gguf, tmp_path, case):
         message = "-f p.txt: cannot read the prompt file (No such file or directory)"
     status, _, err = porter_run(gguf, "-f", "p.txt", tmp_path=tmp_path)
     assert status == 1 and message in err, err
+
+
+@pytest.fixture(scope="module")
+def chat_gguf(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("q2chat")
+    ckpt = tiny_checkpoint(architectures()["qwen2"], folder / "ckpt")
+    sentencepiece_style(folder, chat_template__jinja="{% for m in messages %}{{ m.role }}: {{ m.content }} {% endfor %}")
+    for f in (folder / "spm").iterdir():
+        f.rename(ckpt / f.name)
+    out = folder / "m.gguf"
+    r = CliRunner().invoke(main, ["convert", str(ckpt), "-o", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_porter_chat_ends_cleanly_on_ctrl_c(chat_gguf, tmp_path):
+    """After an answer, Ctrl-C (SIGINT) while porter chat waits for the next line ends it with
+    status 0 and no traceback; so does the end of input (empty lines are skipped)."""
+    import signal
+    import time
+
+    gguf = chat_gguf
+    p = subprocess.Popen([sys.executable, "-m", "porter", "chat", str(gguf), "-n", "3"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    p.stdin.write(b"b ab\n")
+    p.stdin.flush()
+    err = b""
+    deadline = time.monotonic() + 120
+    while b"answer:" not in err and time.monotonic() < deadline and p.poll() is None:  # the first turn's counts
+        err += p.stderr.read1(4096)
+    p.send_signal(signal.SIGINT)
+    out, rest = p.communicate(timeout=60)
+    err = (err + rest).decode()
+    assert p.returncode == 0 and "Traceback" not in err, err
+    assert "answer: 3 tokens" in err and out.decode().count("\n") == 1
+    r = subprocess.run([sys.executable, "-m", "porter", "chat", str(gguf), "-n", "2"], input=b"b ab\n\nc\n",
+                       capture_output=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr.decode().count("answer: 2 tokens") == 2, r.stderr.decode()
