@@ -72,6 +72,8 @@ def test_stops_at_the_end_of_turn_where_transformers_stops(chat_model):
     assert r.tokens == theirs
     assert r.finish_reason == "stop" and r.completion_tokens == len(theirs)
     assert r == tok.decode(theirs, skip_special_tokens=True)
+    _, stats = m.generate(m.encode(text, add_special_tokens=False), 64)  # porter run's path
+    assert stats.tokens == theirs
 
 
 def test_stop_strings_cut_where_transformers_stops(chat_model):
