@@ -342,7 +342,7 @@ class Model(GenerationMixin):
         pooling = "mean" if pooling == "none" else pooling
         normalize = bool(self.metadata.get("normalize")) if normalize is None else normalize
         rows = []
-        limit = self.max_seq_length
+        limit = self.max_seq_length if any(isinstance(item, str) for item in items) else self.n_ctx
         for n, item in enumerate(items):
             if isinstance(item, str):
                 enc = self.tokenizer.encode(item)  # tokenizer.json may pad: keep attended tokens
@@ -353,9 +353,9 @@ class Model(GenerationMixin):
                 ids, types = [enc.ids[i] for i in keep], [enc.type_ids[i] for i in keep]
             else:
                 ids, types = list(item), None
-                if len(ids) > limit:
-                    raise ModelError(f"input {n} has {len(ids)} token ids; the model embeds at most {limit} "
-                                     "(its max_seq_length): shorten it")
+                if len(ids) > self.n_ctx:  # token ids are the caller's choice up to the context
+                    raise ModelError(f"input {n} has {len(ids)} token ids; the model embeds at most {self.n_ctx} "
+                                     "(its context): shorten it")
             h = self.forward(ids, use_cache=False, token_types=types)
             v = {"mean": lambda: h.mean(axis=0), "cls": lambda: h[0], "last": lambda: h[-1]}.get(pooling)
             if v is None:

@@ -109,7 +109,7 @@ def test_run_and_chat_refuse_an_encoder_and_point_to_embed(minilm):
 def test_embed_warns_past_max_seq_length(minilm):
     """Texts longer than the model's max_seq_length (128, sentence-transformers' cut in its
     tokenizer.json) are embedded from their first 128 tokens, as sentence-transformers does, with
-    a warning that says so (before, silently); token ids past it are refused."""
+    a warning that says so (before, silently); token ids past the context are refused."""
     from click.testing import CliRunner
 
     from porter.cli import main
@@ -123,5 +123,6 @@ def test_embed_warns_past_max_seq_length(minilm):
            "embedded" in r.stderr, r.stderr
     assert "text 0" not in r.stderr
     np.testing.assert_allclose(m.embed(long), _reference(d, [long], max_length=128), atol=1e-5)
-    with pytest.raises(ModelError, match="input 0 has 300 token ids; the model embeds at most 128"):
-        m.embed([[1000] * 300])
+    assert m.embed([[1000] * 300]).shape == (1, 384)  # ids are the caller's choice
+    with pytest.raises(ModelError, match="input 0 has 600 token ids; the model embeds at most 512 \\(its context\\)"):
+        m.embed([[1000] * 600])
