@@ -1,12 +1,18 @@
 """Chat templates from checkpoints are untrusted text: render them only in Jinja's sandbox, with
 the rendered text and the time bounded (a template can ask for ``'a' * 10**9``, loop for hours or
-recurse), and every failure reported as one ModelError."""
+recurse), and every failure reported as one ModelError.
+
+The environment is transformers' own (its ``tojson``, ``{% generation %}``, loop controls,
+``namespace``, ``raise_exception``, ``strftime_now``), rebuilt on porter's bounded sandbox class,
+and the template sees the inputs transformers' ``apply_chat_template`` gives it, so the text is
+byte-identical to transformers'. transformers is imported on first use (about 0.7 s).
+"""
 
 from __future__ import annotations
 
 import signal
 import threading
-from datetime import date
+from functools import lru_cache
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -15,10 +21,6 @@ from porter.errors import ModelError
 
 MAX_CHARS = 1 << 20  # rendered text (a chat prompt is far shorter)
 MAX_SECONDS = 5.0
-
-
-def _raise(message: str):
-    raise TemplateError(message)
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
@@ -42,10 +44,37 @@ class _Timeout(Exception):
     pass
 
 
-def render_chat(template: str, messages: list[dict], *, add_generation_prompt: bool = True, **extra) -> str:
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = lambda fmt: date.today().strftime(fmt)
+@lru_cache(maxsize=8)
+def _compile(template: str):
+    """transformers' environment for ``template`` (its extensions, filters and globals), on
+    porter's sandbox class, which bounds what one operation may build."""
+    from transformers.utils.chat_template_utils import _cached_compile_jinja_template
+
+    theirs = _cached_compile_jinja_template("").environment
+    env = _Sandbox(trim_blocks=theirs.trim_blocks, lstrip_blocks=theirs.lstrip_blocks,
+                   extensions=[type(e) for e in theirs.extensions.values()])
+    env.filters.update(theirs.filters)
+    env.globals.update(theirs.globals)
+    return env.from_string(template)
+
+
+def _inputs(messages, tools, documents, kwargs) -> dict:
+    """What transformers' render_jinja_template hands the template: plain JSON-like copies
+    (reasoning fields aliased)."""
+    from transformers.utils.chat_template_utils import _alias_reasoning_fields, _plain_template_data
+
+    chat = _plain_template_data(list(messages))
+    for message in chat:
+        if not isinstance(message, dict):
+            raise ModelError(f"a chat message must be a dict with 'role' and 'content', not {message!r}")
+    return {**_plain_template_data(kwargs), "messages": _alias_reasoning_fields(chat),
+            "tools": _plain_template_data(tools), "documents": _plain_template_data(documents)}
+
+
+def render_chat(template: str, messages: list[dict], *, add_generation_prompt: bool = True, tools=None,
+                documents=None, **extra) -> str:
+    """Render ``messages`` as transformers' ``tokenizer.apply_chat_template(..., tokenize=False)``
+    does (``extra`` carries the special tokens: bos_token, eos_token, ...), within porter's bounds."""
     timed = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
     if timed:
         def alarm(*_):
@@ -54,9 +83,10 @@ def render_chat(template: str, messages: list[dict], *, add_generation_prompt: b
         old = signal.signal(signal.SIGALRM, alarm)
         signal.setitimer(signal.ITIMER_REAL, MAX_SECONDS)
     try:
+        compiled = _compile(template)
+        inputs = _inputs(messages, tools, documents, extra)
         parts, n = [], 0
-        for piece in env.from_string(template).generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                         **extra):
+        for piece in compiled.generate(add_generation_prompt=add_generation_prompt, **inputs):
             n += len(piece)
             if n > MAX_CHARS:
                 raise TemplateError(f"it renders more than {MAX_CHARS} characters")

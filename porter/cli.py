@@ -1,7 +1,9 @@
-"""porter's command line: inspect | convert | run | verify | embed | parity | generate | plugins | examples | demo."""
+"""porter's command line: inspect | convert | run | chat | verify | embed | parity | generate | plugins | examples | demo."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -57,6 +59,7 @@ def main(plugin_modules):
       porter inspect  CHECKPOINT                    # what porter sees in it
       porter convert  CHECKPOINT -o m.gguf --outtype q8_0
       porter run      m.gguf -p "Hello" -n 32
+      porter chat     m.gguf --system "Be brief."      # a conversation, kept in the KV cache
       porter parity   CHECKPOINT                    # node-by-node comparison with transformers
     """
     if plugin_modules:
@@ -173,33 +176,67 @@ def _model_context(model: Path) -> int | None:
     return n if isinstance(n, int) and n >= 2 else None
 
 
+def _read_prompt_file(path: str) -> str:
+    """The text of -f FILE (- is standard input), refused when unreadable or not UTF-8."""
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        raise OptionError(f"-f {path}: cannot read the prompt file ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OptionError(f"-f {path}: the prompt is not valid UTF-8 text (byte {data[exc.start]:#04x} at byte "
+                          f"{exc.start}); give UTF-8 text") from None
+
+
+def _refuse_encoder(m) -> None:
+    if not m.spec.causal:
+        raise OptionError(f"{m.path}: this is an encoder (it embeds text, it does not generate): use "
+                          f"`porter embed {m.path} TEXT`")
+
+
+_SAMPLING = [
+    click.option("--temp", default=0.0, show_default=True, help="Sampling temperature, >= 0 (0 = greedy)."),
+    click.option("--top-k", default=40, show_default=True, help="Sample among the k likeliest tokens (0 = all candidates)."),
+    click.option("--top-p", default=0.95, show_default=True,
+                 help="Sample among the likeliest tokens whose probabilities add up to p, in (0, 1] (1 = off)."),
+    click.option("--seed", default=None, type=int, help="Random seed for sampling, 0..2**64-1 (-1 or none: a random seed)."),
+    click.option("-t", "--threads", default=None, type=int,
+                 help="Threads, >= 1, capped at the cores available (default: the physical cores)."),
+    click.option("-c", "--ctx-size", default=None, type=int,
+                 help="Context length, >= 2 (0: the model's; default: min(model's, 2048))."),
+    click.option("--cache-type", type=click.Choice(["f32", "f16", "q8_0"]), default="f32", show_default=True,
+                 help="KV cache type (f16 halves its memory and speeds long contexts; llama.cpp's default)."),
+]
+
+
+def _sampling_options(f):
+    for option in reversed(_SAMPLING):
+        f = option(f)
+    return f
+
+
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", default="Write a haiku about porting models.", show_default=True)
+@click.option("-f", "--file", "prompt_file", metavar="FILE", help="Read the prompt from FILE (-: standard input).")
 @click.option("-n", "--n-predict", default=64, show_default=True,
               help="Tokens to generate (-1: until the end of the sequence or a full context).")
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
-@click.option("--temp", default=0.0, show_default=True, help="Sampling temperature, >= 0 (0 = greedy).")
-@click.option("--top-k", default=40, show_default=True, help="Sample among the k likeliest tokens (0 = all candidates).")
-@click.option("--top-p", default=0.95, show_default=True,
-              help="Sample among the likeliest tokens whose probabilities add up to p, in (0, 1] (1 = off).")
-@click.option("--seed", default=None, type=int, help="Random seed for sampling, 0..2**64-1 (-1 or none: a random seed).")
-@click.option("-t", "--threads", default=None, type=int,
-              help="Threads, >= 1, capped at the cores available (default: the physical cores).")
-@click.option("-c", "--ctx-size", default=None, type=int,
-              help="Context length, >= 2 (0: the model's; default: min(model's, 2048)).")
-@click.option("--cache-type", type=click.Choice(["f32", "f16", "q8_0"]), default="f32", show_default=True,
-              help="KV cache type (f16 halves its memory and speeds long contexts; llama.cpp's default).")
-def run(model, prompt, n_predict, chat, temp, top_k, top_p, seed, threads, ctx_size, cache_type):
+@_sampling_options
+def run(model, prompt, prompt_file, n_predict, chat, temp, top_k, top_p, seed, threads, ctx_size, cache_type):
     """Generate text from a GGUF written by porter, streaming tokens (-n -1: until the end of
-    the sequence or a full context, as llama.cpp)."""
+    the sequence or a full context, as llama.cpp); it stops at every end-of-generation token."""
     import porter
 
+    if prompt_file is not None:
+        prompt = _read_prompt_file(prompt_file)
     _check_prompt(prompt, chat)
     seed, threads = _check_run_options(n_predict, temp, top_k, top_p, seed, threads, ctx_size)
     if ctx_size == 0:
         ctx_size = _model_context(model)
     with porter.load(model, n_threads=threads, n_ctx=ctx_size, cache_type=cache_type) as m:
+        _refuse_encoder(m)
         text = prompt
         if chat and m.metadata.get("chat_template"):
             text = m.apply_chat_template([{"role": "user", "content": prompt}])
@@ -221,6 +258,53 @@ def run(model, prompt, n_predict, chat, temp, top_k, top_p, seed, threads, ctx_s
                     fg="bright_black", err=True)
 
 
+class _WarningLine(logging.Handler):
+    def emit(self, record):
+        click.secho(f"warning: {record.getMessage()}", fg="yellow", err=True)
+
+
+@contextlib.contextmanager
+def _warnings_shown():
+    """porter's logged warnings as the CLI's own warning lines while the block runs."""
+    log, handler = logging.getLogger("porter"), _WarningLine(logging.WARNING)
+    log.addHandler(handler)
+    propagate, log.propagate = log.propagate, False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+
+
+@main.command("chat")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--system", help="A system message that starts the conversation.")
+@click.option("-n", "--n-predict", default=512, show_default=True,
+              help="Most tokens per answer (-1: until the end of the turn or a full context).")
+@click.option("--stop", multiple=True, metavar="TEXT", help="End an answer where TEXT appears (repeatable).")
+@_sampling_options
+def chat_cmd(model, system, n_predict, stop, temp, top_k, top_p, seed, threads, ctx_size, cache_type):
+    """Talk with a model: one message per line on standard input, /exit or end of input ends
+    (Ctrl-C too). The conversation stays in the KV cache: each turn evaluates only its new tokens."""
+    import porter
+    from porter.runtime.chat_session import run_conversation
+
+    seed, threads = _check_run_options(n_predict, temp, top_k, top_p, seed, threads, ctx_size)
+    if n_predict == 0:
+        raise OptionError("-n 0: an answer needs at least 1 token (or -1: until the end of the turn)")
+    if system is not None:
+        _check_prompt(system, True)
+    if ctx_size == 0:
+        ctx_size = _model_context(model)
+    with porter.load(model, n_threads=threads, n_ctx=ctx_size, cache_type=cache_type) as m:
+        _refuse_encoder(m)
+        if not m.metadata.get("chat_template"):
+            raise OptionError(f"{model}: this model has no chat template; use `porter run --no-chat`")
+        m.kv  # allocated before any compute: a cache that cannot fit is refused with its size
+        run_conversation(m, system=system, max_new_tokens=n_predict, stop=list(stop), temperature=temp,
+                         top_k=top_k, top_p=top_p, seed=seed)
+
+
 @main.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("texts", nargs=-1, required=True)
@@ -237,7 +321,7 @@ def embed(model, texts, as_json, show, threads):
     import porter
 
     threads = _check_threads(threads)
-    with porter.load(model, n_threads=threads) as m:
+    with porter.load(model, n_threads=threads) as m, _warnings_shown():
         vectors = m.embed(list(texts))
     if as_json:
         click.echo(json.dumps([[float(x) for x in v] for v in vectors]))

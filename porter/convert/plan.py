@@ -38,6 +38,8 @@ import numpy as np
 GRAPH_SPEC_KEY = "porter.graph_spec"
 # The key under which the checkpoint's full tokenizer.json text is stored.
 TOKENIZER_JSON_KEY = "porter.tokenizer_json"
+# Every id that ends generation (eos, generation_config's list); llama.cpp has no key for the set.
+EOG_TOKEN_IDS_KEY = "porter.eog_token_ids"
 
 
 @dataclass
@@ -82,4 +84,4 @@ class ConversionPlan:
         return {s for t in self.tensors for s in t.sources}
 
 
-__all__ = ["ConversionPlan", "GRAPH_SPEC_KEY", "TOKENIZER_JSON_KEY", "TensorPlan"]
+__all__ = ["ConversionPlan", "EOG_TOKEN_IDS_KEY", "GRAPH_SPEC_KEY", "TOKENIZER_JSON_KEY", "TensorPlan"]

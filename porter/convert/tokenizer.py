@@ -39,6 +39,10 @@ converter, a tokenizer without a BOS token but with a CLS token uses CLS as BOS,
 for a missing EOS). ``add_bos_token`` / ``add_eos_token`` are always written: from
 ``tokenizer_config.json`` when it says, else from the ``tokenizer.json`` post-processor (what
 ``tokenizers`` actually adds), else false.
+
+End ids: ``porter.eog_token_ids`` lists the EOS and every id of ``generation_config.json``'s
+``eos_token_id`` (a list in Llama 3, Gemma); the first that differs from the EOS (an end of turn
+such as ``<|eot_id|>``) also goes under llama.cpp's ``tokenizer.ggml.eot_token_id``.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from typing import Any, Iterator
 from gguf import GGUFValueType, Keys, TokenType
 
 from porter.convert._pretokenizers import CHECK_TEXT, PRE_TOKENIZER_BY_HASH
-from porter.convert.plan import TOKENIZER_JSON_KEY
+from porter.convert.plan import EOG_TOKEN_IDS_KEY, TOKENIZER_JSON_KEY
 from porter.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -102,6 +106,21 @@ def _looks_special(token: str) -> bool:
         or (token.startswith("<｜") and token.endswith("｜>"))
         or (token.startswith("<unused") and token.endswith(">"))
     )
+
+
+def _end_ids(eos: int | None, gen_cfg: dict[str, Any], config: dict[str, Any], n_vocab: int) -> list[int]:
+    """The tokenizer's EOS and every id transformers' generate stops on (generation_config's
+    ``eos_token_id``, an int or a list; config.json's when it has none), in that order."""
+    ids = [] if eos is None else [eos]
+    for source in (gen_cfg, config, config.get("text_config") or {}):
+        value = source.get("eos_token_id") if isinstance(source, dict) else None
+        if value is None:
+            continue
+        for i in value if isinstance(value, list) else [value]:
+            if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_vocab and i not in ids:
+                ids.append(i)
+        break
+    return ids
 
 
 def _config_vocab_size(config: dict[str, Any]) -> int | None:
@@ -391,6 +410,12 @@ def tokenizer_kv(model_dir: Path | str, *, vocab_size: int | None = None) -> dic
     for typ, key in _SPECIAL_KEYS.items():
         if typ in special_ids:
             kv[key] = special_ids[typ]
+    ends = _end_ids(special_ids.get("eos"), gen_cfg, config, n_vocab)
+    if ends:
+        kv[EOG_TOKEN_IDS_KEY] = (ends, GGUFValueType.UINT32)
+        turn_end = [i for i in ends if i != special_ids.get("eos")]
+        if turn_end:
+            kv[TK.EOT_ID] = turn_end[0]
 
     flags = _post_processor_flags(tj.get("post_processor"), names.get("bos"), names.get("cls"))
     for typ in ("bos", "eos", "sep"):

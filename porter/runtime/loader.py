@@ -25,6 +25,7 @@ from porter.spec import Node, Repeat, Spec, expr, loads
 
 SPEC_KEY = "porter.graph_spec"
 TOKENIZER_KEY = "porter.tokenizer_json"
+EOG_KEY = "porter.eog_token_ids"  # every end-of-generation id (llama.cpp has no key for the set)
 
 
 def _field_value(reader, key: str):
@@ -121,6 +122,10 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
         "chat_template": _field_value(reader, "tokenizer.chat_template"),
         "bos_token_id": _field_value(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field_value(reader, "tokenizer.ggml.eos_token_id"),
+        **{f"{t}_token_id": _field_value(reader, f"tokenizer.ggml.{key}_token_id")
+           for t, key in (("unk", "unknown"), ("sep", "seperator"), ("pad", "padding"), ("cls", "cls"),
+                          ("mask", "mask"), ("eot", "eot"), ("eom", "eom"))},
+        "eog_token_ids": _field_value(reader, EOG_KEY),
         "add_bos_token": _field_value(reader, "tokenizer.ggml.add_bos_token"),
         "file_type": _field_value(reader, "general.file_type"),
         "pooling": _field_value(reader, "porter.pooling"),  # encoders: mean | cls | last | none

@@ -80,6 +80,8 @@ class Model(GenerationMixin):
         self._kv: KVCache | None = None
         self._graphs: OrderedDict[tuple, _CachedGraph] = OrderedDict()
         self._tokenizer = None
+        self.tokens_evaluated = 0  # every token forward has run (a conversation's reuse shows here)
+        self._chat = None
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -120,15 +122,30 @@ class Model(GenerationMixin):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *, tools=None,
+                            **kwargs) -> str:
+        """The prompt text transformers' ``apply_chat_template(..., tokenize=False)`` renders."""
         from porter.chat import render_chat
 
         template = self.metadata.get("chat_template")
         if not template:
             raise ModelError("this model has no chat template; pass a plain prompt")
-        return render_chat(template, messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=self._token_text(self.metadata.get("bos_token_id")),
-                           eos_token=self._token_text(self.metadata.get("eos_token_id")))
+        special = {f"{t}_token": self._token_text(self.metadata.get(f"{t}_token_id"))
+                   for t in ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
+                   if self.metadata.get(f"{t}_token_id") is not None}
+        return render_chat(template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                           **{"bos_token": "", "eos_token": "", **special, **kwargs})
+
+    def chat(self, messages: list[dict], *, stream: bool = False, max_new_tokens: int = 256, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop=(), tools=None):
+        """The assistant's reply to ``messages``: a ChatReply (a str with ``finish_reason`` and
+        token counts), or with ``stream=True`` a ChatStream of text pieces. The KV cache is kept:
+        the next call evaluates only the tokens after what it shares with this one
+        (:mod:`porter.runtime.chat_session`)."""
+        from porter.runtime.chat_session import chat
+
+        return chat(self, messages, stream=stream, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_k=top_k, top_p=top_p, seed=seed, stop=stop, tools=tools)
 
     def _token_text(self, tid):
         return "" if tid is None else self.tokenizer.id_to_token(int(tid)) or ""
@@ -260,6 +277,7 @@ class Model(GenerationMixin):
             if t.buffer != ffi.NULL:  # an input no node reads has no memory
                 set_data(t, np.ascontiguousarray(feeds[name]))
         self.backend.compute(g.graph)
+        self.tokens_evaluated += n
         if use_cache:
             self.kv.n_past = start + n
         if "result_output" in g.outputs:
@@ -324,13 +342,20 @@ class Model(GenerationMixin):
         pooling = "mean" if pooling == "none" else pooling
         normalize = bool(self.metadata.get("normalize")) if normalize is None else normalize
         rows = []
-        for item in items:
+        limit = self.max_seq_length if any(isinstance(item, str) for item in items) else self.n_ctx
+        for n, item in enumerate(items):
             if isinstance(item, str):
                 enc = self.tokenizer.encode(item)  # tokenizer.json may pad: keep attended tokens
-                keep = [i for i, a in enumerate(enc.attention_mask) if a][:self.n_ctx]
+                keep = [i for i, a in enumerate(enc.attention_mask) if a]
+                if enc.overflowing or len(keep) > limit:
+                    self._warn_truncated(n, item, limit)
+                keep = keep[:limit]
                 ids, types = [enc.ids[i] for i in keep], [enc.type_ids[i] for i in keep]
             else:
                 ids, types = list(item), None
+                if len(ids) > self.n_ctx:  # token ids are the caller's choice up to the context
+                    raise ModelError(f"input {n} has {len(ids)} token ids; the model embeds at most {self.n_ctx} "
+                                     "(its context): shorten it")
             h = self.forward(ids, use_cache=False, token_types=types)
             v = {"mean": lambda: h.mean(axis=0), "cls": lambda: h[0], "last": lambda: h[-1]}.get(pooling)
             if v is None:
@@ -340,6 +365,24 @@ class Model(GenerationMixin):
                 v = v / max(float(np.linalg.norm(v)), 1e-12)
             rows.append(v)
         return np.stack(rows)
+
+    @property
+    def max_seq_length(self) -> int:
+        """The most tokens :meth:`embed` uses per text: the tokenizer's truncation length
+        (sentence-transformers' max_seq_length), within the context."""
+        trunc = self.tokenizer.truncation if self.metadata.get("tokenizer_json") else None
+        return min(self.n_ctx, int(trunc["max_length"])) if trunc else self.n_ctx
+
+    def _warn_truncated(self, n: int, text: str, limit: int) -> None:
+        from tokenizers import Tokenizer
+
+        full = Tokenizer.from_str(self.metadata["tokenizer_json"])
+        full.no_truncation()
+        full.no_padding()
+        length = len(full.encode(text).ids)
+        logging.getLogger("porter").warning(
+            "text %d is %d tokens long; the model's max_seq_length is %d: only its first %d tokens are embedded "
+            "(as sentence-transformers does); split longer texts", n, length, limit, limit)
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits of every position for a fresh sequence (no cache state is kept)."""

@@ -176,3 +176,20 @@ def test_unknown_pre_tokenizer_is_default(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     v = values(tokenizer_kv(save(tmp_path / "odd", tok)))
     assert v[K + "model"] == "gpt2" and v[K + "pre"] == "default" and v[K + "merges"] == ["a b"]
+
+
+def test_every_end_id_is_written(tmp_path):
+    """generation_config's list (the Llama 3 / Gemma pattern: eos_token is not the end of turn):
+    all ids under porter.eog_token_ids, the end of turn under llama.cpp's eot key."""
+    folder = sentencepiece_style(tmp_path, generation_config__json={"eos_token_id": [10, 2]},
+                                 config__json={"vocab_size": 13, "eos_token_id": 2})
+    kv = tokenizer_kv(folder)
+    v = values(kv)
+    assert v[K + "eos_token_id"] == 2
+    assert v["porter.eog_token_ids"] == [2, 10] and kv["porter.eog_token_ids"][1] == GGUFValueType.UINT32
+    assert v[K + "eot_token_id"] == 10
+
+
+def test_a_single_end_id_has_no_eot(tmp_path):
+    v = values(tokenizer_kv(sentencepiece_style(tmp_path, config__json={"vocab_size": 13, "eos_token_id": 2})))
+    assert v["porter.eog_token_ids"] == [2] and K + "eot_token_id" not in v

@@ -35,13 +35,13 @@ def minilm(tmp_path_factory):
     m.close()
 
 
-def _reference(model_dir, sentences):
+def _reference(model_dir, sentences, max_length=None):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     hf = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
-    enc = tok(sentences, padding=True, return_tensors="pt")
+    enc = tok(sentences, padding=True, truncation=max_length is not None, max_length=max_length, return_tensors="pt")
     with torch.no_grad():
         h = hf(**enc).last_hidden_state
     mask = enc["attention_mask"].unsqueeze(-1).float()
@@ -90,3 +90,39 @@ def test_the_pooler_is_left_out_on_purpose_not_reported_unused(minilm, tmp_path)
     report = convert(d, tmp_path / "again.gguf", "f32", progress=False)
     assert report.unused_tensors == [], report.unused_tensors
     assert "unused" not in report.summary()
+
+
+def test_run_and_chat_refuse_an_encoder_and_point_to_embed(minilm):
+    from click.testing import CliRunner
+
+    from porter.cli import main
+
+    _, path, m = minilm
+    for command in (["run", str(path), "-p", "hi"], ["chat", str(path)]):
+        r = CliRunner().invoke(main, command, input="hi\n")
+        assert r.exit_code == 1 and f"this is an encoder (it embeds text, it does not generate): use `porter embed " \
+            f"{path} TEXT`" in r.output, r.output
+    with pytest.raises(ModelError, match="chat needs a causal LM; this is an encoder: use embed"):
+        m.chat([{"role": "user", "content": "hi"}])
+
+
+def test_embed_warns_past_max_seq_length(minilm):
+    """Texts longer than the model's max_seq_length (128, sentence-transformers' cut in its
+    tokenizer.json) are embedded from their first 128 tokens, as sentence-transformers does, with
+    a warning that says so (before, silently); token ids past the context are refused."""
+    from click.testing import CliRunner
+
+    from porter.cli import main
+
+    d, path, m = minilm
+    long = "word " * 300
+    assert m.max_seq_length == 128
+    r = CliRunner().invoke(main, ["embed", str(path), "short", long])
+    assert r.exit_code == 0, r.output
+    assert "warning: text 1 is 302 tokens long; the model's max_seq_length is 128: only its first 128 tokens are " \
+           "embedded" in r.stderr, r.stderr
+    assert "text 0" not in r.stderr
+    np.testing.assert_allclose(m.embed(long), _reference(d, [long], max_length=128), atol=1e-5)
+    assert m.embed([[1000] * 300]).shape == (1, 384)  # ids are the caller's choice
+    with pytest.raises(ModelError, match="input 0 has 600 token ids; the model embeds at most 512 \\(its context\\)"):
+        m.embed([[1000] * 600])

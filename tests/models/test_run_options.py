@@ -162,3 +162,65 @@ def test_embed_threads_refused_or_capped(gguf):
     cores = len(os.sched_getaffinity(0))
     r = CliRunner().invoke(main, ["embed", str(gguf), "hello", "-t", str(cores + 7)])
     assert f"exceeds the {cores} cores available; using {cores}" in r.output, r.output
+
+
+def test_prompt_from_a_file_or_standard_input(gguf, tmp_path):
+    """-f FILE and -f - give the same generation as the same text passed with -p."""
+    text = "hé b ab\nc"
+    (tmp_path / "prompt.txt").write_text(text, encoding="utf-8")
+    status, expected, err = porter_run(gguf, "-p", text, "--no-chat", tmp_path=tmp_path)
+    assert status == 0, err
+    status, out, err = porter_run(gguf, "-f", "prompt.txt", "--no-chat", tmp_path=tmp_path)
+    assert status == 0 and out == expected, err
+    r = subprocess.run([sys.executable, "-m", "porter", "run", str(gguf), "-n", "2", "-f", "-", "--no-chat"],
+                       input=text.encode(), capture_output=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.decode() == expected, r.stderr.decode()
+
+
+@pytest.mark.parametrize("case", ["missing", "not UTF-8"])
+def test_a_bad_prompt_file_is_refused(gguf, tmp_path, case):
+    if case == "not UTF-8":
+        (tmp_path / "p.txt").write_bytes(b"ok \xff\xfe")
+        message = "-f p.txt: the prompt is not valid UTF-8 text (byte 0xff at byte 3); give UTF-8 text"
+    else:
+        message = "-f p.txt: cannot read the prompt file (No such file or directory)"
+    status, _, err = porter_run(gguf, "-f", "p.txt", tmp_path=tmp_path)
+    assert status == 1 and message in err, err
+
+
+@pytest.fixture(scope="module")
+def chat_gguf(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("q2chat")
+    ckpt = tiny_checkpoint(architectures()["qwen2"], folder / "ckpt")
+    sentencepiece_style(folder, chat_template__jinja="{% for m in messages %}{{ m.role }}: {{ m.content }} {% endfor %}")
+    for f in (folder / "spm").iterdir():
+        f.rename(ckpt / f.name)
+    out = folder / "m.gguf"
+    r = CliRunner().invoke(main, ["convert", str(ckpt), "-o", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_porter_chat_ends_cleanly_on_ctrl_c(chat_gguf, tmp_path):
+    """After an answer, Ctrl-C (SIGINT) while porter chat waits for the next line ends it with
+    status 0 and no traceback; so does the end of input (empty lines are skipped)."""
+    import signal
+    import time
+
+    gguf = chat_gguf
+    p = subprocess.Popen([sys.executable, "-m", "porter", "chat", str(gguf), "-n", "3"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    p.stdin.write(b"b ab\n")
+    p.stdin.flush()
+    err = b""
+    deadline = time.monotonic() + 120
+    while b"answer:" not in err and time.monotonic() < deadline and p.poll() is None:  # the first turn's counts
+        err += p.stderr.read1(4096)
+    p.send_signal(signal.SIGINT)
+    out, rest = p.communicate(timeout=60)
+    err = (err + rest).decode()
+    assert p.returncode == 0 and "Traceback" not in err, err
+    assert "answer: 3 tokens" in err and out.decode().count("\n") == 1
+    r = subprocess.run([sys.executable, "-m", "porter", "chat", str(gguf), "-n", "2"], input=b"b ab\n\nc\n",
+                       capture_output=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr.decode().count("answer: 2 tokens") == 2, r.stderr.decode()
