@@ -88,23 +88,40 @@ _attach_optional_commands()
 
 
 @main.command()
-@click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", type=click.Path(), required=True,
-              help="GGUF file to write (a path ending in / is a directory: the file goes inside it).")
-@click.option("-t", "--outtype", type=click.Choice(OUTTYPES), default="f32", show_default=True,
-              help="Weight type of the matrices (norms and biases stay f32).")
+@click.argument("model")
+@click.option("-o", "--output", "out", type=click.Path(),
+              help="GGUF file to write; a path ending in / is a directory for the default name. Default: "
+                   "NAME-SIZE-TYPE.gguf (GGUF's naming convention, e.g. SmolLM2-135M-Instruct-Q8_0.gguf) in "
+                   "the current directory.")
+@click.option("-t", "--outtype", type=click.Choice([*OUTTYPES, "auto"], case_sensitive=False), default="f32",
+              show_default=True, help="Weight type of the matrices (norms and biases stay f32); auto: the "
+              "checkpoint's 16-bit type (f16 if its first tensor is f16, else bf16, as convert_hf_to_gguf.py).")
+@click.option("--revision", help="With a model id: the branch, tag or commit.")
+@click.option("--dry-run", is_flag=True, help="List every tensor with its shape, type and size, and the file "
+              "name and size; write nothing.")
+@click.option("--vocab-only", is_flag=True, help="Write the metadata and tokenizer only, no tensors.")
 @click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code to run.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def convert(model_dir, out, outtype, force, trust_remote_code, quiet):
-    """Convert a transformers checkpoint folder into a GGUF file.
+def convert(model, out, outtype, revision, dry_run, vocab_only, force, trust_remote_code, quiet):
+    """Convert a transformers checkpoint into a GGUF file.
 
-    Tensors are streamed one at a time; names and keys follow llama.cpp for architectures it
-    knows, and porter's graph spec is embedded under porter.graph_spec.
+    MODEL is a checkpoint folder or a Hugging Face model id (organisation/name: the local hub
+    cache when offline, downloaded otherwise). Tensors are streamed one at a time; names and keys
+    follow llama.cpp for architectures it knows, and porter's graph spec is embedded under
+    porter.graph_spec.
     """
-    from porter.pipeline import convert as do_convert, needs_torch_to_convert
+    from porter.pipeline import checkpoint_folder, convert as do_convert, needs_torch_to_convert
 
-    out = Path(out) / f"{model_dir.name}.{outtype}.gguf" if out.endswith(("/", os.sep)) else Path(out)
+    model_dir, model_id = checkpoint_folder(model, revision)
+    outtype = outtype.lower()
+    if outtype == "auto":
+        outtype = _auto_outtype(model_dir)
+    if out is not None and out.endswith(("/", os.sep)):
+        out_dir = Path(out)
+        out = None
+    else:
+        out_dir = None
 
     light = model_dir.is_dir() and not needs_torch_to_convert(model_dir, trust_remote_code)
     if light and "transformers" not in sys.modules:
@@ -112,9 +129,22 @@ def convert(model_dir, out, outtype, force, trust_remote_code, quiet):
         # installed; conversion itself is numpy only. Hide torch from this process.
         sys.modules.setdefault("torch", None)
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # its "PyTorch was not found"
-    report = do_convert(model_dir, out, outtype, force=force, progress=not quiet,
-                        trust_remote_code=trust_remote_code, module_tree=not light)
+    report = do_convert(model_dir, out, outtype, force=force, progress=not (quiet or dry_run),
+                        trust_remote_code=trust_remote_code, module_tree=not light, dry_run=dry_run,
+                        vocab_only=vocab_only, model_id=model_id, out_dir=out_dir)
     click.echo(report.summary() if hasattr(report, "summary") else str(report))
+
+
+def _auto_outtype(model_dir: Path) -> str:
+    """convert_hf_to_gguf.py's --outtype auto: f16 when the first tensor is F16, else bf16."""
+    from porter.convert.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(model_dir)
+    try:
+        first = next(iter(ckpt.entries.values()), None)
+    finally:
+        ckpt.close()
+    return "f16" if first is not None and first.dtype == "F16" else "bf16"
 
 
 def _check_prompt(prompt: str, chat: bool) -> None:

@@ -18,12 +18,16 @@ def architecture(source, *, trust_remote_code: bool = False, arch_cls=None, modu
     return (arch_cls or architecture_for(info))(info)
 
 
-def convert(model_dir: str | Path, out: str | Path, outtype: str = "f32", *, force: bool = False,
-            progress: bool = True, trust_remote_code: bool = False, arch_cls=None, module_tree: bool = True):
+def convert(model_dir: str | Path, out: str | Path | None, outtype: str = "f32", *, force: bool = False,
+            progress: bool = True, trust_remote_code: bool = False, arch_cls=None, module_tree: bool = True,
+            dry_run: bool = False, vocab_only: bool = False, model_id: str | None = None,
+            out_dir: Path | None = None):
     """Write a GGUF for a transformers checkpoint folder; returns the writer's report.
 
-    ``module_tree=False`` converts without building transformers' meta model (see
-    :func:`porter.introspect.introspect`); ``porter convert`` uses it to run without torch."""
+    ``out=None``: the conventional file name in ``out_dir`` (default: the current directory). ``module_tree=False``
+    converts without building transformers' meta model (see :func:`porter.introspect.introspect`);
+    ``porter convert`` uses it to run without torch. ``dry_run``, ``vocab_only``: see
+    :func:`porter.convert.writer.write_gguf`; ``model_id``: the hub id the folder came from."""
     from porter.convert.tokenizer import tokenizer_kv
     from porter.convert.writer import write_gguf
 
@@ -34,7 +38,23 @@ def convert(model_dir: str | Path, out: str | Path, outtype: str = "f32", *, for
     plan = arch.conversion_plan()
     if (model_dir / "tokenizer.json").exists():
         plan.kv.update(tokenizer_kv(model_dir))
-    return write_gguf(model_dir, plan, Path(out), outtype, force=force, progress=progress)
+    return write_gguf(model_dir, plan, None if out is None else Path(out), outtype, force=force, progress=progress,
+                      dry_run=dry_run, vocab_only=vocab_only, model_id=model_id, out_dir=out_dir)
+
+
+def checkpoint_folder(source: str | Path, revision: str | None = None) -> tuple[Path, str | None]:
+    """(folder, model id or None) for a checkpoint folder or a Hugging Face model id (the local
+    cache when offline, else downloaded)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if revision:
+            raise ModelError("--revision only applies to a model id (organisation/name), not to a folder")
+        return path, None
+    if "/" in str(source) and not path.exists() and str(source).count("/") == 1:
+        return _snapshot(str(source), revision), str(source)
+    if path.exists():
+        raise ModelError(f"{source}: not a folder; pass a transformers checkpoint folder (config.json, *.safetensors)")
+    raise ModelError(f"{source}: no such folder, and not a model id (organisation/name)")
 
 
 def needs_torch_to_convert(model_dir: Path, trust_remote_code: bool = False) -> bool:

@@ -123,18 +123,42 @@ class WriteReport:
     mixed: list[TypeChange] = field(default_factory=list)  # deliberate llama.cpp-style upgrades
     unused_tensors: list[str] = field(default_factory=list)  # in the checkpoint, not in the plan
     warnings: list[str] = field(default_factory=list)
+    tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    tensor_bytes: dict[str, int] = field(default_factory=dict)
+    general: dict[str, object] = field(default_factory=dict)  # general.name, basename, size_label, ...
+    dry_run: bool = False  # nothing was written: bytes_written is what the file would hold
+    vocab_only: bool = False
 
     def summary(self) -> str:
-        lines = [
-            f"wrote {self.out} ({self.bytes_written / 2**20:.1f} MiB, {self.n_tensors} tensors, "
-            f"{self.outtype}) in {self.seconds:.1f} s, peak memory {self.peak_rss / 2**20:.0f} MiB"
-        ]
-        lines += [f"fallback: {c}" for c in self.fallbacks]
-        lines += [f"mixed: {c}" for c in self.mixed]
+        what = f"{self.n_tensors} tensors, {self.outtype}" if not self.vocab_only else "vocabulary only, no tensors"
+        if self.dry_run:
+            lines = [f"{'tensor':40s} {'shape':>18s} {'type':>5s} {'MiB':>9s}"]
+            lines += [f"{name:40s} {'x'.join(map(str, self.tensor_shapes[name])):>18s} {qtype:>5s} "
+                      f"{self.tensor_bytes[name] / 2**20:9.2f}" for name, qtype in self.tensor_types.items()]
+            lines.append(f"dry run: would write {self.out} ({self.bytes_written / 2**20:.1f} MiB of tensor data, {what}; "
+                         f"{self.general.get('general.name', '')} {self.general.get('general.size_label', '')}); "
+                         "nothing written")
+        else:
+            lines = [f"wrote {self.out} ({self.bytes_written / 2**20:.1f} MiB, {what}) in {self.seconds:.1f} s, "
+                     f"peak memory {self.peak_rss / 2**20:.0f} MiB"]
+        lines += _grouped("fallback", self.fallbacks)
+        lines += _grouped("mixed", self.mixed)
         if self.unused_tensors:
             lines.append(f"unused checkpoint tensors: {', '.join(self.unused_tensors)}")
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def _grouped(label: str, changes: list[TypeChange]) -> list[str]:
+    """Type changes in one line (``--dry-run`` shows each tensor's type), not one per tensor: a
+    q4_k SmolLM2 has 180 fallbacks of the same kind."""
+    if len(changes) <= 2:
+        return [f"{label}: {c}" for c in changes]
+    kinds: dict[tuple[str, str, str], int] = {}
+    for c in changes:
+        kinds[(c.wanted, c.used, c.reason)] = kinds.get((c.wanted, c.used, c.reason), 0) + 1
+    parts = [f"{n} {wanted} -> {used} ({reason})" for (wanted, used, reason), n in kinds.items()]
+    return [f"{label}: {len(changes)} tensors: {'; '.join(parts)}; --dry-run lists them"]
 
 
 @dataclass
@@ -458,31 +482,71 @@ def _progress(enabled: bool):
 
 
 # ----------------------------------------------------------------------------- the writer
+@dataclass
+class WriteOptions:
+    force: bool = False
+    progress: bool = True
+    tokenizer: bool | None = None
+    pure: bool = False
+    dry_run: bool = False
+    vocab_only: bool = False
+    model_id: str | None = None  # the hub id the checkpoint came from (names the model)
+    out_dir: Path | None = None  # where the conventionally named file goes (default: the current directory)
+
+
 def write_gguf(
     model_dir: Path,
     plan: ConversionPlan,
-    out: Path,
+    out: Path | None,
     outtype: str,
     *,
     force: bool = False,
     progress: bool = True,
     tokenizer: bool | None = None,
     pure: bool = False,
+    dry_run: bool = False,
+    vocab_only: bool = False,
+    model_id: str | None = None,
+    out_dir: Path | None = None,
 ) -> WriteReport:
-    """Write the GGUF that ``plan`` describes for the checkpoint in ``model_dir`` to ``out``.
+    """Write the GGUF that ``plan`` describes for the checkpoint in ``model_dir`` to ``out``
+    (``None``: the conventional name, e.g. ``SmolLM2-135M-Instruct-Q8_0.gguf``, in ``out_dir``,
+    by default the current directory).
 
     ``outtype``: one of ``OUTTYPES`` (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q6_k).
     ``tokenizer``: add :func:`porter.convert.tokenizer.tokenizer_kv` keys (plan keys win on a
     clash); ``None`` adds them when ``model_dir`` has a ``tokenizer.json`` and the plan does not
     already set ``tokenizer.ggml.model``. ``pure``: no llama.cpp-style output-tensor upgrade.
+    ``dry_run``: plan everything and report it, write nothing. ``vocab_only``: the metadata and
+    tokenizer without any tensor (as llama.cpp's ``--vocab-only``).
     """
     t0 = time.perf_counter()
     rss0 = _maxrss()
-    model_dir, out = Path(model_dir), Path(out)
+    model_dir = Path(model_dir)
     key = outtype.lower().strip()
     if key not in OUTTYPES:
         raise PorterError(f"unknown output type {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     default_type, file_type = OUTTYPES[key]
+    options = WriteOptions(force, progress, tokenizer, pure, dry_run, vocab_only, model_id, out_dir)
+    if out is not None:
+        _check_target(Path(out), force)
+
+    names = plan.tensor_names()
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise PorterError(f"the conversion plan writes these tensors more than once: {dupes}")
+
+    ckpt = Checkpoint(model_dir)
+    try:
+        return _write(ckpt, model_dir, plan, None if out is None else Path(out), key, default_type, file_type,
+                      options, t0, rss0)
+    finally:
+        ckpt.close()
+
+
+def _check_target(out: Path, force: bool) -> None:
+    """Refuse an output that exists (without ``force``) or is not a regular file; remove the
+    temporary files of killed conversions to it."""
     if out.is_dir():
         raise PorterError(f"{out} is a directory; give a file name for the GGUF")
     if out.exists() and not force:
@@ -492,28 +556,21 @@ def write_gguf(
                           "even with --force: give another output path")
     _remove_stale_temp_files(out)
 
-    names = plan.tensor_names()
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise PorterError(f"the conversion plan writes these tensors more than once: {dupes}")
 
-    ckpt = Checkpoint(model_dir)
+def _check_not_an_input(out: Path, ckpt: Checkpoint, model_dir: Path) -> None:
     inputs = [*(e.file for e in ckpt.entries.values()), *model_dir.glob("*.json"), *model_dir.glob("*.jinja")]
     if out.exists() and any(f.exists() and out.samefile(f) for f in inputs):
-        ckpt.close()
         raise PorterError(f"{out} is an input of this conversion (part of the checkpoint in {model_dir}); "
                           "porter never overwrites its input, even with --force: write the GGUF elsewhere")
-    try:
-        return _write(ckpt, model_dir, plan, out, key, default_type, file_type, force, progress, tokenizer, pure, t0, rss0)
-    finally:
-        ckpt.close()
 
 
 def _write(
-    ckpt: Checkpoint, model_dir: Path, plan: ConversionPlan, out: Path, outtype: str, default_type: QT,
-    file_type: LlamaFileType, force: bool, progress: bool, tokenizer: bool | None, pure: bool,
-    t0: float, rss0: int,
+    ckpt: Checkpoint, model_dir: Path, plan: ConversionPlan, out: Path | None, outtype: str, default_type: QT,
+    file_type: LlamaFileType, options: WriteOptions, t0: float, rss0: int,
 ) -> WriteReport:
+    from porter.convert import naming
+
+    force, progress, tokenizer, pure = options.force, options.progress, options.tokenizer, options.pure
     missing = sorted({s for t in plan.tensors for s in t.sources if s not in ckpt})
     if missing:
         shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
@@ -526,7 +583,8 @@ def _write(
         raise ModelError(f"the checkpoint in {model_dir} stores weight(s) as integers: "
                          + ", ".join(f"{n} ({ckpt.entries[n].dtype})" for n in not_float[:8])
                          + "; a weight must be F32, F16, BF16 or F64 (the header's dtype disagrees with the data?)")
-    report = WriteReport(out, outtype, int(file_type), len(plan.tensors), 0, 0.0, 0, 0)
+    report = WriteReport(out, outtype, int(file_type), len(plan.tensors), 0, 0.0, 0, 0,
+                         dry_run=options.dry_run, vocab_only=options.vocab_only)
     used = plan.source_names()
     report.unused_tensors = sorted(n for n in ckpt.names() if n not in used and not _is_ignorable(n)
                                    and not any(fragment in n for fragment in plan.ignored))
@@ -548,14 +606,35 @@ def _write(
             report.fallbacks.append(fallback)
         items.append(_Item(t, shape, qtype, nbytes_of(shape, qtype), rename))
         report.tensor_types[t.gguf_name] = qtype.name
+        report.tensor_shapes[t.gguf_name] = shape
+        report.tensor_bytes[t.gguf_name] = items[-1].nbytes
     _check_against_spec(plan, {i.plan.gguf_name: i for i in items}, model_dir)
+
+    writer = GGUFWriter(path=None, arch=plan.gguf_arch)
+    for item in items:
+        writer.add_tensor_info(
+            item.plan.gguf_name, item.shape, np.dtype(np.float32), item.nbytes, raw_dtype=item.qtype
+        )
+    metadata = naming.describe(model_dir, writer.get_total_parameter_count(), model_id=options.model_id,
+                               fallback_name=plan.name)
+    if options.vocab_only:  # llama.cpp's vocab-only files: the metadata and the tokenizer, no tensors
+        writer.tensors = [{}]
+        items = []
+        report.n_tensors = 0
+    if out is None:
+        out = Path(options.out_dir or Path.cwd()) / naming.default_file_name(metadata, outtype,
+                                                                             vocab_only=options.vocab_only)
+        _check_target(out, force)
+    report.out = out
+    _check_not_an_input(out, ckpt, model_dir)
 
     # Metadata.
     kv: dict[str, Any] = {
         "general.type": "model",
-        "general.name": plan.name or model_dir.name,
+        **naming.general_kv(metadata),
         "general.file_type": (int(file_type), VT.UINT32),
     }
+    report.general = {k: v for k, v in kv.items() if k in ("general.name", "general.size_label")}
     if tokenizer or (tokenizer is None and (model_dir / "tokenizer.json").is_file()
                      and "tokenizer.ggml.model" not in plan.kv):
         from porter.convert.tokenizer import tokenizer_kv
@@ -565,22 +644,21 @@ def _write(
     # A checkpoint without a tokenizer: llama.cpp refuses a file with no tokenizer.ggml.model,
     # and loads one whose model is "none" (what its own converter writes then).
     kv.setdefault("tokenizer.ggml.model", "none")
-    if plan.spec_json:
+    if plan.spec_json and not options.vocab_only:  # a spec without weights could not run
         kv[GRAPH_SPEC_KEY] = plan.spec_json
     kv["general.quantization_version"] = (GGML_QUANT_VERSION, VT.UINT32)
     kv.pop("general.architecture", None)  # GGUFWriter writes it from plan.gguf_arch
 
-    writer = GGUFWriter(path=None, arch=plan.gguf_arch)
     for k, v in kv.items():
         entry = kv_entry(k, v)
         if entry is None:
             report.warnings.append(f"metadata key {k!r} is an empty array; GGUF cannot store it, skipped")
             continue
         writer.add_key_value(k, entry[0], entry[1], sub_type=entry[2])
-    for item in items:
-        writer.add_tensor_info(
-            item.plan.gguf_name, item.shape, np.dtype(np.float32), item.nbytes, raw_dtype=item.qtype
-        )
+    if options.dry_run:
+        report.bytes_written = sum(i.nbytes for i in items)
+        report.seconds = time.perf_counter() - t0
+        return report
 
     # A hidden temporary name next to the output (same filesystem, so the final rename is atomic),
     # created with the permissions the umask gives ordinary files.
