@@ -79,6 +79,9 @@ def _attach_optional_commands() -> None:
     main.add_command(parity_cmd)
     main.add_command(port_cmd)
     main.add_command(traced_ops)
+    from porter.measure.cli import perplexity as perplexity_cmd
+
+    main.add_command(perplexity_cmd)
 
 
 _attach_optional_commands()
