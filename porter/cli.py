@@ -79,9 +79,11 @@ def _attach_optional_commands() -> None:
     main.add_command(parity_cmd)
     main.add_command(port_cmd)
     main.add_command(traced_ops)
+    from porter.measure.cli import bench as bench_cmd
     from porter.measure.cli import perplexity as perplexity_cmd
 
     main.add_command(perplexity_cmd)
+    main.add_command(bench_cmd)
 
 
 _attach_optional_commands()
