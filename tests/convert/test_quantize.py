@@ -115,3 +115,18 @@ def test_refusals_leave_no_output(tiny, tmp_path):
     with pytest.raises(ModelError, match="NaN"):
         quantize(damaged, tmp_path / "out.gguf", "q8_0")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.gguf", "q8.gguf"]
+
+
+@pytest.mark.parametrize("ftype", ["q8_0", "q4_0", "q6_k"])
+def test_same_bytes_as_converting_to_the_type(tiny, ftype, tmp_path):
+    """Requantizing the f32 file stores exactly what `porter convert -t TYPE` stores (output
+    projection upgrade included), tensor by tensor."""
+    from porter.pipeline import convert
+
+    quantize(tiny.gguf, tmp_path / "q.gguf", ftype)
+    convert(tiny.checkpoint, tmp_path / "c.gguf", ftype, progress=False)
+    q, c = GGUFReader(tmp_path / "q.gguf").tensors, GGUFReader(tmp_path / "c.gguf").tensors
+    assert [t.name for t in q] == [t.name for t in c]
+    for a, b in zip(q, c):
+        assert a.tensor_type == b.tensor_type, a.name
+        assert np.asarray(a.data).tobytes() == np.asarray(b.data).tobytes(), a.name
