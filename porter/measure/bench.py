@@ -7,6 +7,8 @@
 - t/s of a run is its tokens divided by its wall time; the table shows the mean ± the sample
   standard deviation over the runs.
 - Rows are in llama-bench's order: for each thread count, the pp tests, then the tg tests.
+- ``threads`` is the count asked for (``-t``); porter's adaptive thread policy may run a graph on
+  fewer while other processes hold cores (``PORTER_ADAPTIVE_THREADS=0`` turns it off).
 """
 
 from __future__ import annotations
