@@ -4,7 +4,9 @@ GGUFs next to transformers on the very same chunks (float32 weights, and the GGU
 The text is the Python Language Reference that ships with Python (pydoc_data.topics, PSF license).
 Usage:
 
-    python bench/perplexity.py [-c 512] [--chunks 8] [--types f32,q8_0,q4_k] [--threads 2]
+    python bench/perplexity.py [-c 512] [--chunks 8] [--types f32,q8_0,q4_k,Q4_K_M] [--threads 2]
+
+(Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M are made with `porter quantize` from the f32 file.)
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import porter
+    from porter.convert.quantize import quantize
     from porter.examples import materialize_smollm2
     from porter.measure.perplexity import bos_for, chunks_of, perplexity
     from porter.measure.text import python_reference
@@ -55,7 +58,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         for outtype in args.types.split(","):
             gguf = Path(d) / f"smollm2.{outtype}.gguf"
-            convert(ckpt, gguf, outtype, progress=False)
+            if outtype.upper() in ("Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M"):  # llama.cpp's mixes: porter quantize
+                f32 = Path(d) / "smollm2.f32-source.gguf"
+                if not f32.exists():
+                    convert(ckpt, f32, "f32", progress=False)
+                quantize(f32, gguf, outtype)
+            else:
+                convert(ckpt, gguf, outtype, progress=False)
             with porter.load(gguf, n_threads=args.threads, n_ctx=args.ctx_size) as m:
                 tokens = m.encode(text)
                 bos = bos_for(m)
