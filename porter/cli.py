@@ -1,4 +1,5 @@
-"""porter's command line: inspect | convert | run | chat | verify | embed | parity | generate | plugins | examples | demo."""
+"""porter's command line: inspect | convert | quantize | run | chat | verify | embed | parity | perplexity | bench |
+generate | plugins | examples | demo."""
 
 from __future__ import annotations
 
@@ -82,6 +83,11 @@ def _attach_optional_commands() -> None:
     main.add_command(parity_cmd)
     main.add_command(port_cmd)
     main.add_command(traced_ops)
+    from porter.measure.cli import bench as bench_cmd
+    from porter.measure.cli import perplexity as perplexity_cmd
+
+    main.add_command(perplexity_cmd)
+    main.add_command(bench_cmd)
 
 
 _attach_optional_commands()
@@ -145,6 +151,31 @@ def _auto_outtype(model_dir: Path) -> str:
     finally:
         ckpt.close()
     return "f16" if first is not None and first.dtype == "F16" else "bf16"
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("file_type", metavar="TYPE")
+@click.option("--dry-run", is_flag=True, help="Print what each tensor would become, and the total; write nothing.")
+@click.option("--pure", is_flag=True, help="TYPE everywhere: no mix, no higher-precision output projection.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists (never the input).")
+def quantize(source, out, file_type, dry_run, pure, force):
+    """Requantize SOURCE (an f32/f16/bf16 GGUF written by porter) into OUT as TYPE, keeping every
+    metadata key: F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q4_K_S (q4_k) Q4_K_M Q5_K_S (q5_k) Q5_K_M
+    Q6_K, with llama-quantize's mixes (which tensors get more bits)."""
+    from porter.convert import quantize as q
+
+    ftype = q.file_type(file_type)
+    if dry_run:
+        src = Path(source)
+        click.echo(q.describe(q.plan(q._open(src), src, ftype, pure)))
+        return
+    steps = q.quantize(source, out, ftype, force=force, pure=pure)
+    src, dst = sum(s.src_bytes for s in steps), sum(s.dst_bytes for s in steps)
+    changed = sum(s.src != s.dst for s in steps)
+    click.echo(f"wrote {out} ({ftype}: {changed} of {len(steps)} tensors requantized, "
+               f"{src / 2**20:.1f} MiB -> {dst / 2**20:.1f} MiB)")
 
 
 def _check_prompt(prompt: str, chat: bool) -> None:

@@ -20,7 +20,8 @@ Storage types, following llama.cpp:
   is no ``output.weight``) is stored as Q6_K, or Q8_0 when its rows do not fit Q6_K, as
   ``llama-quantize`` does for every such file type. Beyond that, porter's q4_k is uniform (it
   does not raise attn_v/ffn_down of some layers to Q5_K/Q6_K as llama.cpp's Q4_K_M/S do) and is
-  labelled ``MOSTLY_Q4_K_S``, its nearest llama.cpp file type.
+  labelled ``MOSTLY_Q4_K_S``, its nearest llama.cpp file type (``porter quantize`` applies
+  llama.cpp's mixes to an f32/f16/bf16 GGUF: ``porter/convert/quantize.py``).
 - F16 cannot hold magnitudes above 65504: such values are clamped, with a warning in the report.
 
 Quantization goes through ``porter.runtime.quant.quantize_into`` (ggml's block layout: gguf-py's
@@ -44,6 +45,7 @@ import re
 import resource
 import secrets
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from glob import escape as glob_escape
 from pathlib import Path
@@ -660,6 +662,41 @@ def _write(
         report.seconds = time.perf_counter() - t0
         return report
 
+    total = sum(i.nbytes for i in items)
+    with atomic_output(out, force, total) as tmp:
+        try:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.kv_data = [{}]  # the metadata is on disk: let the tokenizer's tables go
+            kv.clear()
+            _release_memory()
+            writer.write_ti_data_to_file()
+            with _progress(progress) as bar:
+                task = bar.add_task(f"{out.name} ({outtype})", total=total)
+                for item in items:
+                    bar.update(task, description=item.plan.gguf_name)
+                    _write_tensor(writer, item, _tensor_chunks(item, ckpt, report), lambda n: bar.advance(task, n))
+                    _trim()
+                bar.update(task, description=f"{out.name} ({outtype})")
+            assert writer.fout is not None
+            for f in writer.fout:
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            writer.close()
+
+    report.bytes_written = out.stat().st_size
+    report.seconds = time.perf_counter() - t0
+    report.peak_rss = _maxrss()
+    report.peak_rss_delta = max(0, report.peak_rss - rss0)
+    return report
+
+
+@contextmanager
+def atomic_output(out: Path, force: bool, nbytes: int) -> Iterator[Path]:
+    """A temporary path to write ``out`` through: renamed into place when the block ends, removed
+    (with any folders made for it) when it raises or a signal stops it; ``nbytes`` (the file's
+    expected size) goes into the message when the disk fills up."""
     # A hidden temporary name next to the output (same filesystem, so the final rename is atomic),
     # created with the permissions the umask gives ordinary files.
     tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
@@ -672,47 +709,21 @@ def _write(
         raise PorterError(f"cannot write in {out.parent}: {exc}") from exc
     restore = _signals_raise()
     try:
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.kv_data = [{}]  # the metadata is on disk: let the tokenizer's tables go
-        kv.clear()
-        _release_memory()
-        writer.write_ti_data_to_file()
-        total = sum(i.nbytes for i in items)
-        with _progress(progress) as bar:
-            task = bar.add_task(f"{out.name} ({outtype})", total=total)
-            for item in items:
-                bar.update(task, description=item.plan.gguf_name)
-                _write_tensor(writer, item, _tensor_chunks(item, ckpt, report), lambda n: bar.advance(task, n))
-                _trim()
-            bar.update(task, description=f"{out.name} ({outtype})")
-        assert writer.fout is not None
-        for f in writer.fout:
-            f.flush()
-            os.fsync(f.fileno())
-        writer.close()
+        yield tmp
         if out.exists() and not force:
-            raise PorterError(f"{out} appeared while converting; pass --force to overwrite it")
+            raise PorterError(f"{out} appeared while writing it; pass --force to overwrite it")
         os.replace(tmp, out)
     except BaseException as exc:
-        writer.close()
         tmp.unlink(missing_ok=True)
         _remove_dirs(created)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise PorterError(f"writing {out} failed: no space left on device (the GGUF needs about "
-                              f"{sum(i.nbytes for i in items) / 2**20:.0f} MiB); free some space or write "
-                              "it elsewhere") from None
+                              f"{nbytes / 2**20:.0f} MiB); free some space or write it elsewhere") from None
         if isinstance(exc, OSError):
             raise PorterError(f"writing {out} failed: {exc}") from exc
         raise
     finally:
         restore()
-
-    report.bytes_written = out.stat().st_size
-    report.seconds = time.perf_counter() - t0
-    report.peak_rss = _maxrss()
-    report.peak_rss_delta = max(0, report.peak_rss - rss0)
-    return report
 
 
 def _remove_dirs(created: list[Path]) -> None:
@@ -868,4 +879,4 @@ def _write_tensor(writer: GGUFWriter, item: _Item, chunks: Iterable[np.ndarray],
     writer.state = WriterState.WEIGHTS
 
 
-__all__ = ["OUTTYPES", "TypeChange", "WriteReport", "choose_type", "kv_entry", "write_gguf"]
+__all__ = ["OUTTYPES", "TypeChange", "WriteReport", "atomic_output", "choose_type", "kv_entry", "write_gguf"]

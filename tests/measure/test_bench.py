@@ -1,0 +1,66 @@
+"""porter bench: llama-bench's tests and its three output formats, on a tiny model."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from porter.cli import main
+
+ARGS = ["-p", "8,16", "-n", "4", "-r", "2", "-t", "1"]
+TESTS = ["pp8", "pp16", "tg4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(porter_port):
+    return porter_port("llama").gguf
+
+
+def run(*args):
+    out = CliRunner().invoke(main, ["bench", *args])
+    return out
+
+
+def test_markdown_table(tiny_gguf):
+    out = run(str(tiny_gguf), *ARGS)
+    assert out.exit_code == 0, out.output
+    lines = out.stdout.strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["model", "size", "params", "backend", "threads", "test", "t/s"]
+    assert set(lines[1]) <= set("|-: ")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [r[5] for r in rows] == TESTS and {r[4] for r in rows} == {"1"} and {r[3] for r in rows} == {"CPU"}
+    assert all(r[0].startswith("llama ") and r[0].endswith(" F32") for r in rows)
+    for r in rows:
+        mean, std = r[6].split(" ± ")
+        assert float(mean) > 0 and float(std) >= 0
+
+
+def test_csv_and_json_agree_on_rows(tiny_gguf):
+    out = run(str(tiny_gguf), *ARGS, "-o", "csv")
+    assert out.exit_code == 0, out.output
+    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    assert [r["test"] for r in rows] == TESTS
+    assert [(int(r["n_prompt"]), int(r["n_gen"])) for r in rows] == [(8, 0), (16, 0), (0, 4)]
+    assert all(float(r["avg_ts"]) > 0 and int(r["avg_ns"]) > 0 and r["model_filename"] == tiny_gguf.name for r in rows)
+
+    out = run(str(tiny_gguf), *ARGS, "-o", "json")
+    assert out.exit_code == 0, out.output
+    records = json.loads(out.stdout)
+    assert [r["test"] for r in records] == TESTS
+    for r in records:
+        assert len(r["samples_ns"]) == 2 and len(r["samples_ts"]) == 2
+        n = r["n_prompt"] + r["n_gen"]
+        assert r["avg_ts"] == pytest.approx(sum(n * 1e9 / ns for ns in r["samples_ns"]) / 2)
+        assert r["model_n_params"] > 0 and r["model_size"] == 4 * r["model_n_params"]  # every tensor f32
+
+
+def test_bad_options_are_refused(tiny_gguf):
+    for args, message in ((["-p", "8,x"], "whole numbers"), (["-p", "0", "-n", "0"], "nothing to measure"),
+                          (["-r", "0"], "at least 1 repetition"), (["-t", "0"], ">= 1")):
+        out = run(str(tiny_gguf), *args)
+        assert out.exit_code == 1 and message in out.output, out.output
