@@ -224,6 +224,8 @@ class Architecture:
     # config fields the graph depends on that no llama.cpp key carries: a file without a porter
     # spec is refused rather than run with transformers' default for them
     gguf_unknown: ClassVar[tuple[str, ...]] = ()
+    # config fields set when rebuilding from llama.cpp keys: what llama.cpp's reading of them implies
+    gguf_implies: ClassVar[dict[str, Any]] = {}
 
     def gguf_kv(self) -> dict[str, Any]:
         """llama.cpp's architecture keys. Override to add architecture-specific ones."""

@@ -97,7 +97,8 @@ def _parameters(cls, reader: GGUFFile) -> tuple[dict[str, tuple[int, ...]], list
 
 def _config(cls, kv: dict, reader: GGUFFile) -> dict[str, Any]:
     fields: dict[str, Any] = {}
-    for key, field in _merged(cls, "gguf_config").items():
+    table = _merged(cls, "gguf_config")
+    for key, field in table.items():
         if key in kv:
             fields[field] = kv[key]
     for key in ("embedding_length", "block_count", "attention.head_count"):
@@ -107,7 +108,7 @@ def _config(cls, kv: dict, reader: GGUFFile) -> dict[str, Any]:
     if heads <= 0 or hidden % heads and "attention.key_length" not in kv:
         raise _Mismatch(f"{cls.gguf_arch}.attention.head_count = {heads} does not divide the embedding length {hidden}")
     fields["head_dim"] = int(kv.get("attention.key_length", hidden // heads))
-    fields.setdefault("num_key_value_heads", heads)
+    fields.setdefault(table["attention.head_count_kv"], heads)  # llama.cpp's default: no grouping
     if "vocab_size" not in fields:  # older converters write none: the embedding table's rows
         embd = reader.tensors.get("token_embd.weight")
         if embd is None:
@@ -154,8 +155,12 @@ def _try(cls, reader: GGUFFile, kv: dict, path: Path) -> Rebuilt:
     params, unnamed = _parameters(cls, reader)
     if unnamed:
         raise _Mismatch(f"it has no place for tensor(s) {', '.join(unnamed[:4])}{' ...' if len(unnamed) > 4 else ''}")
-    fields = _config(cls, kv, reader)
+    fields = {**_config(cls, kv, reader), **_merged(cls, "gguf_implies")}
     register_transformers_classes(models=False)
+    from transformers import CONFIG_MAPPING
+
+    if isinstance(getattr(CONFIG_MAPPING[cls.model_type], "head_dim", None), property):
+        fields.pop("head_dim")  # derived from hidden_size / heads by the config class itself (falcon)
     try:
         config = AutoConfig.for_model(cls.model_type, **fields)
     except Exception as exc:  # transformers validates configs with ValueError, TypeError, KeyError...
@@ -181,6 +186,7 @@ def _try(cls, reader: GGUFFile, kv: dict, path: Path) -> Rebuilt:
     for key in written:
         if key not in kv and key != "context_length":
             raise _Mismatch(f"the file lacks {cls.gguf_arch}.{key}")
+    planned &= set(spec.weight_names())  # a tensor the graph does not read is not accounted for
     extra, missing = sorted(set(reader.tensors) - planned), sorted(planned - set(reader.tensors))
     if extra or missing:
         what = [f"unused tensor(s) {', '.join(extra[:4])}" if extra else "", f"no tensor(s) {', '.join(missing[:4])}" if missing else ""]
