@@ -161,8 +161,11 @@ def _try(cls, reader: GGUFFile, kv: dict, path: Path) -> Rebuilt:
 
     if isinstance(getattr(CONFIG_MAPPING[cls.model_type], "head_dim", None), property):
         fields.pop("head_dim")  # derived from hidden_size / heads by the config class itself (falcon)
+    from porter.introspect.model import _quiet_transformers
+
     try:
-        config = AutoConfig.for_model(cls.model_type, **fields)
+        with _quiet_transformers():  # its warnings about defaults the file does not set
+            config = AutoConfig.for_model(cls.model_type, **fields)
     except Exception as exc:  # transformers validates configs with ValueError, TypeError, KeyError...
         raise _Mismatch(f"transformers refuses the config the keys give ({exc})") from None
     config_dict = config.to_dict()

@@ -121,3 +121,54 @@ def test_stock_smollm2_q4_1_runs_and_matches_transformers():
             gap = seen.max(-1) - seen[np.arange(len(gen)), gen]
             assert gap.max() <= NEAR_TIE, f"{prompt!r}: {m.decode(gen)!r} leaves transformers' choice by {gap.max():.3f}"
         assert m.decode(m.encode("Hello, world! In 2024,  333 people")) == "Hello, world! In 2024,  333 people"
+
+
+# -- porter inspect FILE.gguf --------------------------------------------------------------------
+def _inspect(*args):
+    from click.testing import CliRunner
+
+    from porter.introspect.cli import inspect_command
+
+    return CliRunner().invoke(inspect_command, [str(a) for a in args])
+
+
+def test_inspect_gguf_with_and_without_spec(tmp_path):
+    import json
+
+    gguf, stripped = _stripped_pair("qwen3", {}, tmp_path)
+    for path, porter_spec in ((gguf, True), (stripped, False)):
+        result = _inspect(path, "--json")
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.output)
+        assert data["architecture"] == "qwen3" and data["model_type"] == "qwen3"
+        assert data["porter_spec"] is porter_spec
+        assert data["spec_source"] == ("file" if porter_spec else "rebuilt by qwen3 from llama.cpp's keys")
+        assert data["hparams"]["n_layer"] == 2 and data["hparams"]["n_embd"] == 64
+        assert data["llama_cpp_keys"]["block_count"] == 2
+        with Model.load(path) as m:
+            assert data["n_tensors"] == len(m.spec.weight_names())
+        assert data["tensor_types"] == {"F32": data["n_tensors"]}
+    text = _inspect(stripped).output
+    assert "graph spec: none in the file; rebuilt by qwen3" in text and "qwen3.block_count = 2" in text
+
+
+def test_inspect_gguf_that_cannot_be_rebuilt_and_bad_paths(tmp_path):
+    _, stripped = _stripped_pair("gemma2", {}, tmp_path)
+    result = _inspect(stripped)
+    assert result.exit_code == 0, result.output
+    assert "none can be rebuilt" in result.output and "query_pre_attn_scalar" in result.output
+    missing = _inspect(tmp_path / "missing.gguf")
+    assert missing.exit_code != 0 and isinstance(missing.exception, ModelError)
+    assert "no such GGUF file" in str(missing.exception)
+
+
+@pytest.mark.realmodel
+def test_inspect_stock_smollm2():
+    from porter.examples import smollm2_gguf
+
+    result = _inspect(smollm2_gguf())
+    assert result.exit_code == 0, result.output
+    for text in ("architecture: llama", "file type: MOSTLY_Q4_1", "rebuilt by llama", "Q4_1 x210", "Q8_0 x1",
+                 "tokenizer: gpt2, 49152 tokens, pre-tokenizer smollm", "llama.attention.head_count_kv = 3",
+                 "n_layer = 30", "272 tensors"):
+        assert text in result.output, text
