@@ -93,8 +93,9 @@ PROMPTS = [
 # Measured here (porter on the Q4_1 file vs transformers on its dequantized weights): logits
 # NMSE 2.2e-3 / 2.8e-4 / 3.6e-4 over all positions, KL <= 4.7e-3, and each token of porter's
 # 32-token greedy continuation within 0.22 logits of transformers' top choice there (logit
-# std ~3.5). ggml quantizes the activations to 8 bits inside Q4_1 products, as llama.cpp does;
-# bench/stock_gguf.py measures stock llama.cpp on the same file side by side.
+# std ~3.5). ggml quantizes the activations to 8 bits inside Q4_1 products, as llama.cpp does:
+# bench/stock_gguf.py measures both on the same file, 5 prompts (86 positions): porter NMSE
+# 8.1e-4, top-1 95.3%; stock llama.cpp 5.3e-4, 95.3%.
 NMSE_GATE, KL_GATE, NEAR_TIE = 1e-2, 2e-2, 0.5
 
 
