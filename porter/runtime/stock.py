@@ -104,7 +104,10 @@ def _config(cls, kv: dict, reader: GGUFFile) -> dict[str, Any]:
     for key in ("embedding_length", "block_count", "attention.head_count"):
         if key not in kv:
             raise _Mismatch(f"the file has no {cls.gguf_arch}.{key}, which every {cls.gguf_arch} file carries")
-    hidden, heads = int(kv["embedding_length"]), int(kv["attention.head_count"])
+    hidden, heads, n_layer = int(kv["embedding_length"]), int(kv["attention.head_count"]), int(kv["block_count"])
+    if not 0 < n_layer <= len(reader.tensors):  # every layer has tensors of its own
+        raise _Mismatch(f"{cls.gguf_arch}.block_count = {n_layer} is not a layer count a file of "
+                        f"{len(reader.tensors)} tensors can hold")
     if heads <= 0 or hidden % heads and "attention.key_length" not in kv:
         raise _Mismatch(f"{cls.gguf_arch}.attention.head_count = {heads} does not divide the embedding length {hidden}")
     fields["head_dim"] = int(kv.get("attention.key_length", hidden // heads))
@@ -155,7 +158,10 @@ def _try(cls, reader: GGUFFile, kv: dict, path: Path) -> Rebuilt:
     params, unnamed = _parameters(cls, reader)
     if unnamed:
         raise _Mismatch(f"it has no place for tensor(s) {', '.join(unnamed[:4])}{' ...' if len(unnamed) > 4 else ''}")
-    fields = {**_config(cls, kv, reader), **_merged(cls, "gguf_implies")}
+    try:
+        fields = {**_config(cls, kv, reader), **_merged(cls, "gguf_implies")}
+    except (TypeError, ValueError, KeyError) as exc:  # a key of the wrong type, or one that needs another
+        raise _Mismatch(f"its keys do not make a config ({type(exc).__name__}: {exc})") from None
     register_transformers_classes(models=False)
     from transformers import CONFIG_MAPPING
 
@@ -177,8 +183,8 @@ def _try(cls, reader: GGUFFile, kv: dict, path: Path) -> Rebuilt:
         spec = arch.spec()
         written = {k[len(cls.gguf_arch) + 1:]: v for k, v in arch.gguf_kv().items()}
         planned = {t.gguf_name for t in arch.tensor_plans()}
-    except ModelError as exc:
-        raise _Mismatch(str(exc)) from None
+    except (ModelError, TypeError, ValueError, KeyError, ZeroDivisionError) as exc:  # values no checkpoint has
+        raise _Mismatch(str(exc) if isinstance(exc, ModelError) else f"{type(exc).__name__}: {exc}") from None
     for key, value in kv.items():
         if key not in written:
             raise _Mismatch(f"the file sets {cls.gguf_arch}.{key} = {_show(value)}, which {cls.model_type} has no "

@@ -76,12 +76,16 @@ def test_spec_stripped_variants(model_type, overrides, refusal, tmp_path):
     _check(model_type, overrides, refusal, tmp_path)
 
 
-def test_no_architecture_is_refused(tmp_path):
+def test_files_missing_keys_are_refused(tmp_path):
     _, stripped = _stripped_pair("llama", {}, tmp_path)
     bare = tmp_path / "bare.gguf"
     strip_keys(stripped, bare, ["general.architecture"])
     with pytest.raises(ModelError, match="neither a porter graph spec .* nor general.architecture"):
         Model.load(bare)
+    headless = tmp_path / "headless.gguf"
+    strip_keys(stripped, headless, ["llama.embedding_length"])
+    with pytest.raises(ModelError, match="the file has no llama.embedding_length"):
+        Model.load(headless)
 
 
 # -- the real stock file -------------------------------------------------------------------------
