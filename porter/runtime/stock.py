@@ -56,12 +56,20 @@ def candidates(arch: str) -> list[type]:
     return sorted(found, key=lambda c: c.model_type != arch)  # stable: plugin order otherwise
 
 
-def _rope(kv: dict, head_dim: int) -> dict | None:
-    """transformers' rope_parameters (with the partial rotary factor) from llama.cpp's rope keys."""
+def _rope(kv: dict, head_dim: int, factors_tensor: bool) -> dict | None:
+    """transformers' rope_parameters (with the partial rotary factor) from llama.cpp's rope keys.
+
+    ``factors_tensor``: the file holds per-pair frequency factors (``rope_freqs.weight``, llama.cpp's
+    form of Llama 3's rope) and the plugin stores llama3 factors so. The graph then reads them from
+    the file: the llama3 parameters given here only make the plugin declare that input (all llama3
+    settings give the same graph, attention factor 1, as llama.cpp applies them)."""
     if "rope.dimension_count" not in kv and "rope.freq_base" not in kv:
         return None
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(kv.get("rope.freq_base", 10000.0))}
     kind = kv.get("rope.scaling.type")
+    if factors_tensor and kind in (None, "none"):
+        rope.update(rope_type="llama3", factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=int(kv.get("context_length") or 2048))
     if kind not in (None, "none"):
         if kind not in ("linear", "yarn"):
             raise _Mismatch(f"rope.scaling.type = {kind!r} is a rope scaling porter cannot rebuild from the keys")
@@ -119,7 +127,8 @@ def _config(cls, kv: dict, reader: GGUFFile) -> dict[str, Any]:
         fields["vocab_size"] = int(embd.ne[1])
     if fields.get("sliding_window") == 0:
         fields["sliding_window"] = None  # llama.cpp's "no window"
-    fields["rope_parameters"] = _rope(kv, fields["head_dim"])
+    factors = "rope_freqs.weight" in reader.tensors and "llama3" in cls.ROPE_FACTORS_IN_GGUF
+    fields["rope_parameters"] = _rope(kv, fields["head_dim"], factors)
     fields["tie_word_embeddings"] = "output.weight" not in reader.tensors
     for name in ("bos_token_id", "eos_token_id", "padding_token_id"):
         value = reader.get(f"tokenizer.ggml.{name}")
@@ -156,6 +165,8 @@ def _try(cls, reader: GGUFFile, kv: dict, path: Path) -> Rebuilt:
         raise _Mismatch(f"its graph depends on {', '.join(cls.gguf_unknown)}, which no llama.cpp "
                         f"{cls.gguf_arch} key carries")
     params, unnamed = _parameters(cls, reader)
+    if "llama3" in cls.ROPE_FACTORS_IN_GGUF:  # the rope's own input, checked with the planned tensors below
+        unnamed = [n for n in unnamed if n != "rope_freqs.weight"]
     if unnamed:
         raise _Mismatch(f"it has no place for tensor(s) {', '.join(unnamed[:4])}{' ...' if len(unnamed) > 4 else ''}")
     try:

@@ -28,7 +28,7 @@ VARIANTS = [
     ("falcon", {"alibi": True}, "falcon.rope.dimension_count"),
     ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                   "original_max_position_embeddings": 32}}, "rope_freqs.weight"),
+                                   "original_max_position_embeddings": 32}}, None),
     ("stablelm", {"qk_layernorm": True}, "blk.0.attn_q_norm.weight"),
     ("phi3", {"longrope": True}, "rope_factors_long.weight"),
 ]
