@@ -6,14 +6,15 @@ table (the reverse of its ``gguf_kv``), the parameter names and shapes from its 
 (the reverse of its renaming), transformers' defaults for the rest. The plugin then renders its
 spec as for a checkpoint. Nothing is guessed silently: the rebuilt config must write back
 exactly the file's architecture keys and exactly its tensors, and a config field the plugin
-names in ``gguf_unknown`` (one no llama.cpp key carries) refuses the file. Where several plugins
+names in ``gguf_unknown`` (one no llama.cpp key carries) refuses the file; ``gguf_implies`` sets
+fields llama.cpp's reading of the keys implies, and a ``rope_freqs.weight`` tensor stands for Llama
+3's rope, read from the file as llama.cpp reads it. Where several plugins
 share a ``gguf_arch`` (llama, mistral and mixtral are all llama.cpp's ``llama``), the first that
 passes these checks is used, the one whose model_type is the architecture's name first.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,10 +144,10 @@ def _same(a, b) -> bool:
                 and all(_same(x, y) for x, y in zip(a, b)))
     if isinstance(a, bool) or isinstance(b, bool):
         return bool(a) == bool(b) and type(a) is type(b)
-    if isinstance(a, float) or isinstance(b, float):
+    if isinstance(a, float) or isinstance(b, float):  # GGUF keeps float32: equal once rounded to it
         import numpy as np
 
-        return math.isclose(float(np.float32(a)), float(np.float32(b)), rel_tol=0, abs_tol=0)
+        return bool(np.float32(a) == np.float32(b))
     return a == b
 
 
