@@ -15,6 +15,7 @@ class Cohere(Llama):
     features = ("layernorm", "rope", "gqa", "swiglu", "parallel_block", "logit_scale", "qk_norm")
     rope_mode = 0  # interleaved rotary is ggml's normal mode; weights stay as they are
     knobs = {"norm": "layer", "parallel": True, "logit_scale": True, "hf_qkv": True}
+    gguf_config = {"logit_scale": "logit_scale"}
     # Command-R ties the LM head to the embeddings (llama.cpp's command-r reads no output.weight)
     tiny = {"tie_word_embeddings": True, "use_qk_norm": False, "logit_scale": 0.0625}
     space = {"use_qk_norm": [False, True], "logit_scale": [0.0625, 1.0, 0.5],

@@ -56,6 +56,10 @@ class Falcon(InterleavedQKV):
     # in the two-norm layout attn_norm is the MLP's norm, ln_mlp
     alternatives = {"blk.{L}.attn_norm.weight": H + ".ln_mlp.weight", "blk.{L}.attn_norm.bias": H + ".ln_mlp.bias"}
     tiny = {"activation": "gelu", "alibi": False, "bias": False}
+    # llama.cpp's falcon reads its K/V head count from the key, whatever the layout: the config of
+    # the new layout is the one whose num_kv_heads says it
+    gguf_config = {"attention.head_count_kv": "num_kv_heads"}
+    gguf_implies = {"new_decoder_architecture": True}
     space = {"new_decoder_architecture": [False, True], "multi_query": [True, False],
              "parallel_attn": [True, False], "num_ln_in_parallel_attn": [None, 1], "bias": [False, True],
              "alibi": [False, True]}

@@ -15,6 +15,9 @@ class Gemma2(Gemma):
     features = Gemma.features + ("post_norms", "softcap", "sliding_window")
     knobs = {"attn_post_norm": True, "ffn_post_norm": True, "mask": "$attn_mask[L]",
              "hf_ffn_norm": "pre_feedforward_layernorm"}
+    gguf_config = {"attention.sliding_window": "sliding_window", "attn_logit_softcapping": "attn_logit_softcapping",
+                   "final_logit_softcapping": "final_logit_softcapping"}
+    gguf_unknown = ("query_pre_attn_scalar",)  # llama.cpp derives the attention scale from the model size
     tensors = {
         **Gemma.tensors,
         "blk.{L}.post_attention_norm.weight": "model.layers.{L}.post_attention_layernorm.weight",

@@ -20,6 +20,7 @@ class GPTNeoX(InterleavedQKV):
     knobs = {"norm": "layer", "norm_bias": True, "fused_qkv": True, "mlp": "plain",
              "hf_embed": "gpt_neox.embed_in", "hf_layers": "gpt_neox.layers", "hf_attn": "attention",
              "hf_final_norm": "gpt_neox.final_layer_norm"}
+    gguf_config = {"use_parallel_residual": "use_parallel_residual"}
     tensors = {
         "token_embd.weight": "gpt_neox.embed_in.weight",
         "output_norm.weight": "gpt_neox.final_layer_norm.weight",

@@ -15,6 +15,8 @@ class Granite(Llama):
     gguf_arch = "granite"
     features = Llama.features + ("multipliers",)
     knobs = {"embd_scale": True, "residual_scale": True, "logit_scale": True}
+    gguf_config = {"embedding_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
+                   "attention.scale": "attention_multiplier", "logit_scale": "logits_scaling"}
     tiny = {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.05,
             "logits_scaling": 8.0}
     space = {

@@ -19,6 +19,14 @@ class Mistral(Llama):
         if self.hp.sliding_window:
             k["mask"] = "kq_mask_swa"
 
+    gguf_config = {"attention.sliding_window": "sliding_window"}
+
+    def gguf_kv(self):
+        kv = super().gguf_kv()
+        if self.hp.sliding_window:  # llama.cpp's llama has no window; porter reads it back from here
+            kv[f"{self.gguf_arch}.attention.sliding_window"] = int(self.hp.sliding_window)
+        return kv
+
     def spec_hparams(self):
         values = super().spec_hparams()
         if self.hp.sliding_window:

@@ -14,6 +14,7 @@ class Olmo(Llama):
     gguf_arch = "olmo"
     features = ("layernorm", "norm_no_weight", "rope", "gqa", "swiglu", "clip_qkv")
     knobs = {"norm": "layer", "norm_weight": False}  # OlmoLayerNorm: F.layer_norm(x, None, None, eps=1e-5)
+    gguf_config = {"attention.clamp_kqv": "clip_qkv"}
     space = {"mlp_bias": [False], "clip_qkv": [None, 0.5, 2.0]}  # attention_bias and rope types as llama
 
     def gguf_kv(self):

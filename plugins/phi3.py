@@ -30,6 +30,7 @@ class Phi3(Mistral):
     rope_mode = 2  # neox rope on unpermuted q/k, as llama.cpp's phi3 does
     ROPE_FACTORS_IN_GGUF = ()  # llama.cpp reads rope_factors_short/long, not rope_freqs
     knobs = {"fused_qkv": True, "fused_gate_up": True, "hf_qkv": True}
+    gguf_config = {"attention.sliding_window": "sliding_window"}  # 0: none
     tensors = {
         **{k: v for k, v in Mistral.tensors.items() if not any(
             r in k for r in ("attn_q.", "attn_k.", "attn_v.", "ffn_gate", "ffn_up"))},

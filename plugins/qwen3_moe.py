@@ -17,6 +17,7 @@ class Qwen3Moe(Qwen3):
     gguf_arch = "qwen3moe"
     features = Qwen3.features + ("moe",)
     knobs = {"mlp": "moe"}
+    gguf_config = {"expert_feed_forward_length": "moe_intermediate_size", "expert_weights_norm": "norm_topk_prob"}
     tensors = {**Qwen3.tensors, "blk.{L}.ffn_gate_inp.weight": "model.layers.{L}.mlp.gate.weight"}
     experts = {
         "blk.{L}.ffn_gate_exps.weight": "model.layers.{L}.mlp.experts.{E}.gate_proj.weight",

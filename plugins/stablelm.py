@@ -25,6 +25,7 @@ class StableLm(Llama):
     features = ("layernorm", "rope", "partial_rotary", "gqa", "swiglu", "qk_norm")
     rope_mode = 2  # neox rope on unpermuted q/k, as llama.cpp's stablelm does
     knobs = {"norm": "layer", "norm_bias": True, "qk_norm_bias": False, "hf_qkv": True}
+    gguf_config = {"use_parallel_residual": "use_parallel_residual"}
     tensors = {
         **Llama.tensors,
         "output_norm.bias": "model.norm.bias",

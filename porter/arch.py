@@ -204,6 +204,29 @@ class Architecture:
 
     rope_mode: ClassVar[int] = 2  # neox (transformers' rotate_half); llama.cpp's llama uses 0 on permuted q/k
 
+    # The reverse of gguf_kv, for GGUFs without a porter spec (porter.runtime.stock): llama.cpp key
+    # (after "<gguf_arch>.") -> the config field it was written from, merged along the classes. Rope
+    # keys are read by porter.runtime.stock itself (they build one rope_parameters dict).
+    gguf_config: ClassVar[dict[str, str]] = {
+        "context_length": "max_position_embeddings",
+        "embedding_length": "hidden_size",
+        "block_count": "num_hidden_layers",
+        "attention.head_count": "num_attention_heads",
+        "attention.head_count_kv": "num_key_value_heads",
+        "vocab_size": "vocab_size",
+        "feed_forward_length": "intermediate_size",
+        "attention.key_length": "head_dim",
+        "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+        "attention.layer_norm_epsilon": "layer_norm_eps",
+        "expert_count": "num_experts",
+        "expert_used_count": "num_experts_per_tok",
+    }
+    # config fields the graph depends on that no llama.cpp key carries: a file without a porter
+    # spec is refused rather than run with transformers' default for them
+    gguf_unknown: ClassVar[tuple[str, ...]] = ()
+    # config fields set when rebuilding from llama.cpp keys: what llama.cpp's reading of them implies
+    gguf_implies: ClassVar[dict[str, Any]] = {}
+
     def gguf_kv(self) -> dict[str, Any]:
         """llama.cpp's architecture keys. Override to add architecture-specific ones."""
         hp, a = self.hp, self.gguf_arch

@@ -1,4 +1,5 @@
-"""``porter inspect MODEL``: what porter sees in a checkpoint folder or a transformers model_type."""
+"""``porter inspect MODEL``: what porter sees in a checkpoint folder or a transformers model_type
+(a GGUF file: porter.inspect_gguf)."""
 
 from __future__ import annotations
 
@@ -29,9 +30,20 @@ __all__ = ["inspect", "inspect_command"]
 def inspect_command(model: str, as_json: bool, trust_remote_code: bool, modules: bool) -> None:
     """Show hyperparameters, module tree, ancestry and parameters of MODEL.
 
-    MODEL is a checkpoint folder (config.json + *.safetensors) or a transformers model_type
-    such as "qwen3" (its default configuration). No weights are loaded.
+    MODEL is a checkpoint folder (config.json + *.safetensors), a transformers model_type
+    such as "qwen3" (its default configuration), or a .gguf file (architecture, hparams, tensor
+    types and sizes, tokenizer, graph spec). No weights are loaded.
     """
+    from porter.inspect_gguf import format_summary, gguf_summary, is_gguf, to_json
+
+    if is_gguf(model):
+        summary = gguf_summary(model)
+        click.echo(to_json(summary) if as_json else format_summary(summary))
+        return
+    if model.endswith(".gguf"):
+        from porter.errors import ModelError
+
+        raise ModelError(f"{model}: no such GGUF file (or not one: no GGUF magic)")
     from porter.introspect import introspect
 
     info = introspect(model, trust_remote_code=trust_remote_code)

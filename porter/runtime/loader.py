@@ -105,12 +105,16 @@ def load_gguf(path: str | Path, *, n_threads: int | None = None, use_repack: boo
 def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16: bool,
           use_mmap: bool) -> LoadedGGUF:
     text = _field_value(reader, SPEC_KEY)
-    if text is None:
-        raise ModelError(f"{path}: this GGUF carries no porter graph spec ({SPEC_KEY}); "
-                         "convert the checkpoint with `porter convert`")
-    if not isinstance(text, str):
+    rebuilt = None
+    if text is None:  # a stock llama.cpp file: its plugin renders the spec from the file's keys
+        from porter.runtime.stock import rebuild_spec
+
+        rebuilt = rebuild_spec(reader, path)
+        spec = rebuilt.spec
+    elif not isinstance(text, str):
         raise ModelError(f"{path}: {SPEC_KEY} is not a string; convert the model again")
-    spec = loads(text)
+    else:
+        spec = loads(text)
     check_hparams(spec, path, len(reader.tensors))
     check_attrs(spec, path)
     arch = _field_value(reader, "general.architecture")
@@ -119,6 +123,8 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
         "name": _field_value(reader, "general.name"),
         "context_length": _field_value(reader, f"{arch}.context_length"),
         "tokenizer_json": _field_value(reader, TOKENIZER_KEY),
+        # where the graph spec came from: the file, or the plugin that rebuilt it from llama.cpp's keys
+        "spec_source": "file" if rebuilt is None else f"rebuilt by {rebuilt.plugin.model_type}",
         "chat_template": _field_value(reader, "tokenizer.chat_template"),
         "bos_token_id": _field_value(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field_value(reader, "tokenizer.ggml.eos_token_id"),
@@ -131,6 +137,13 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
         "pooling": _field_value(reader, "porter.pooling"),  # encoders: mean | cls | last | none
         "normalize": _field_value(reader, "porter.normalize"),
     }
+    if metadata["tokenizer_json"] is None and reader.get("tokenizer.ggml.tokens") is not None:
+        from porter.runtime.ggml_vocab import VocabUnsupported, tokenizer_json
+
+        try:
+            metadata["tokenizer_json"] = tokenizer_json(reader)
+        except VocabUnsupported as exc:
+            metadata["tokenizer_problem"] = str(exc)
     expected = {w: None for w in spec.weight_names()}
     backend = Backend(n_threads)
     by_name = reader.tensors

@@ -108,7 +108,8 @@ class Model(GenerationMixin):
 
             text = self.metadata.get("tokenizer_json")
             if not text:
-                raise ModelError("this GGUF has no tokenizer (porter.tokenizer_json); pass token ids instead")
+                why = self.metadata.get("tokenizer_problem") or "porter.tokenizer_json"
+                raise ModelError(f"this GGUF has no tokenizer porter can use ({why}); pass token ids instead")
             try:
                 self._tokenizer = Tokenizer.from_str(text)
             except Exception as exc:  # the tokenizers library raises a bare Exception
