@@ -54,6 +54,10 @@ class GPT2(FusedQKV):
         w = arrays[0]
         return w.T.copy() if gguf_name.endswith(_CONV1D) else w
 
+    @classmethod
+    def checkpoint_shape(cls, gguf_name, shape):
+        return shape[::-1] if gguf_name.endswith(_CONV1D) else shape
+
     def weight_shapes(self):
         # the spec states the GGUF's shapes: the Conv1D matrices as transform writes them
         return {name: shape[::-1] if name.endswith(_CONV1D) else shape

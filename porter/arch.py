@@ -267,6 +267,12 @@ class Architecture:
         """Real transforms of source tensors into the GGUF tensor (default: identity)."""
         return arrays[0]
 
+    @classmethod
+    def checkpoint_shape(cls, gguf_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The checkpoint parameter's shape for a GGUF tensor of ``shape`` (the inverse of what
+        ``transform`` does to shapes; default: the same). Used to read a GGUF without a spec."""
+        return shape
+
     # -- derived -------------------------------------------------------------------------------
     @property
     def resolved_knobs_cache(self) -> dict[str, Any]:

@@ -95,7 +95,7 @@ def _parameters(cls, reader: GGUFFile) -> tuple[dict[str, tuple[int, ...]], list
         m = _LAYER.match(name)
         pattern, layer = ("blk.{L}." + m.group(2), m.group(1)) if m else (name, None)
         if pattern in table:
-            params[table[pattern].format(L=layer)] = shape
+            params[table[pattern].format(L=layer)] = cls.checkpoint_shape(name, shape)
         elif pattern in experts and len(shape) == 3:
             for e in range(shape[0]):
                 params[experts[pattern].format(L=layer, E=e)] = shape[1:]
@@ -222,6 +222,10 @@ def rebuild_spec(reader: GGUFFile, path: Path) -> Rebuilt:
     if not isinstance(arch, str) or not arch:
         raise ModelError(f"{path}: this GGUF carries neither a porter graph spec (porter.graph_spec) nor "
                          f"general.architecture; {_RETRY}")
+    if not reader.tensors:
+        raise ModelError(f"{path}: this GGUF holds no tensors (a vocabulary-only file, as `porter convert "
+                         "--vocab-only` writes): it has a tokenizer but no weights to run; convert the checkpoint "
+                         "without --vocab-only")
     found = candidates(arch)
     if not found:
         from porter.plugins import architectures

@@ -109,6 +109,8 @@ def test_vocab_only_writes_the_tokenizer_without_tensors(smollm2_dir, tmp_path):
     assert len(field(reader, "tokenizer.ggml.tokens")) == 49152
     assert "porter.graph_spec" not in reader.fields
     assert made.stat().st_size < 10 * 2**20
+    r = porter("run", made, "-p", "hi", cwd=tmp_path)
+    assert r.returncode == 1 and "holds no tensors (a vocabulary-only file" in r.stderr, r.stderr
 
 
 def _hub_cache(root: Path, model_id: str, ckpt: Path, commit: str, branch: str = "main") -> None:
