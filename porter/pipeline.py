@@ -70,7 +70,7 @@ def needs_torch_to_convert(model_dir: Path, trust_remote_code: bool = False) -> 
         model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError, AttributeError):
         return True  # introspect reports the problem with a proper message
-    return model_type not in architectures()
+    return not isinstance(model_type, str) or model_type not in architectures()  # introspect explains a bad one
 
 
 GENERATED_DIR = Path(__file__).resolve().parent.parent / "generated"

@@ -56,8 +56,8 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
-def check(ckpt: Path) -> None:
-    """Convert ``ckpt`` (damaged by the caller) and hold the property; the outcome is an event."""
+def check(ckpt: Path) -> str:
+    """Convert ``ckpt`` (damaged by the caller), hold the property, and say what happened."""
     before = _snapshot(ckpt)
     out_dir = ckpt.parent / "out"
     r = _run(["-m", "porter", "convert", str(ckpt), "-o", str(out_dir / "m.gguf"), "--quiet"])
@@ -66,15 +66,14 @@ def check(ckpt: Path) -> None:
     if r.returncode == 1:
         assert r.stderr.startswith("error: "), r.stderr[-3000:]
         assert not out_dir.exists() or not os.listdir(out_dir), f"left behind: {os.listdir(out_dir)}"
-        event("refused by convert (exit 1, one error line)")
-        return
+        return "refused by convert (exit 1, one error line)"
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
     assert os.listdir(out_dir) == ["m.gguf"], os.listdir(out_dir)
     run = _run(["-c", RUN, str(out_dir / "m.gguf")])
     assert run.returncode == 0, f"the converted file: exit {run.returncode}\n{run.stderr[-3000:]}"
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
     assert run.stdout.startswith(("OK", "PorterError:")), run.stdout
-    event("converted and ran" if run.stdout.startswith("OK") else "converted, refused at load")
+    return "converted and ran" if run.stdout.startswith("OK") else "converted, refused at load"
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +123,7 @@ def test_safetensors_byte_mutations_fail_cleanly(original, flips, cut):
         for at, x in flips:
             data[at % len(data)] ^= x
         path.write_bytes(bytes(data[:cut % len(data)] if cut is not None else data))
-        check(ckpt)
+        event(check(ckpt))
 
 
 JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-2**64, 2**64), st.floats(), st.text(max_size=8),
@@ -150,7 +149,7 @@ def test_safetensors_header_mutations_fail_cleanly(original, changes):
             else:
                 entry[field] = value
         _write_header(path, header, data)
-        check(ckpt)
+        event(check(ckpt))
 
 
 def _config_keys(original: Path) -> list[str]:
@@ -172,4 +171,14 @@ def test_config_mutations_fail_cleanly(original, changes):
             else:
                 config[key] = value
         (ckpt / "config.json").write_text(json.dumps(config))
-        check(ckpt)
+        event(check(ckpt))
+
+
+@pytest.mark.parametrize("model_type", [[], 7, None, {"a": 1}])
+def test_a_model_type_that_is_not_text_fails_cleanly(original, model_type, tmp_path):
+    """Found by the thorough profile: a list as model_type was a raw TypeError (unhashable)."""
+    ckpt = _copy(original, str(tmp_path))
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model_type"] = model_type
+    (ckpt / "config.json").write_text(json.dumps(config))
+    assert check(ckpt) == "refused by convert (exit 1, one error line)"
