@@ -9,7 +9,24 @@ from pathlib import Path
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog because"
 
 
-def measure(hf, tokenizer, gguf: Path, outtype: str, prompts, n_greedy: int = 16, n_ctx: int = 512) -> list:
+def prompt_ids(tokenizer, prompt: str, chat: bool = False) -> list[int]:
+    """Token ids of ``prompt`` as transformers gives them: plain text with the tokenizer's special
+    tokens, or (``chat``) a user turn rendered by the checkpoint's chat template with the
+    assistant's turn opened, tokenized as ``apply_chat_template`` does (no special tokens added:
+    the template writes them)."""
+    if not chat:
+        return tokenizer(prompt)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        from porter.errors import ModelError
+
+        raise ModelError("--chat: the checkpoint's tokenizer has no chat template; score plain prompts instead")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def measure(hf, tokenizer, gguf: Path, outtype: str, prompts, n_greedy: int = 16, n_ctx: int = 512,
+            chat: bool = False) -> list:
     """One :class:`~porter.parity.harness.ParityReport` per prompt (greedy tokens in ``logits``)."""
     import porter
     from porter.parity.harness import run_parity
@@ -18,7 +35,7 @@ def measure(hf, tokenizer, gguf: Path, outtype: str, prompts, n_greedy: int = 16
     reports = []
     with porter.load(gguf, n_ctx=n_ctx) as m:
         for p in list(prompts) or [DEFAULT_PROMPT]:
-            ids = tokenizer(p)["input_ids"] if tokenizer is not None else list(range(1, 17))
+            ids = prompt_ids(tokenizer, p, chat) if tokenizer is not None else list(range(1, 17))
             report = run_parity(hf, m, ids, outtype)
             if n_greedy and m.spec.causal:
                 ref_tokens = hf_greedy(hf, ids, n_greedy)

@@ -87,10 +87,19 @@ def config_settings(model_type: str, settings) -> dict:
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="With --arch: a config field of the tiny model (VALUE read as JSON, else as text); repeatable, "
                    "e.g. --set clip_qkv=0.5 --set num_hidden_layers=3.")
+@click.option("--checkpoint", "checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="With a GGUF file as MODEL: the transformers checkpoint it was made from (the file users run "
+                   "is compared as it is, not a fresh conversion).")
+@click.option("--chat", is_flag=True, help="Score each prompt as a user turn in the checkpoint's chat template "
+              "(the assistant's turn opened), as chat users run the model.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the summary line.")
-def parity(model_dir, model_type, traced, outtype, prompts, json_path, plot_path, n_greedy, against, settings, quiet):
+def parity(model_dir, model_type, traced, outtype, prompts, json_path, plot_path, n_greedy, against, settings,
+           checkpoint, chat, quiet):
     """Compare porter with transformers node by node (exit status 1 when over tolerance, 2 when
     the traced path cannot lower the model).
+
+    MODEL is a checkpoint folder (converted to --outtype first) or a GGUF file with --checkpoint
+    (compared as it is; its own weight type sets the gate).
 
     Every graph node that corresponds to a transformers module output (embeddings, norms,
     attention, MLP, each layer, logits) is compared by NMSE, max-abs error and cosine; the
@@ -101,21 +110,90 @@ def parity(model_dir, model_type, traced, outtype, prompts, json_path, plot_path
     so what remains is the port's.
     """
     if (model_dir is None) == (model_type is None):
-        raise PorterError("give either a checkpoint folder or --arch MODEL_TYPE")
+        raise PorterError("give either a checkpoint folder (or a GGUF file with --checkpoint) or --arch MODEL_TYPE")
+    if model_dir is not None and model_dir.is_file():
+        if checkpoint is None:
+            raise PorterError(f"{model_dir} is a file: to compare a GGUF, name the checkpoint it was made from "
+                              "with --checkpoint DIR")
+        if traced or settings:
+            raise PorterError("--traced and --set apply when porter converts; a GGUF file is compared as it is")
+        sys.exit(run_file_certificate(model_dir, checkpoint, prompts=prompts, n_greedy=n_greedy, against=against,
+                                      json_path=json_path, plot_path=plot_path, quiet=quiet, chat=chat))
+    if checkpoint is not None:
+        raise PorterError("--checkpoint goes with a GGUF file as MODEL (a folder is its own checkpoint)")
     if settings and model_type is None:
         raise PorterError("--set changes the tiny model of --arch; a checkpoint folder keeps its own config.json")
     source = model_type or str(model_dir)
     overrides = config_settings(model_type, settings) if settings else None
     sys.exit(run_certificate(source, outtype=outtype, traced=traced, prompts=prompts, n_greedy=n_greedy,
                              against=against, json_path=json_path, plot_path=plot_path, quiet=quiet,
-                             overrides=overrides))
+                             overrides=overrides, chat=chat))
+
+
+def file_outtype(gguf: Path) -> str:
+    """The weight type a GGUF says it holds (general.file_type), as porter's gates name types."""
+    from gguf import LlamaFileType
+
+    from porter.convert.writer import OUTTYPES
+    from porter.runtime.gguf_file import GGUFFile
+
+    with GGUFFile(gguf) as reader:
+        code = reader.get("general.file_type")
+    by_code = {int(ft): name for name, (_, ft) in OUTTYPES.items()}
+    if code in by_code:
+        return by_code[code]
+    try:
+        return LlamaFileType(code).name.removeprefix("MOSTLY_").lower()
+    except (ValueError, TypeError):
+        return "unknown"
+
+
+def run_file_certificate(gguf: Path, checkpoint: Path, *, prompts, n_greedy: int, against: str,
+                         json_path: Path | None, plot_path: Path | None, quiet: bool, chat: bool) -> int:
+    """Compare a GGUF as it is with transformers on ``checkpoint``; the exit status."""
+    from rich.console import Console
+
+    from porter.parity import certificate
+    from porter.parity.logits import load_reference
+
+    import porter
+
+    console = Console()
+    outtype = file_outtype(gguf)
+    with porter.load(gguf) as m:
+        traced = "traced" in m.spec.produced_by
+    with tempfile.TemporaryDirectory(prefix="porter-parity-") as tmp:
+        reference = checkpoint
+        if against == "gguf":
+            if traced:
+                raise PorterError("--against gguf needs the plan the file was written from; a traced file keeps "
+                                  "checkpoint names: compare --against checkpoint")
+            from porter.parity.same_weights import checkpoint_with_gguf_weights
+            from porter.pipeline import architecture
+
+            plan = architecture(checkpoint).conversion_plan()
+            reference = Path(tmp) / "gguf-weights"
+            checkpoint_with_gguf_weights(checkpoint, plan, gguf, reference)
+        hf, tok = load_reference(reference, traced=traced)
+        reports = certificate.measure(hf, tok, gguf, outtype, prompts, n_greedy, chat=chat)
+    weights = "the GGUF's weights" if against == "gguf" else "the checkpoint's weights"
+    title = (f"parity of {gguf.name} ({outtype}, {reports[0].n_tokens} tokens{', chat' if chat else ''}, worst "
+             f"prompt; transformers on {weights})")
+    ok = certificate.show(console, reports, title=title, outtype=outtype, quiet=quiet)
+    if json_path:
+        certificate.write_json(json_path, str(gguf), prompts, reports, {"checkpoint": str(checkpoint), "chat": chat})
+        console.print(f"JSON report: {json_path}")
+    if plot_path:
+        plot(max(reports, key=lambda r: r.badness), plot_path, f"porter vs transformers: {gguf.name} ({outtype})")
+        console.print(f"picture: {plot_path}")
+    return 0 if ok else 1
 
 
 def run_certificate(source: str, *, outtype: str, traced: bool, prompts, n_greedy: int, against: str = "checkpoint",
                     json_path: Path | None = None, plot_path: Path | None = None, quiet: bool = False,
                     out: Path | None = None, force: bool = False, report_path: Path | None = None,
                     spec_path: Path | None = None, parity: bool = True, announce: bool = False,
-                    overrides: dict | None = None) -> int:
+                    overrides: dict | None = None, chat: bool = False) -> int:
     """Port ``source`` (to a temporary GGUF unless ``out``), compare it with transformers and
     print the certificate; returns the exit status (0 pass, 1 over tolerance, 2 op gaps)."""
     from rich.console import Console
@@ -155,7 +233,7 @@ def run_certificate(source: str, *, outtype: str, traced: bool, prompts, n_greed
             hf, tok = load_reference(tmp / "gguf-weights", traced=result.route == "traced")
         else:
             hf, tok = load_reference(result.checkpoint, traced=result.route == "traced")
-        reports = certificate.measure(hf, tok, result.gguf, outtype, prompts, n_greedy)
+        reports = certificate.measure(hf, tok, result.gguf, outtype, prompts, n_greedy, chat=chat)
     weights = "the GGUF's weights" if against == "gguf" else "the checkpoint's weights"
     name = source if result.tiny else Path(str(source)).name
     title = (f"parity of {name} ({result.route} path, {outtype}, {reports[0].n_tokens} tokens, worst prompt; "

@@ -134,3 +134,40 @@ def test_gguf_follows_llama_cpp_conventions(smollm2, f32_model):
     by = {t.name: t for t in reader.tensors}
     assert list(by["blk.0.attn_q.weight"].shape) == [576, 576]  # ggml order
     assert list(by["blk.0.attn_k.weight"].shape) == [576, 192]
+
+
+def test_parity_of_a_shipped_file_with_chat_prompts(smollm2):
+    """`porter parity FILE.gguf --checkpoint DIR --chat` compares the file as it is (its own
+    type sets the gate; a file damaged after conversion fails) on chat-formatted prompts."""
+    import json
+
+    import gguf
+    from click.testing import CliRunner
+
+    from porter.cli import main
+    from porter.parity.certificate import prompt_ids
+
+    ckpt, _, tok, d = smollm2
+    path = d / "shipped.q8_0.gguf"
+    convert(ckpt, path, "q8_0", progress=False, force=True)
+    r = CliRunner().invoke(main, ["parity", str(path)])
+    assert r.exit_code == 1 and "name the checkpoint it was made from with --checkpoint DIR" in r.output, r.output
+    r = CliRunner().invoke(main, ["parity", str(ckpt), "--checkpoint", str(ckpt)])
+    assert r.exit_code == 1 and "--checkpoint goes with a GGUF file" in r.output, r.output
+    prompt = "Name three colours of the rainbow."
+    args = ["parity", str(path), "--checkpoint", str(ckpt), "--chat", "-p", prompt, "--greedy", "4", "-q"]
+    r = CliRunner().invoke(main, [*args, "--json", str(d / "r.json")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((d / "r.json").read_text())
+    assert report["chat"] is True and report["reports"][0]["outtype"] == "q8_0"
+    chat_ids = prompt_ids(tok, prompt, chat=True)
+    assert report["reports"][0]["n_tokens"] == len(chat_ids) > len(tok(prompt)["input_ids"])
+    assert tok.decode(chat_ids).endswith("<|im_start|>assistant\n")
+
+    reader = gguf.GGUFReader(path, "r+")  # damage the shipped file: the comparison must see it
+    norm = next(t for t in reader.tensors if t.name == "blk.3.ffn_norm.weight")
+    norm.data[0] = np.nan
+    norm.data.flush()
+    del reader
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "porter computes NaN or infinity from node ffn_norm-3" in r.output, r.output
