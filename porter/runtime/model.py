@@ -100,6 +100,19 @@ class Model(GenerationMixin):
         model.bf16_as_f16 = g.bf16_as_f16
         return model
 
+    def __repr__(self) -> str:
+        kind = "causal LM" if self.spec.causal else "encoder"
+        name = self.metadata.get("name") or self.spec.architecture
+        from gguf import LlamaFileType
+
+        code = self.metadata.get("file_type")
+        try:
+            types = LlamaFileType(code).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except (ValueError, TypeError):
+            types = "unknown"
+        return (f"<porter.Model {name!r} ({self.spec.architecture}, {kind}) from {self.path.name}: "
+                f"file type {types}, n_ctx {self.n_ctx}, {self.backend.n_threads} threads>")
+
     # -- tokenizer -------------------------------------------------------------------------------
     @property
     def tokenizer(self):

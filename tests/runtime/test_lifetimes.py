@@ -99,3 +99,16 @@ def test_many_runners_do_not_accumulate():
         del g
         gc.collect()
         assert live_objects() == {"backend": 1, "threadpool": 1}
+
+
+def test_repr_says_what_is_loaded(tmp_path):
+    import inspect
+
+    import tinygguf
+
+    import porter
+
+    with porter.load(tinygguf.write(tmp_path / "m.gguf"), n_ctx=8, n_threads=1) as m:
+        text = repr(m)
+    assert text.startswith("<porter.Model ") and "(tiny, causal LM) from m.gguf" in text and "n_ctx 8, 1 threads" in text
+    assert "n_ctx" in inspect.signature(porter.load).parameters  # the real signature, not **kwargs
