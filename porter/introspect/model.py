@@ -490,11 +490,20 @@ def introspect(source: str | Path, *, trust_remote_code: bool = False, module_tr
         )
 
 
+def _architectures(config) -> list[str]:
+    """config.json's ``architectures``: a list of class names (transformers accepts anything)."""
+    value = getattr(config, "architectures", None) or []
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ModelError(f"config.json: \"architectures\" is {value!r}; it must be a list of transformers class "
+                         "names such as [\"LlamaForCausalLM\"]: fix the checkpoint's config.json")
+    return list(value)
+
+
 def _describe_from_headers(config, source: str, notes: list[str], parameters: dict, dtypes: dict,
                            files: list[str], raw_config: dict) -> ModelInfo:
     """ModelInfo from the config and safetensors headers only (no meta model, no torch)."""
     model_type = str(getattr(config, "model_type", "") or "")
-    architectures = list(getattr(config, "architectures", None) or [])
+    architectures = _architectures(config)
     config_dict = config.to_dict()
     if "auto_map" in raw_config and "auto_map" not in config_dict:
         config_dict["auto_map"] = raw_config["auto_map"]
@@ -526,7 +535,7 @@ def introspect_config(
     register_transformers_classes(models=True)
     notes = list(notes or [])
     model_type = str(getattr(config, "model_type", "") or "")
-    architectures = list(getattr(config, "architectures", None) or [])
+    architectures = _architectures(config)
     with _quiet_transformers():
         model, auto_class = _build_meta_model(
             config, architectures=architectures, remote=remote, trust_remote_code=trust_remote_code

@@ -174,11 +174,13 @@ def test_config_mutations_fail_cleanly(original, changes):
         event(check(ckpt))
 
 
-@pytest.mark.parametrize("model_type", [[], 7, None, {"a": 1}])
-def test_a_model_type_that_is_not_text_fails_cleanly(original, model_type, tmp_path):
-    """Found by the thorough profile: a list as model_type was a raw TypeError (unhashable)."""
+@pytest.mark.parametrize("key, value", [("model_type", []), ("model_type", 7), ("model_type", None),
+                                        ("model_type", {"a": 1}), ("architectures", 1), ("architectures", [3])])
+def test_config_values_of_the_wrong_type_fail_cleanly(original, key, value, tmp_path):
+    """Found by the thorough profile: a list as model_type (unhashable) and a number as
+    architectures (not iterable) were raw TypeErrors."""
     ckpt = _copy(original, str(tmp_path))
     config = json.loads((ckpt / "config.json").read_text())
-    config["model_type"] = model_type
+    config[key] = value
     (ckpt / "config.json").write_text(json.dumps(config))
     assert check(ckpt) == "refused by convert (exit 1, one error line)"
