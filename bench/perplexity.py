@@ -12,23 +12,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 import time
 from pathlib import Path
-
-
-def hf_ppl(hf, chunks) -> float:
-    import torch
-
-    nll = []
-    with torch.no_grad():
-        for chunk in chunks:
-            logits = hf(torch.tensor([chunk])).logits[0].double()
-            first = len(chunk) // 2
-            nll.append(torch.nn.functional.cross_entropy(logits[first:-1], torch.tensor(chunk[first + 1:]),
-                                                         reduction="none"))
-    return math.exp(torch.cat(nll).mean().item())
 
 
 def main() -> None:
@@ -45,7 +31,7 @@ def main() -> None:
     import porter
     from porter.convert.quantize import quantize
     from porter.examples import materialize_smollm2
-    from porter.measure.perplexity import bos_for, chunks_of, perplexity
+    from porter.measure.perplexity import bos_for, chunks_of, perplexity, transformers_perplexity
     from porter.measure.text import python_reference
     from porter.parity.same_weights import checkpoint_with_gguf_weights
     from porter.pipeline import architecture, convert
@@ -72,12 +58,12 @@ def main() -> None:
                 r = perplexity(m, tokens, args.ctx_size, n_chunks=args.chunks, bos_id=bos)
                 seconds = time.perf_counter() - t
             chunks = chunks_of(tokens, args.ctx_size, args.chunks, bos)
-            ref = hf_ppl(hf, chunks)
+            ref = transformers_perplexity(hf, chunks)
             same = ref
             if outtype != "f32":
                 rounded = Path(d) / f"hf-{outtype}"
                 checkpoint_with_gguf_weights(ckpt, architecture(ckpt).conversion_plan(), gguf, rounded)
-                same = hf_ppl(AutoModelForCausalLM.from_pretrained(rounded, dtype=torch.float32).eval(), chunks)
+                same = transformers_perplexity(AutoModelForCausalLM.from_pretrained(rounded, dtype=torch.float32).eval(), chunks)
             rows.append((outtype, r.ppl, r.ppl_error, ref, same, seconds))
             print(f"{outtype}: porter {r.ppl:.4f} +/- {r.ppl_error:.4f} ({seconds:.1f} s), transformers f32 {ref:.4f}, "
                   f"transformers on the GGUF's weights {same:.4f}", flush=True)

@@ -125,3 +125,18 @@ def perplexity(model, tokens: Sequence[int], n_ctx: int = DEFAULT_CTX, *, n_chun
 
 
 __all__ = ["DEFAULT_BATCH", "DEFAULT_CTX", "PerplexityResult", "bos_for", "chunks_of", "perplexity", "scored_nll"]
+
+
+def transformers_perplexity(hf_model, chunks: list[list[int]]) -> float:
+    """The reference: exp(mean NLL) over the second half of each chunk from transformers' own
+    logits (float64 log-softmax), for tests and benches to compare with."""
+    import torch
+
+    nll = []
+    with torch.no_grad():
+        for chunk in chunks:
+            logits = hf_model(torch.tensor([chunk])).logits[0].double()
+            first = len(chunk) // 2
+            nll.append(torch.nn.functional.cross_entropy(logits[first:-1], torch.tensor(chunk[first + 1:]),
+                                                         reduction="none"))
+    return math.exp(torch.cat(nll).mean().item())

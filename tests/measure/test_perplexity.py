@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import re
 
 import numpy as np
 import pytest
 
 from porter.errors import OptionError
-from porter.measure.perplexity import chunks_of, perplexity
-
-
-def hf_perplexity(hf, chunks: list[list[int]]) -> float:
-    """exp(mean NLL) over the second half of each chunk, from transformers' logits (float64 log-softmax)."""
-    import torch
-
-    nll = []
-    with torch.no_grad():
-        for chunk in chunks:
-            logits = hf(torch.tensor([chunk])).logits[0].double()
-            first = len(chunk) // 2
-            nll.append(torch.nn.functional.cross_entropy(logits[first:-1], torch.tensor(chunk[first + 1:]),
-                                                         reduction="none"))
-    return math.exp(torch.cat(nll).mean().item())
+from porter.measure.perplexity import chunks_of, perplexity, transformers_perplexity
 
 
 def test_chunking_follows_llama_perplexity():
@@ -44,7 +29,7 @@ def test_tiny_llama_equals_transformers(porter_port):
         result = perplexity(pair.porter, tokens, 40, n_batch=n_batch, bos_id=bos)
         assert result.n_chunks == 3 and result.count == 3 * 19
         assert len(result.running) == 3 and result.running[-1] == result.ppl
-        want = hf_perplexity(pair.hf, chunks_of(tokens, 40, bos_id=bos))
+        want = transformers_perplexity(pair.hf, chunks_of(tokens, 40, bos_id=bos))
         assert result.ppl == pytest.approx(want, rel=1e-4), (result.ppl, want)
         assert 0 < result.ppl_error < result.ppl
 
@@ -71,7 +56,7 @@ def test_smollm2_f32_equals_transformers_and_cli_prints_llama_format(tmp_path):
         bos = bos_for(m)
         result = perplexity(m, tokens, 128, n_chunks=3, bos_id=bos)
     hf = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
-    want = hf_perplexity(hf, chunks_of(tokens, 128, 3, bos))
+    want = transformers_perplexity(hf, chunks_of(tokens, 128, 3, bos))
     assert result.ppl == pytest.approx(want, rel=1e-4), (result.ppl, want)
 
     (tmp_path / "t.txt").write_text(text)

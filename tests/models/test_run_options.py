@@ -21,17 +21,21 @@ from porter.testing.models import tiny_checkpoint
 from tests.convert.test_tokenizer import sentencepiece_style
 
 
-@pytest.fixture(scope="module")
-def gguf(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("q2")
+def tiny_qwen2_gguf(folder, **template):
+    """A tiny qwen2 with a sentencepiece-style tokenizer and the chat template given, converted."""
     ckpt = tiny_checkpoint(architectures()["qwen2"], folder / "ckpt")
-    sentencepiece_style(folder, chat_template="{{ messages[0]['content'] }}")
+    sentencepiece_style(folder, **template)
     for f in (folder / "spm").iterdir():
         f.rename(ckpt / f.name)
     out = folder / "m.gguf"
     r = CliRunner().invoke(main, ["convert", str(ckpt), "-o", str(out), "--quiet"])
     assert r.exit_code == 0, r.output
     return out
+
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory):
+    return tiny_qwen2_gguf(tmp_path_factory.mktemp("q2"), chat_template="{{ messages[0]['content'] }}")
 
 
 def porter_run(model, *args, tmp_path, limit_memory: int | None = None) -> tuple[int, str, str]:
@@ -190,15 +194,8 @@ def test_a_bad_prompt_file_is_refused(gguf, tmp_path, case):
 
 @pytest.fixture(scope="module")
 def chat_gguf(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("q2chat")
-    ckpt = tiny_checkpoint(architectures()["qwen2"], folder / "ckpt")
-    sentencepiece_style(folder, chat_template__jinja="{% for m in messages %}{{ m.role }}: {{ m.content }} {% endfor %}")
-    for f in (folder / "spm").iterdir():
-        f.rename(ckpt / f.name)
-    out = folder / "m.gguf"
-    r = CliRunner().invoke(main, ["convert", str(ckpt), "-o", str(out), "--quiet"])
-    assert r.exit_code == 0, r.output
-    return out
+    return tiny_qwen2_gguf(tmp_path_factory.mktemp("q2chat"),
+                           chat_template__jinja="{% for m in messages %}{{ m.role }}: {{ m.content }} {% endfor %}")
 
 
 def test_porter_chat_ends_cleanly_on_ctrl_c(chat_gguf, tmp_path):
