@@ -1,4 +1,4 @@
-"""porter's command line: inspect | convert | run | chat | verify | embed | parity | generate | plugins | examples | demo."""
+"""porter's command line: inspect | convert | run | chat | serve | verify | embed | parity | generate | plugins | examples | demo."""
 
 from __future__ import annotations
 
@@ -82,6 +82,9 @@ def _attach_optional_commands() -> None:
     main.add_command(parity_cmd)
     main.add_command(port_cmd)
     main.add_command(traced_ops)
+    from porter.serve.cli import serve
+
+    main.add_command(serve)
 
 
 _attach_optional_commands()
