@@ -60,6 +60,7 @@ def main(plugin_modules):
       porter convert  CHECKPOINT -o m.gguf --outtype q8_0
       porter run      m.gguf -p "Hello" -n 32
       porter chat     m.gguf --system "Be brief."      # a conversation, kept in the KV cache
+      porter serve    m.gguf --port 8080            # OpenAI-compatible HTTP API on 127.0.0.1
       porter parity   CHECKPOINT                    # node-by-node comparison with transformers
     """
     if plugin_modules:
