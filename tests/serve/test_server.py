@@ -281,3 +281,31 @@ def test_embeddings_equal_model_embed(minilm_gguf, tmp_path):
     finally:
         s.stop()
     assert s.proc.returncode == 0 and "Traceback" not in s.log.read_text()
+
+
+@pytest.mark.parity
+def test_smollm2_answers_as_model_chat(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct (q8_0): streamed and whole answers, 4 clients at once."""
+    from porter.examples import materialize_smollm2
+    from porter.pipeline import convert
+
+    gguf = tmp_path_factory.mktemp("smollm2") / "smollm2.gguf"
+    convert(materialize_smollm2(progress=False), gguf, "q8_0", progress=False)
+    questions = [ask(q) for q in ("What is the capital of France?", "Name a primary colour.",
+                                  "What is 2 + 2?", "Say hello in Spanish.")]
+    with porter.load(gguf, n_threads=1, n_ctx=512) as m:
+        wants = [str(m.chat(q, max_new_tokens=24)) for q in questions]
+    assert "Paris" in wants[0]
+    s = Server(gguf, "-c", "512", "-t", "1", log=gguf.parent / "serve.log")
+    try:
+        def one(i):
+            kw = dict(model="smollm2", messages=questions[i], max_tokens=24, temperature=0)
+            if i % 2:
+                return "".join(c.choices[0].delta.content or "" for c in s.client.chat.completions.create(stream=True, **kw))
+            return s.client.chat.completions.create(**kw).choices[0].message.content
+
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(one, range(4))) == wants
+    finally:
+        s.stop()
+    assert s.proc.returncode == 0 and "Traceback" not in s.log.read_text()
