@@ -1,5 +1,5 @@
-"""porter's command line: inspect | convert | quantize | run | chat | verify | embed | parity | perplexity | bench |
-generate | plugins | examples | demo."""
+"""porter's command line: inspect | convert | quantize | run | chat | serve | verify | embed | parity | perplexity |
+bench | generate | plugins | examples | demo."""
 
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ def main(plugin_modules):
       porter convert  CHECKPOINT -o m.gguf --outtype q8_0
       porter run      m.gguf -p "Hello" -n 32
       porter chat     m.gguf --system "Be brief."      # a conversation, kept in the KV cache
+      porter serve    m.gguf --port 8080            # OpenAI-compatible HTTP API on 127.0.0.1
       porter parity   CHECKPOINT                    # node-by-node comparison with transformers
     """
     if plugin_modules:
@@ -88,6 +89,9 @@ def _attach_optional_commands() -> None:
 
     main.add_command(perplexity_cmd)
     main.add_command(bench_cmd)
+    from porter.serve.cli import serve
+
+    main.add_command(serve)
 
 
 _attach_optional_commands()

@@ -159,10 +159,23 @@ class ChatSession:
         """Check the request and render the prompt now; the returned generator runs the model."""
         if max_new_tokens == 0 or max_new_tokens < -1:
             raise OptionError(f"max_new_tokens={max_new_tokens}: give at least 1 (or -1: until an end or a full context)")
-        ids = self.prompt_ids(messages, tools)
+        return self.run_ids(self.prompt_ids(messages, tools), max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed, stop=stop, reply_box=reply_box)
+
+    def run_ids(self, ids: list[int], *, max_new_tokens: int = 256, stop: Sequence[str] | str = (),
+                reply_box: ChatStream | None = None, **sampling) -> Iterator[str]:
+        """:meth:`run` for prompt ids already rendered and tokenized (a plain completion)."""
+        if max_new_tokens == 0 or max_new_tokens < -1:
+            raise OptionError(f"max_new_tokens={max_new_tokens}: give at least 1 (or -1: until an end or a full context)")
+        if not self.model.spec.causal:
+            raise ModelError("generation needs a causal LM; this is an encoder: use embed (porter embed)")
+        if not ids:
+            raise OptionError("the prompt is empty (nothing to continue); give some text")
+        if len(ids) >= self.model.n_ctx:
+            raise OptionError(f"the prompt has {len(ids)} tokens, the context holds {self.model.n_ctx} (and needs room "
+                              "for at least one new token); shorten it or load with a larger n_ctx")
         stops = _StopStrings([stop] if isinstance(stop, str) else list(stop))
-        return self._generate(ids, stops, reply_box, max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_k=top_k, top_p=top_p, seed=seed)
+        return self._generate(list(ids), stops, reply_box, max_new_tokens=max_new_tokens, **sampling)
 
     def _generate(self, ids: list[int], stops: _StopStrings, reply_box: ChatStream | None, **sampling):
         from tokenizers.decoders import DecodeStream
@@ -204,15 +217,35 @@ class ChatSession:
             reply_box.reply = reply
 
 
-def chat(model, messages: list[dict], *, stream: bool = False, **kwargs) -> ChatReply | ChatStream:
+def _session(model) -> ChatSession:
     if model._chat is None:
         model._chat = ChatSession(model)
     session = model._chat
     if session.active is not None:  # a stream still open ends here (its cache rows stay reusable)
         session.active.close()
         session.active = None
+    return session
+
+
+def chat(model, messages: list[dict], *, stream: bool = False, **kwargs) -> ChatReply | ChatStream:
+    session = _session(model)
     box = ChatStream(iter(()))
     box._pieces = session.run(messages, reply_box=box, **kwargs)
+    return _deliver(session, box, stream)
+
+
+def complete(model, prompt: str | Sequence[int], *, stream: bool = False, **kwargs) -> ChatReply | ChatStream:
+    """A plain continuation of ``prompt`` (text is tokenized as :meth:`Model.generate` does, with
+    the tokenizer's special tokens), as :func:`chat` returns it: stop strings, end ids, finish
+    reason and counts; the KV cache is shared with chat and reused on a common prefix."""
+    session = _session(model)
+    ids = model.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+    box = ChatStream(iter(()))
+    box._pieces = session.run_ids(ids, reply_box=box, **kwargs)
+    return _deliver(session, box, stream)
+
+
+def _deliver(session: ChatSession, box: ChatStream, stream: bool) -> ChatReply | ChatStream:
     if stream:
         session.active = box
         return box
