@@ -290,8 +290,9 @@ def _sampling_options(f):
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
 @_sampling_options
 def run(model, prompt, prompt_file, n_predict, chat, temp, top_k, top_p, seed, threads, ctx_size, cache_type):
-    """Generate text from a GGUF written by porter, streaming tokens (-n -1: until the end of
-    the sequence or a full context, as llama.cpp); it stops at every end-of-generation token."""
+    """Generate text from a GGUF file (porter's, or a stock llama.cpp file of an architecture a
+    plugin knows), streaming tokens (-n -1: until the end of the sequence or a full context, as
+    llama.cpp); it stops at every end-of-generation token."""
     import porter
 
     if prompt_file is not None:

@@ -27,12 +27,14 @@ __all__ = ["inspect", "inspect_command"]
     show_default=True,
     help="Include the module tree (collapsed over repeated layers) and module-class counts.",
 )
-def inspect_command(model: str, as_json: bool, trust_remote_code: bool, modules: bool) -> None:
+@click.option("--revision", help="With a model id: the branch, tag or commit.")
+def inspect_command(model: str, as_json: bool, trust_remote_code: bool, modules: bool, revision: str | None) -> None:
     """Show hyperparameters, module tree, ancestry and parameters of MODEL.
 
-    MODEL is a checkpoint folder (config.json + *.safetensors), a transformers model_type
-    such as "qwen3" (its default configuration), or a .gguf file (architecture, hparams, tensor
-    types and sizes, tokenizer, graph spec). No weights are loaded.
+    MODEL is a checkpoint folder (config.json + *.safetensors), a Hugging Face model id
+    (organisation/name: the local hub cache when offline), a transformers model_type such as
+    "qwen3" (its default configuration), or a .gguf file (architecture, hparams, tensor types and
+    sizes, tokenizer, graph spec). No weights are loaded.
     """
     from porter.inspect_gguf import format_summary, gguf_summary, is_gguf, to_json
 
@@ -44,9 +46,16 @@ def inspect_command(model: str, as_json: bool, trust_remote_code: bool, modules:
         from porter.errors import ModelError
 
         raise ModelError(f"{model}: no such GGUF file (or not one: no GGUF magic)")
+    from pathlib import Path
+
     from porter.introspect import introspect
 
-    info = introspect(model, trust_remote_code=trust_remote_code)
+    source = model
+    if revision or (re.fullmatch(r"[\w.\-]+/[\w.\-]+", model) and not Path(model).exists()):
+        from porter.pipeline import checkpoint_folder
+
+        source, _ = checkpoint_folder(model, revision)
+    info = introspect(source, trust_remote_code=trust_remote_code)
     if as_json:
         data = info.to_json()
         if not modules:

@@ -137,6 +137,8 @@ def test_a_model_id_from_the_local_cache(ckpt, tmp_path):
     r = porter("convert", "toyorg/Toymodel-Instruct", "--revision", "v2", "-o", out / "v2.gguf", "--quiet",
                cwd=out, env=env)
     assert r.returncode == 0, r.stderr
+    r = porter("inspect", "toyorg/Toymodel-Instruct", "--revision", "v2", "--no-modules", cwd=out, env=env)
+    assert r.returncode == 0 and "llama" in r.stdout, r.stderr
     r = porter("convert", "toyorg/Nothing-Here", "--quiet", cwd=out, env=env)
     assert r.returncode == 1 and r.stderr.startswith("error: toyorg/Nothing-Here: not found in the local cache"), r.stderr
     r = porter("convert", ckpt, "--revision", "v2", cwd=out, env=env)
