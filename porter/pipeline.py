@@ -54,7 +54,8 @@ def checkpoint_folder(source: str | Path, revision: str | None = None) -> tuple[
         return _snapshot(str(source), revision), str(source)
     if path.exists():
         raise ModelError(f"{source}: not a folder; pass a transformers checkpoint folder (config.json, *.safetensors)")
-    raise ModelError(f"{source}: no such folder, and not a model id (organisation/name)")
+    raise ModelError(f"{source}: not a folder (no such path), and not a model id (organisation/name); pass a "
+                     "transformers checkpoint folder or a Hugging Face model id")
 
 
 def needs_torch_to_convert(model_dir: Path, trust_remote_code: bool = False) -> bool:

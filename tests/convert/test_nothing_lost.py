@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from porter.cli import main
 
 SLOW_CONVERT = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background parent (nohup, &) ignores SIGINT
 import porter.convert.writer as w
 real = w._write_tensor
 def slow(*a, **k):

@@ -21,8 +21,12 @@ TINY = {"hidden_size": 256, "intermediate_size": 256, "head_dim": 64, "num_hidde
 
 
 @pytest.fixture(scope="module")
-def tiny(porter_port):
-    return porter_port("llama", TINY)
+def tiny(tmp_path_factory):
+    from porter.testing.parity import port_tiny
+
+    # closed at the end of the module: tests/runtime/test_lifetimes.py counts live ggml objects
+    with port_tiny("llama", TINY, tmp_path_factory.mktemp("quantize")) as pair:
+        yield pair
 
 
 def digest(path) -> str:

@@ -16,8 +16,13 @@ TESTS = ["pp8", "pp16", "tg4"]
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(porter_port):
-    return porter_port("llama").gguf
+def tiny_gguf(tmp_path_factory):
+    from porter.testing.parity import port_tiny
+
+    # closed at the end of the module (porter_port keeps its pairs to the end of the session,
+    # and tests/runtime/test_lifetimes.py counts every live ggml object)
+    with port_tiny("llama", directory=tmp_path_factory.mktemp("bench")) as pair:
+        yield pair.gguf
 
 
 def run(*args):

@@ -21,8 +21,17 @@ def test_chunking_follows_llama_perplexity():
         chunks_of(tokens[:30], 18)
 
 
-def test_tiny_llama_equals_transformers(porter_port):
-    pair = porter_port("llama")
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    from porter.testing.parity import port_tiny
+
+    # closed at the end of the module: tests/runtime/test_lifetimes.py counts live ggml objects
+    with port_tiny("llama", directory=tmp_path_factory.mktemp("ppl")) as pair:
+        yield pair
+
+
+def test_tiny_llama_equals_transformers(tiny_pair):
+    pair = tiny_pair
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, 97, size=3 * 40 + 7).tolist()
     for bos, n_batch in ((None, 2048), (1, 16)):  # one pass per chunk; several batches through the cache
@@ -68,11 +77,11 @@ def test_smollm2_f32_equals_transformers_and_cli_prints_llama_format(tmp_path):
     assert final and float(final.group(1)) == pytest.approx(result.ppl, abs=1e-4)
 
 
-def test_cli_refuses_a_missing_text(porter_port):
+def test_cli_refuses_a_missing_text(tiny_pair):
     from click.testing import CliRunner
 
     from porter.cli import main
 
-    pair = porter_port("llama")
+    pair = tiny_pair
     out = CliRunner().invoke(main, ["perplexity", str(pair.gguf)])
     assert out.exit_code == 1 and "give the text to score" in out.output

@@ -28,19 +28,20 @@ def test_checkpoint_with_gguf_weights_converts_back_to_the_stored_values(model_t
     ckpt = tiny_checkpoint(architectures()[model_type], tmp_path / "ckpt")
     convert(ckpt, tmp_path / "q8.gguf", "q8_0", progress=False)
     plan = architecture(ckpt).conversion_plan()
-    changed = checkpoint_with_gguf_weights(ckpt, plan, tmp_path / "q8.gguf", tmp_path / "same")
+    same = tmp_path / "same" / "ckpt"  # named as the original: the folder's name names the model in the GGUF
+    changed = checkpoint_with_gguf_weights(ckpt, plan, tmp_path / "q8.gguf", same)
     quantized = {t.name for t in GGUFReader(str(tmp_path / "q8.gguf")).tensors
                  if t.tensor_type != GGMLQuantizationType.F32}
     assert set(changed) == quantized and changed
 
-    convert(tmp_path / "same", tmp_path / "back.f32.gguf", "f32", progress=False)
+    convert(same, tmp_path / "back.f32.gguf", "f32", progress=False)
     convert(ckpt, tmp_path / "orig.f32.gguf", "f32", progress=False)
     stored, back, original = (_tensors(tmp_path / f) for f in ("q8.gguf", "back.f32.gguf", "orig.f32.gguf"))
     for name in changed:
         np.testing.assert_array_equal(back[name], stored[name], err_msg=name)
         assert not np.array_equal(original[name], stored[name]), f"{name}: q8_0 left the weights unchanged?"
     # and the copy re-quantizes to the very same file (Q8_0 is idempotent on its own grid)
-    convert(tmp_path / "same", tmp_path / "again.gguf", "q8_0", progress=False)
+    convert(same, tmp_path / "again.gguf", "q8_0", progress=False)
     assert (tmp_path / "again.gguf").read_bytes() == (tmp_path / "q8.gguf").read_bytes()
 
 
