@@ -39,6 +39,7 @@ from gguf import GGMLQuantizationType as QT
 
 from porter.convert.plan import GRAPH_SPEC_KEY
 from porter.convert.writer import (
+    OUTTYPES,
     _ROW_FALLBACK,
     _SCALE_LIMITS,
     CHUNK_ELEMENTS,
@@ -50,21 +51,15 @@ from porter.convert.writer import (
 )
 from porter.errors import ModelError, PorterError
 
-# file type -> (base storage type, llama.cpp file type)
+# file type -> (base storage type, llama.cpp file type): convert's uniform types (its q4_k is
+# Q4_K_S below), then the K mixes only quantize applies
 FILE_TYPES: dict[str, tuple[QT, LlamaFileType]] = {
-    "F32": (QT.F32, LlamaFileType.ALL_F32),
-    "F16": (QT.F16, LlamaFileType.MOSTLY_F16),
-    "BF16": (QT.BF16, LlamaFileType.MOSTLY_BF16),
-    "Q8_0": (QT.Q8_0, LlamaFileType.MOSTLY_Q8_0),
-    "Q4_0": (QT.Q4_0, LlamaFileType.MOSTLY_Q4_0),
-    "Q4_1": (QT.Q4_1, LlamaFileType.MOSTLY_Q4_1),
-    "Q5_0": (QT.Q5_0, LlamaFileType.MOSTLY_Q5_0),
-    "Q5_1": (QT.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+    **{name.upper(): types for name, types in OUTTYPES.items() if name not in ("q4_k", "q6_k")},
     "Q4_K_S": (QT.Q4_K, LlamaFileType.MOSTLY_Q4_K_S),
     "Q4_K_M": (QT.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
     "Q5_K_S": (QT.Q5_K, LlamaFileType.MOSTLY_Q5_K_S),
     "Q5_K_M": (QT.Q5_K, LlamaFileType.MOSTLY_Q5_K_M),
-    "Q6_K": (QT.Q6_K, LlamaFileType.MOSTLY_Q6_K),
+    "Q6_K": OUTTYPES["q6_k"],
 }
 ALIASES = {"Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}
 _FLOAT = {QT.F32, QT.F16, QT.BF16}
