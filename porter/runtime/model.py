@@ -17,7 +17,7 @@ import numpy as np
 
 from porter.errors import ModelError, OptionError
 from porter.runtime._lib import ffi, lib
-from porter.runtime.core import Backend, Buffer, Context, available_memory, get_data, set_data
+from porter.runtime.core import Backend, Buffer, Context, _track, available_memory, get_data, set_data
 from porter.runtime.generation import GenerationMixin, GenerationStats
 from porter.runtime.graph import ABSENT, GraphBuilder, KVCache, kv_cache_bytes
 from porter.runtime.loader import SPEC_KEY, TOKENIZER_KEY, _bf16_as_f16, _bf16_fits_f16, index_tables, load_gguf
@@ -34,13 +34,15 @@ KV_BUCKET = 256  # decode graphs are reused while the cache fits the same bucket
 class _CachedGraph:
     ctx: Context
     graph: object
-    galloc: object
+    galloc: object | None  # its own allocator (capture graphs), else the model's shared one
     inputs: dict
     outputs: dict
     n_kv: int
 
     def close(self):
-        lib.ggml_gallocr_free(self.galloc)
+        if self.galloc is not None:
+            lib.ggml_gallocr_free(self.galloc)
+            self.galloc = None
         self.ctx.close()
 
 
@@ -79,6 +81,8 @@ class Model(GenerationMixin):
         self.cache_type = cache_type
         self._kv: KVCache | None = None
         self._graphs: OrderedDict[tuple, _CachedGraph] = OrderedDict()
+        self._galloc = None  # one compute buffer for every cached graph (they run one at a time)
+        self._galloc_finalizer = None
         self._tokenizer = None
         self.tokens_evaluated = 0  # every token forward has run (a conversation's reuse shows here)
         self._chat = None
@@ -234,16 +238,40 @@ class Model(GenerationMixin):
             lib.ggml_set_output(t)
             lib.ggml_build_forward_expand(graph, t)
             outputs[name] = t
-        galloc = lib.ggml_gallocr_new(self.backend.buffer_type)
-        if not lib.ggml_gallocr_alloc_graph(galloc, graph):
-            lib.ggml_gallocr_free(galloc)
-            raise MemoryError("ggml could not allocate the compute graph")
+        if capture:  # every captured node stays allocated: a buffer of its own, freed with the graph
+            galloc = lib.ggml_gallocr_new(self.backend.buffer_type)
+            if not lib.ggml_gallocr_alloc_graph(galloc, graph):
+                lib.ggml_gallocr_free(galloc)
+                ctx.close()
+                raise MemoryError("ggml could not allocate the compute graph")
+        else:
+            galloc = None
+            self._alloc_shared(graph, ctx)
         entry = _CachedGraph(ctx, graph, galloc, inputs, outputs, n_kv)
         if not capture:
             self._graphs[key] = entry
             while len(self._graphs) > 4:
                 self._graphs.popitem(last=False)[1].close()
         return entry
+
+    def _alloc_shared(self, graph, ctx: Context) -> None:
+        """Place a graph's intermediates in the shared compute buffer. ggml grows that buffer
+        (a new allocation) when a graph needs more than it holds; the graphs cached before then
+        point into the freed one, so they are dropped (rebuilt when next needed)."""
+        if self._galloc is None:
+            galloc = lib.ggml_gallocr_new(self.backend.buffer_type)
+            if galloc == ffi.NULL:
+                ctx.close()
+                raise MemoryError("ggml could not create a graph allocator")
+            self._galloc, self._galloc_finalizer = galloc, _track(self, "gallocr", lib.ggml_gallocr_free, galloc)
+        before = lib.ggml_gallocr_get_buffer_size(self._galloc, 0)
+        if not lib.ggml_gallocr_alloc_graph(self._galloc, graph):
+            ctx.close()
+            raise MemoryError("ggml could not allocate the compute graph")
+        if lib.ggml_gallocr_get_buffer_size(self._galloc, 0) != before:
+            for g in self._graphs.values():
+                g.close()
+            self._graphs.clear()
 
     def _masks(self, positions: np.ndarray, n_kv: int, n_valid: int) -> dict[str, np.ndarray]:
         return attention_masks(self.spec, positions, n_kv, n_valid)
@@ -409,6 +437,9 @@ class Model(GenerationMixin):
         for g in self._graphs.values():
             g.close()
         self._graphs.clear()
+        if self._galloc_finalizer is not None:
+            self._galloc_finalizer()
+            self._galloc = self._galloc_finalizer = None
         if self._kv is not None:
             self._kv.close()
             self._kv = None
