@@ -18,15 +18,23 @@ from porter.errors import OptionError
 @click.option("-c", "--ctx-size", "n_ctx", default=512, show_default=True, help="Tokens per chunk.")
 @click.option("--chunks", "n_chunks", default=-1, show_default=True, help="Chunks to score (-1: all the text holds).")
 @click.option("-b", "--batch-size", "n_batch", default=2048, show_default=True, help="Tokens per forward pass.")
+@click.option("--ppl-stride", "stride", default=0, show_default=True,
+              help="Sliding-window mode: windows of -c + stride/2 tokens, stride apart, each scoring its last "
+                   "stride tokens (0: chunked mode).")
 @click.option("-t", "--threads", default=None, type=int, help="Threads, >= 1 (default: the physical cores).")
-def perplexity(model, text_file, python_reference, n_ctx, n_chunks, n_batch, threads):
+def perplexity(model, text_file, python_reference, n_ctx, n_chunks, n_batch, stride, threads):
     """Perplexity of MODEL on a text, with llama-perplexity's conventions: chunks of -c tokens, each
     from an empty cache (its first token BOS when the model adds one), the second half of each
-    scored; prints the running estimate [1]x,[2]y,... and the final estimate with its error."""
+    scored; prints the running estimate [1]x,[2]y,... and the final estimate with its error.
+    With --ppl-stride S, llama-perplexity's sliding window: windows of -c + S/2 tokens starting S
+    apart, each from an empty cache, each scoring its last S tokens."""
     import porter
     from porter.cli import _check_threads
-    from porter.measure.perplexity import bos_for, perplexity as measure
+    from porter.measure.perplexity import bos_for, perplexity as measure, strided_window
 
+    if stride < 0:
+        raise OptionError(f"--ppl-stride {stride}: give a stride of at least 1 token (or 0 for the chunked mode)")
+    window = strided_window(n_ctx, stride) if stride else n_ctx  # refuses a bad stride before loading
     if bool(text_file) == python_reference:
         raise OptionError("give the text to score: -f FILE, or --python-reference (one of them)")
     if text_file:
@@ -39,12 +47,17 @@ def perplexity(model, text_file, python_reference, n_ctx, n_chunks, n_batch, thr
 
         text = reference()
     threads = _check_threads(threads)
-    with porter.load(model, n_threads=threads, n_ctx=max(n_ctx, 2)) as m:
+    with porter.load(model, n_threads=threads, n_ctx=max(window, 2)) as m:
         tokens = m.encode(text, add_special_tokens=True)
-        n = len(tokens) // max(n_ctx, 1)
+        if stride:
+            n = max(0, -(-(len(tokens) - window) // stride))
+            mode = f"windows, n_ctx={window} (-c {n_ctx} + stride/2), stride={stride}"
+        else:
+            n = len(tokens) // max(n_ctx, 1)
+            mode = f"chunks, n_ctx={n_ctx}"
         click.echo(f"perplexity: tokenized the text into {len(tokens)} tokens; calculating perplexity over "
-                   f"{n if n_chunks < 0 else min(n, n_chunks)} chunks, n_ctx={n_ctx}, batch_size={n_batch}", err=True)
-        result = measure(m, tokens, n_ctx, n_chunks=n_chunks, n_batch=n_batch, bos_id=bos_for(m),
+                   f"{n if n_chunks < 0 else min(n, n_chunks)} {mode}, batch_size={n_batch}", err=True)
+        result = measure(m, tokens, n_ctx, n_chunks=n_chunks, n_batch=n_batch, bos_id=bos_for(m), stride=stride,
                          on_chunk=lambda i, ppl: click.echo(f"[{i}]{ppl:.4f},", nl=False))
     click.echo()
     click.echo(result.summary())
