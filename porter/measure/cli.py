@@ -67,23 +67,27 @@ def perplexity(model, text_file, python_reference, n_ctx, n_chunks, n_batch, str
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-p", "--n-prompt", default="512", show_default=True, help="Prompt lengths (comma-separated; 0: none).")
 @click.option("-n", "--n-gen", default="128", show_default=True, help="Tokens generated (comma-separated; 0: none).")
+@click.option("-pg", "n_pg", multiple=True, metavar="PP,TG",
+              help="A prompt of PP tokens then TG generated after it, timed together (test pp<PP>+tg<TG>; "
+                   "repeatable).")
 @click.option("-r", "--repetitions", "reps", default=5, show_default=True, help="Runs of each test (after one warm-up).")
 @click.option("-t", "--threads", default=None, help="Thread counts (comma-separated; default: the physical cores).")
 @click.option("-b", "--batch-size", "n_batch", default=2048, show_default=True, help="Tokens per forward pass of a prompt.")
 @click.option("-o", "--output", "fmt", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True)
-def bench(model, n_prompt, n_gen, reps, threads, n_batch, fmt):
+def bench(model, n_prompt, n_gen, n_pg, reps, threads, n_batch, fmt):
     """Prompt (pp) and generation (tg) speed of MODEL, llama-bench's table: t/s as the mean ±
-    standard deviation over -r runs, for every -p, -n and -t value."""
+    standard deviation over -r runs, for every -p, -n, -pg and -t value."""
     from porter.cli import _check_threads
     from porter.measure import bench as b
     from porter.runtime.core import default_threads
 
     prompts = b.parse_list(n_prompt, "-p", 0)
     gens = b.parse_list(n_gen, "-n", 0)
+    pairs = b.parse_pairs(n_pg)
     counts = b.parse_list(threads, "-t", 1) if threads else [default_threads()]
     counts = [_check_threads(t) for t in counts]
     if n_batch < 1:
         raise OptionError(f"-b {n_batch}: give a batch of at least 1 token")
-    results = b.bench(model, prompts, gens, reps, counts, n_batch,
+    results = b.bench(model, prompts, gens, reps, counts, n_batch, n_pg=pairs,
                       on_result=lambda r: click.echo(f"{r.test} at {r.n_threads} threads: {r.avg_ts:.2f} t/s", err=True))
     click.echo({"md": b.markdown, "csv": b.to_csv, "json": b.to_json}[fmt](results), nl=False)
