@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sentencepiece as spm  # the test extra
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-spm = pytest.importorskip("sentencepiece")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from porter.runtime.ggml_vocab import VocabUnsupported, tokenizer_json  # noqa: E402
-from porter.runtime.gguf_file import GGUFFile  # noqa: E402
+from porter.runtime.ggml_vocab import VocabUnsupported, tokenizer_json
+from porter.runtime.gguf_file import GGUFFile
 
 # A little text beyond the Python reference so that some multi-byte characters are pieces of
 # their own and others fall back to bytes.
