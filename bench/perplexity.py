@@ -5,6 +5,7 @@ The text is the Python Language Reference that ships with Python (pydoc_data.top
 Usage:
 
     python bench/perplexity.py [-c 512] [--chunks 8] [--types f32,q8_0,q4_k,Q4_K_M] [--threads 2]
+    python bench/perplexity.py -c 384 --ppl-stride 256 --types f32   # the sliding-window mode
 
 (Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M are made with `porter quantize` from the f32 file.)
 """
@@ -23,6 +24,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--types", default="f32,q8_0,q4_k")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ppl-stride", type=int, default=0, help="llama-perplexity's sliding-window mode (0: chunks)")
     args = ap.parse_args()
 
     import torch
@@ -31,7 +33,8 @@ def main() -> None:
     import porter
     from porter.convert.quantize import quantize
     from porter.examples import materialize_smollm2
-    from porter.measure.perplexity import bos_for, chunks_of, perplexity, transformers_perplexity
+    from porter.measure.perplexity import (bos_for, chunks_of, perplexity, strided_window, strided_windows,
+                                           transformers_perplexity, transformers_strided_perplexity)
     from porter.measure.text import python_reference
     from porter.parity.same_weights import checkpoint_with_gguf_weights
     from porter.pipeline import architecture, convert
@@ -41,6 +44,15 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     text = python_reference()
     rows = []
+    stride = args.ppl_stride
+    window = strided_window(args.ctx_size, stride) if stride else args.ctx_size
+
+    def reference(model, tokens, bos):
+        if stride:
+            return transformers_strided_perplexity(model, strided_windows(tokens, args.ctx_size, stride, args.chunks),
+                                                   stride)
+        return transformers_perplexity(model, chunks_of(tokens, args.ctx_size, args.chunks, bos))
+
     with tempfile.TemporaryDirectory() as d:
         for outtype in args.types.split(","):
             gguf = Path(d) / f"smollm2.{outtype}.gguf"
@@ -51,24 +63,27 @@ def main() -> None:
                 quantize(f32, gguf, outtype)
             else:
                 convert(ckpt, gguf, outtype, progress=False)
-            with porter.load(gguf, n_threads=args.threads, n_ctx=args.ctx_size) as m:
+            with porter.load(gguf, n_threads=args.threads, n_ctx=window) as m:
                 tokens = m.encode(text)
                 bos = bos_for(m)
                 t = time.perf_counter()
-                r = perplexity(m, tokens, args.ctx_size, n_chunks=args.chunks, bos_id=bos)
+                r = perplexity(m, tokens, args.ctx_size, n_chunks=args.chunks, bos_id=bos, stride=stride)
                 seconds = time.perf_counter() - t
-            chunks = chunks_of(tokens, args.ctx_size, args.chunks, bos)
-            ref = transformers_perplexity(hf, chunks)
+            ref = reference(hf, tokens, bos)
             same = ref
             if outtype != "f32":
                 rounded = Path(d) / f"hf-{outtype}"
                 checkpoint_with_gguf_weights(ckpt, architecture(ckpt).conversion_plan(), gguf, rounded)
-                same = transformers_perplexity(AutoModelForCausalLM.from_pretrained(rounded, dtype=torch.float32).eval(), chunks)
+                same = reference(AutoModelForCausalLM.from_pretrained(rounded, dtype=torch.float32).eval(), tokens, bos)
             rows.append((outtype, r.ppl, r.ppl_error, ref, same, seconds))
             print(f"{outtype}: porter {r.ppl:.4f} +/- {r.ppl_error:.4f} ({seconds:.1f} s), transformers f32 {ref:.4f}, "
                   f"transformers on the GGUF's weights {same:.4f}", flush=True)
-    print(f"\nSmolLM2-135M-Instruct, Python reference text, -c {args.ctx_size}, {args.chunks} chunks "
-          f"({args.chunks * (args.ctx_size - args.ctx_size // 2 - 1)} scored tokens)\n")
+    if stride:
+        print(f"\nSmolLM2-135M-Instruct, Python reference text, -c {args.ctx_size} --ppl-stride {stride}: "
+              f"{r.n_chunks} windows of {window} tokens ({r.count} scored tokens)\n")
+    else:
+        print(f"\nSmolLM2-135M-Instruct, Python reference text, -c {args.ctx_size}, {args.chunks} chunks "
+              f"({args.chunks * (args.ctx_size - args.ctx_size // 2 - 1)} scored tokens)\n")
     print("| type | porter PPL | transformers (f32 weights) | transformers (GGUF's weights) | porter vs same weights |")
     print("|---|---|---|---|---|")
     for outtype, ppl, err, ref, same, _ in rows:

@@ -9,7 +9,7 @@ __all__ = ["__version__", "load"]
 
 def load(path, *, n_threads: int | None = None, n_ctx: int | None = None, cache_type: str = "f32",
          use_repack: bool = True, bf16_as_f16: bool = True, use_mmap: bool = True):
-    """Load a GGUF file and return a :class:`porter.runtime.model.Model`.
+    """Load the GGUF file at ``path`` and return a :class:`porter.runtime.model.Model`.
 
     A file porter wrote carries its graph spec; a stock llama.cpp file of an architecture a
     plugin knows has its spec rebuilt from llama.cpp's keys. ``n_threads``: default the physical

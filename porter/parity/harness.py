@@ -19,6 +19,9 @@ from porter.parity.metrics import cosine, kl_divergence, max_abs, nmse, toleranc
 
 @dataclass
 class NodeParity:
+    """One graph node against its transformers module: NMSE, max |error| and cosine of the
+    outputs, and whether it is within the weight type's tolerance (``ok``)."""
+
     node: str
     hf_module: str
     layer: int | None
@@ -34,6 +37,10 @@ class NodeParity:
 
 @dataclass
 class ParityReport:
+    """porter against transformers on ``n_tokens`` tokens at one weight type (``outtype``): every
+    node (:class:`NodeParity`, graph order), the logits' metrics (``logits``), the verdict
+    (:attr:`passed`) and where it went wrong (:attr:`first_divergence`, :attr:`first_nonfinite`)."""
+
     outtype: str
     tolerance: float
     n_tokens: int
@@ -73,12 +80,15 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
+        """Every gated node and the logits within tolerance, and porter's values all finite."""
         # NaN fails whatever the type's gate, even when it does not reach the logits (ggml's
         # quantization of activations for a quantized matmul turns NaN into ordinary numbers)
         return (self.first_divergence is None and self.logits.get("ok", False) and self.finite
                 and self.first_nonfinite is None)
 
     def as_dict(self) -> dict:
+        """The report as JSON-ready values (``porter parity --json``), with the first diverging
+        and first non-finite node names."""
         d = asdict(self)
         first = self.first_divergence
         d["first_divergence"] = first.node if first else None

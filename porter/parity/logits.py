@@ -12,6 +12,9 @@ from porter.parity.metrics import kl_divergence, max_abs, nmse, top1_agreement
 
 @dataclass
 class PromptParity:
+    """porter's logits against transformers' on one prompt: NMSE (all positions, last), max
+    |error|, top-1 agreement, KL divergence, and both sides' greedy continuations."""
+
     prompt: str
     n_tokens: int
     nmse_all: float  # logits NMSE over every prompt position
@@ -24,9 +27,11 @@ class PromptParity:
 
     @property
     def greedy_match(self) -> bool:
+        """Both sides' greedy continuations are the same ids."""
         return self.greedy_hf == self.greedy_porter
 
     def as_dict(self) -> dict:
+        """The fields as JSON-ready values, with ``greedy_match``."""
         d = asdict(self)
         d["greedy_match"] = self.greedy_match
         return d

@@ -104,6 +104,8 @@ class ChatStream:
         return next(self._pieces)
 
     def close(self) -> None:
+        """Stop generating (a stream not iterated to its end keeps the model's conversation
+        otherwise); ``reply`` stays None."""
         self._pieces.close()
 
     def __getattr__(self, name):

@@ -13,6 +13,9 @@ from porter.runtime.sampling import sample
 
 @dataclass
 class GenerationStats:
+    """Counts and timings of one generation: prompt tokens evaluated (``cached_tokens`` more were
+    reused from the cache), tokens generated, the seconds each phase took, the generated ids."""
+
     prompt_tokens: int = 0  # evaluated (those already in the cache are cached_tokens)
     generated_tokens: int = 0
     cached_tokens: int = 0
@@ -22,10 +25,12 @@ class GenerationStats:
 
     @property
     def prompt_tps(self) -> float:
+        """Prompt tokens evaluated per second (NaN when none took time)."""
         return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else float("nan")
 
     @property
     def generate_tps(self) -> float:
+        """Tokens generated per second (NaN when none took time)."""
         return self.generated_tokens / self.generate_seconds if self.generate_seconds else float("nan")
 
 
@@ -36,9 +41,12 @@ class GenerationMixin:
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 64, *, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] = (),
                      n_batch: int = 512, stats: GenerationStats | None = None, cached: int = 0) -> Iterator[int]:
-        """Yield new token ids: prefill the prompt, then decode one token at a time
-        (``max_new_tokens=-1``: until a stop id or a full context). ``cached``: the first ids of
-        the prompt are already in the KV cache (a conversation continues; fewer than all)."""
+        """Yield new token ids: prefill ``prompt_ids`` in batches of ``n_batch``, then decode one
+        token at a time, at most ``max_new_tokens`` (-1: until a stop id or a full context); a
+        token in ``stop_ids`` is yielded, then generation ends. Sampling: ``temperature`` 0 is
+        greedy, else ``top_k`` (0: off) and ``top_p`` (1: off) filter, ``seed`` makes it
+        repeatable. ``stats`` (a GenerationStats) is filled in as it runs. ``cached``: the first
+        ids of the prompt are already in the KV cache (a conversation continues; fewer than all)."""
         stats = stats if stats is not None else GenerationStats()
         rng = np.random.default_rng(seed)
         prompt_ids = list(prompt_ids)
@@ -76,7 +84,10 @@ class GenerationMixin:
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, *,
                  on_text: Callable[[str], None] | None = None, **kwargs) -> tuple[str, GenerationStats]:
-        """Generate text; ``on_text`` receives each new piece of text as it is decoded."""
+        """Generate text after ``prompt`` (a str, encoded with the tokenizer's special tokens, or
+        token ids): returns (the new text, GenerationStats). At most ``max_new_tokens``, stopping
+        at the GGUF's end-of-generation ids; ``on_text`` receives each new piece of text as it is
+        decoded; other ``kwargs`` go to :meth:`generate_ids` (sampling, ``stop_ids``)."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         stats = GenerationStats()
         from porter.runtime.chat_session import end_ids

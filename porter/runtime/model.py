@@ -47,7 +47,15 @@ class _CachedGraph:
 
 
 class Model(GenerationMixin):
-    """Load with :meth:`load` (or ``porter.load(path)``)."""
+    """A GGUF model loaded on ggml's CPU backend: load with :meth:`load` (or ``porter.load(path)``)
+    and close with :meth:`close` (or use it as a context manager).
+
+    Text in and out: :meth:`encode`, :meth:`decode`, :meth:`generate`, :meth:`chat`,
+    :meth:`apply_chat_template`, :meth:`embed` (encoders). Logits: :meth:`forward` (continues the
+    KV cache), :meth:`logits` (a fresh sequence), :meth:`reset`. Attributes: ``spec`` (the graph
+    spec), ``metadata`` (the GGUF's keys porter reads), ``n_ctx`` (positions the cache holds),
+    ``n_vocab``, ``path``.
+    """
 
     def __init__(self, spec: Spec, backend: Backend, weight_ctx: Context, weight_buffer: Buffer,
                  weights: dict, metadata: dict, path: Path | None = None, n_ctx: int | None = None,
@@ -92,8 +100,11 @@ class Model(GenerationMixin):
     def load(cls, path: str | Path, *, n_threads: int | None = None, n_ctx: int | None = None,
              cache_type: str = "f32", use_repack: bool = True, bf16_as_f16: bool = True,
              use_mmap: bool = True) -> "Model":
-        """Load a GGUF written by porter (see :func:`porter.runtime.loader.load_gguf` for
-        ``use_repack``, ``bf16_as_f16`` and ``use_mmap``)."""
+        """Load the GGUF at ``path`` (porter's, or a stock llama.cpp file whose spec a plugin
+        rebuilds) and return the Model. ``n_threads``: default the physical cores; ``n_ctx``:
+        the KV cache's length (default the model's, at most 2048); ``cache_type``: f32, f16 or
+        q8_0 keys and values; see :func:`porter.runtime.loader.load_gguf` for ``use_repack``,
+        ``bf16_as_f16`` and ``use_mmap``."""
         g = load_gguf(path, n_threads=n_threads, use_repack=use_repack, bf16_as_f16=bf16_as_f16,
                       use_mmap=use_mmap)
         model = cls(g.spec, g.backend, g.weight_ctx, g.weight_buffer, g.weights, g.metadata, Path(path),
@@ -120,6 +131,8 @@ class Model(GenerationMixin):
     # -- tokenizer -------------------------------------------------------------------------------
     @property
     def tokenizer(self):
+        """The ``tokenizers.Tokenizer`` of the GGUF (porter's JSON, or rebuilt from llama.cpp's
+        ``tokenizer.ggml.*`` keys); raises ModelError when the file has none porter can use."""
         if self._tokenizer is None:
             from tokenizers import Tokenizer
 
@@ -135,14 +148,21 @@ class Model(GenerationMixin):
         return self._tokenizer
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The token ids of ``text`` (special tokens written in it are parsed; with
+        ``add_special_tokens`` the BOS/EOS the tokenizer adds, as transformers adds them)."""
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int]) -> str:
+        """The text of token ids ``ids``, special tokens left out (transformers'
+        ``decode(ids, skip_special_tokens=True)``)."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *, tools=None,
                             **kwargs) -> str:
-        """The prompt text transformers' ``apply_chat_template(..., tokenize=False)`` renders."""
+        """The prompt text (a str) transformers' ``apply_chat_template(..., tokenize=False)``
+        renders from the GGUF's chat template: ``messages`` (``[{"role": ..., "content": ...}]``),
+        ``add_generation_prompt`` (open the assistant's turn), ``tools`` (function schemas, for
+        templates that take them) and any other ``kwargs`` the template reads."""
         from porter.chat import render_chat
 
         template = self.metadata.get("chat_template")
@@ -156,9 +176,14 @@ class Model(GenerationMixin):
 
     def chat(self, messages: list[dict], *, stream: bool = False, max_new_tokens: int = 256, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop=(), tools=None):
-        """The assistant's reply to ``messages``: a ChatReply (a str with ``finish_reason`` and
-        token counts), or with ``stream=True`` a ChatStream of text pieces. The KV cache is kept:
-        the next call evaluates only the tokens after what it shares with this one
+        """The assistant's reply to ``messages`` (``[{"role": ..., "content": ...}]``, rendered
+        with the chat template, ``tools`` passed to it): a ChatReply (a str with
+        ``finish_reason`` and token counts), or with ``stream=True`` a ChatStream of text pieces.
+
+        At most ``max_new_tokens``; stops at every end-of-generation id the GGUF lists and before
+        any of the ``stop`` strings. Sampling: ``temperature`` 0 is greedy, else ``top_k``
+        (0: off) and ``top_p`` (1: off) filter, ``seed`` makes it repeatable. The KV cache is
+        kept: the next call evaluates only the tokens after what it shares with this one
         (:mod:`porter.runtime.chat_session`)."""
         from porter.runtime.chat_session import chat
 
@@ -176,6 +201,8 @@ class Model(GenerationMixin):
 
     @property
     def kv(self) -> KVCache:
+        """The KV cache (allocated on first use, ``n_ctx`` positions); its ``n_past`` is the
+        number of positions it holds."""
         if self._kv is None:
             self._kv = self._new_kv_cache()
         return self._kv
@@ -279,11 +306,12 @@ class Model(GenerationMixin):
     def forward(self, tokens: Sequence[int], *, use_cache: bool = True, all_logits: bool = False,
                 capture: Sequence[str] = (), token_types: Sequence[int] | None = None,
                 ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Run tokens through the model; with the cache they continue the conversation.
+        """Run ``tokens`` through the model; with ``use_cache`` they continue the sequence the KV
+        cache holds (and are added to it), without it they run alone.
 
         Returns logits (n_out, n_vocab) for the last token (or every token with all_logits);
         with ``capture`` also the named intermediate nodes, as numpy arrays in ggml-reversed
-        (numpy) order.
+        (numpy) order. ``token_types``: segment ids, for encoders that read them.
         """
         tokens = np.asarray(tokens, dtype=np.int32)
         if tokens.ndim != 1 or tokens.size == 0:
@@ -359,7 +387,8 @@ class Model(GenerationMixin):
         return None
 
     def check_finite(self, logits: np.ndarray, tokens: Sequence[int]) -> None:
-        """Raise a ModelError naming the first non-finite node if ``logits`` are not all finite."""
+        """Raise a ModelError naming the first non-finite node (found by running ``tokens``
+        again) if ``logits`` are not all finite; return None when they are."""
         if np.isfinite(logits).all():
             return
         node = self.first_nonfinite_node(tokens)
@@ -369,12 +398,14 @@ class Model(GenerationMixin):
                          f"{self.path or 'FILE'}`, or convert the model again")
 
     def embed(self, inputs, *, pooling: str | None = None, normalize: bool | None = None) -> np.ndarray:
-        """Sentence embeddings from an encoder: one row per text (or list of token ids).
+        """Sentence embeddings from an encoder: ``inputs`` is a text, a list of texts, or lists of
+        token ids; returns a float32 array with one row per input.
 
         Each input runs alone through the model without the KV cache; its final hidden states
-        are pooled as the GGUF says (sentence-transformers' choice, stored at conversion:
-        ``porter.pooling`` mean | cls | last, mean when none is given) and L2-normalized when
-        ``porter.normalize`` is set. Texts are tokenized with their token type ids.
+        are pooled as ``pooling`` says (mean | cls | last), by default as the GGUF says
+        (sentence-transformers' choice, stored at conversion: ``porter.pooling``, mean when none
+        is given), and L2-normalized when ``normalize`` is true (default: ``porter.normalize``).
+        Texts are tokenized with their token type ids.
         """
         if self.spec.causal:
             raise ModelError("embed needs an encoder model (this graph is a causal LM)")
@@ -427,13 +458,16 @@ class Model(GenerationMixin):
             "(as sentence-transformers does); split longer texts", n, length, limit, limit)
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
-        """Logits of every position for a fresh sequence (no cache state is kept)."""
+        """Logits (n_tokens, n_vocab) of every position of ``tokens`` as a fresh sequence (no
+        cache state is kept)."""
         self.reset()
         out = self.forward(tokens, use_cache=True, all_logits=True)
         self.reset()
         return out
 
     def close(self) -> None:
+        """Free the weights, the KV cache and the compute graphs now (the model is unusable
+        afterwards); leaving a ``with`` block calls it."""
         for g in self._graphs.values():
             g.close()
         self._graphs.clear()

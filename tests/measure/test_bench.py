@@ -64,8 +64,40 @@ def test_csv_and_json_agree_on_rows(tiny_gguf):
         assert r["model_n_params"] > 0 and r["model_size"] == 4 * r["model_n_params"]  # every tensor f32
 
 
+def test_prompt_plus_generation_rows(tiny_gguf):
+    args = [str(tiny_gguf), "-p", "16", "-n", "8", "-pg", "16,8", "-pg", "0,0", "-pg", "32,4", "-r", "3", "-t", "1"]
+    tests = ["pp16", "tg8", "pp16+tg8", "pp32+tg4"]  # llama-bench's order; 0,0 skipped as llama-bench skips it
+    out = run(*args)
+    assert out.exit_code == 0, out.output
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.strip().splitlines()[2:]]
+    assert [r[5] for r in rows] == tests
+    assert all(float(r[6].split(" ± ")[0]) > 0 for r in rows)
+
+    out = run(*args, "-o", "csv")
+    assert out.exit_code == 0, out.output
+    assert [(r["test"], int(r["n_prompt"]), int(r["n_gen"])) for r in csv.DictReader(io.StringIO(out.stdout))] == \
+        [("pp16", 16, 0), ("tg8", 0, 8), ("pp16+tg8", 16, 8), ("pp32+tg4", 32, 4)]
+
+    out = run(*args, "-o", "json")
+    assert out.exit_code == 0, out.output
+    records = {r["test"]: r for r in json.loads(out.stdout)}
+    assert list(records) == tests
+    pg = records["pp16+tg8"]
+    assert len(pg["samples_ns"]) == 3
+    assert pg["avg_ts"] == pytest.approx(sum(24 * 1e9 / ns for ns in pg["samples_ns"]) / 3)  # 16 + 8 tokens a run
+    # a run is one prompt pass and 8 generation steps: well over twice the prompt pass alone, and
+    # within a generous bound of the two tests' sum (medians: a busy machine can stall one sample)
+    median = {t: sorted(r["samples_ns"])[1] for t, r in records.items()}
+    assert 2 * median["pp16"] < median["pp16+tg8"] < 5 * (median["pp16"] + median["tg8"])
+
+
 def test_bad_options_are_refused(tiny_gguf):
     for args, message in ((["-p", "8,x"], "whole numbers"), (["-p", "0", "-n", "0"], "nothing to measure"),
-                          (["-r", "0"], "at least 1 repetition"), (["-t", "0"], ">= 1")):
+                          (["-r", "0"], "at least 1 repetition"), (["-t", "0"], ">= 1"),
+                          (["-pg", "8"], "-pg 8: give two whole numbers"),
+                          (["-pg", "8,4,2"], "give two whole numbers"), (["-pg", "8,x"], "give two whole numbers"),
+                          (["-pg", "-1,4"], "-pg -1,4: both values must be >= 0"),
+                          (["-p", "0", "-n", "0", "-pg", "0,0"], "nothing to measure")):
         out = run(str(tiny_gguf), *args)
         assert out.exit_code == 1 and message in out.output, out.output
+        assert out.output.startswith("error: ") and len(out.output.strip().splitlines()) == 1, out.output
