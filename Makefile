@@ -61,6 +61,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/traced.py
 	$(BIN)/python bench/llama_cpp_compat.py
 	$(BIN)/python bench/stock_gguf.py
+	$(BIN)/python bench/spm_vocab.py
 
 readme: setup
 	$(BIN)/porter plugins --update-readme
