@@ -304,9 +304,11 @@ def run(model, prompt, prompt_file, n_predict, chat, temp, top_k, top_p, seed, t
     with porter.load(model, n_threads=threads, n_ctx=ctx_size, cache_type=cache_type) as m:
         _refuse_encoder(m)
         text = prompt
-        if chat and m.metadata.get("chat_template"):
+        templated = chat and bool(m.metadata.get("chat_template"))
+        if templated:
             text = m.apply_chat_template([{"role": "user", "content": prompt}])
-        ids = m.encode(text, add_special_tokens=not chat)
+        # a template writes its own BOS; a plain prompt gets the tokenizer's (as llama.cpp adds it)
+        ids = m.encode(text, add_special_tokens=not templated)
         if not ids:
             raise OptionError("the prompt is empty (nothing to continue); give some text with -p")
         if len(ids) >= m.n_ctx:

@@ -28,8 +28,8 @@ TOKENIZER_KEY = "porter.tokenizer_json"
 EOG_KEY = "porter.eog_token_ids"  # every end-of-generation id (llama.cpp has no key for the set)
 
 
-def _field_value(reader, key: str):
-    return reader.get(key)
+def _field_value(reader, key: str, default=None):
+    return reader.get(key, default)
 
 
 @dataclass
@@ -132,7 +132,9 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
            for t, key in (("unk", "unknown"), ("sep", "seperator"), ("pad", "padding"), ("cls", "cls"),
                           ("mask", "mask"), ("eot", "eot"), ("eom", "eom"))},
         "eog_token_ids": _field_value(reader, EOG_KEY),
-        "add_bos_token": _field_value(reader, "tokenizer.ggml.add_bos_token"),
+        # absent from a stock SentencePiece file, it means yes (llama.cpp's SPM default)
+        "add_bos_token": _field_value(reader, "tokenizer.ggml.add_bos_token",
+                                      True if reader.get("tokenizer.ggml.model") == "llama" else None),
         "file_type": _field_value(reader, "general.file_type"),
         "pooling": _field_value(reader, "porter.pooling"),  # encoders: mean | cls | last | none
         "normalize": _field_value(reader, "porter.normalize"),

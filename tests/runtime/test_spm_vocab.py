@@ -106,3 +106,32 @@ def test_a_vocabulary_without_scores_is_refused(tmp_path):
     writer.close()
     with GGUFFile(tmp_path / "v.gguf") as f, pytest.raises(VocabUnsupported, match="tokenizer.ggml.scores"):
         tokenizer_json(f)
+
+
+def test_run_without_a_chat_template_adds_the_files_bos(files, model):
+    """`porter run` on a model with no chat template tokenizes the plain prompt with its BOS, as
+    llama.cpp does (the default --chat only applies a template the model has)."""
+    import re
+    import subprocess
+    import sys
+
+    prompt = "The class statement"
+    done = subprocess.run([sys.executable, "-m", "porter", "run", str(files[0]), "-p", prompt, "-n", "1", "-t", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert model.encode(prompt)[0] == 1  # the file says add_bos_token
+    assert f"prompt: {len(model.encode(prompt))} tokens" in re.sub(r"\x1b\[[0-9;]*m", "", done.stderr)
+
+
+def test_a_file_without_add_bos_token_adds_bos_everywhere(files):
+    """llama.cpp's SPM default when the key is absent: the tokenizer and what perplexity/bench
+    prepend (the model's add_bos_token) agree."""
+    import porter
+    from porter.measure.perplexity import bos_for
+    from porter.testing.spm import write_stock_gguf
+
+    stock, sp_model, directory = files
+    bare = write_stock_gguf(directory / "porter.gguf", sp_model, directory / "no-flags.gguf")
+    with porter.load(bare, n_ctx=64, n_threads=1) as m:
+        assert m.metadata["add_bos_token"] is True
+        assert m.encode("the class")[0] == 1 and bos_for(m) == 1
