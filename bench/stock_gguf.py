@@ -3,8 +3,11 @@
 transformers on its dequantized weights (``porter.examples.materialize_smollm2``).
 
 Per prompt and over all: logits NMSE, top-1 agreement over every prompt position, and the first
-greedy token. llama.cpp runs in a child process (bench/llamacpp.py); it is skipped, saying so,
-when llama-cpp-python is not installed (`make bench` installs it). Usage:
+greedy token. Then load time, each in a fresh child process, imports not counted, best of three
+alternated rounds: porter's first load (the spec rebuilt, which imports transformers and torch),
+porter's later loads (the rebuilt spec read from porter.runtime.spec_cache) and llama.cpp's.
+llama.cpp runs in a child process (bench/llamacpp.py); it is skipped, saying so, when
+llama-cpp-python is not installed (`make bench` installs it). Usage:
 
     python bench/stock_gguf.py [--threads 2]
 """
@@ -12,6 +15,9 @@ when llama-cpp-python is not installed (`make bench` installs it). Usage:
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,6 +33,43 @@ PROMPTS = [
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
     "<|im_start|>user\nWhat is the boiling point of water?<|im_end|>\n<|im_start|>assistant\n",
 ]
+
+_PORTER_LOAD = """
+import sys, time
+import porter, porter.runtime.model
+t = time.perf_counter()
+porter.load(sys.argv[1], n_ctx=512, n_threads=int(sys.argv[2]))
+print(time.perf_counter() - t)
+"""
+_LLAMA_LOAD = """
+import sys, time
+from llama_cpp import Llama
+t = time.perf_counter()
+Llama(model_path=sys.argv[1], n_ctx=512, n_threads=int(sys.argv[2]), verbose=False)
+print(time.perf_counter() - t)
+"""
+
+
+def load_seconds(code: str, gguf: Path, threads: int, cache: Path) -> float:
+    done = subprocess.run([sys.executable, "-c", code, str(gguf), str(threads)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PORTER_CACHE_DIR": str(cache)})
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def load_times(gguf: Path, threads: int, rounds: int = 3) -> dict[str, float]:
+    """Best of ``rounds`` alternated rounds, seconds from load call to a model ready to run."""
+    got: dict[str, list[float]] = {"porter, first load (spec rebuilt)": [], "porter, spec cached": [],
+                                   "llama.cpp": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            cold = Path(tmp) / f"cold{r}"  # an empty cache: the rebuild runs
+            got["porter, first load (spec rebuilt)"].append(load_seconds(_PORTER_LOAD, gguf, threads, cold))
+            got["porter, spec cached"].append(load_seconds(_PORTER_LOAD, gguf, threads, cold))
+            if llamacpp.available():
+                got["llama.cpp"].append(load_seconds(_LLAMA_LOAD, gguf, threads, cold))
+    return {k: min(v) for k, v in got.items() if v}
 
 
 def main() -> None:
@@ -79,6 +122,15 @@ def main() -> None:
                       f"top-1 {top1_agreement(other_all, got_all):.1%}")
     else:
         console.print("llama.cpp not measured: llama-cpp-python is not installed (`make bench` installs it)")
+
+    loads = load_times(gguf, args.threads)
+    table = Table(title=f"loading {gguf.name} ({gguf.stat().st_size / 2**20:.0f} MiB), best of 3 alternated rounds")
+    for col in ("runtime", "seconds", "vs llama.cpp (target <= 2x its time)"):
+        table.add_column(col, justify="right")
+    base = loads.get("llama.cpp")
+    for name, sec in loads.items():
+        table.add_row(name, f"{sec:.3f}", f"{sec / base:.2f}x" if base else "-")
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def gguf_summary(path: str | Path) -> dict[str, Any]:
 
             try:
                 rebuilt = rebuild_spec(reader, path)
-                spec, source = rebuilt.spec, f"rebuilt by {rebuilt.plugin.model_type} from llama.cpp's keys"
+                spec, source = rebuilt.spec, f"rebuilt by {rebuilt.model_type} from llama.cpp's keys"
             except ModelError as exc:
                 problem = str(exc)
         types, sizes = Counter(), Counter()

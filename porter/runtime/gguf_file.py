@@ -203,6 +203,10 @@ class GGUFFile:
         t = self.tensors[name]
         return memoryview(self._map)[t.offset:t.offset + t.nbytes]
 
+    def header(self) -> memoryview:
+        """The bytes before the tensor data: metadata and tensor infos (valid until :meth:`close`)."""
+        return memoryview(self._map)[:self.data_offset]
+
     def pointer(self):
         """A cffi ``char *`` to the start of the map, for ggml buffers that live in it (the map
         stays open while the pointer is held: release it with :meth:`close`)."""

@@ -32,6 +32,24 @@ def _field_value(reader, key: str, default=None):
     return reader.get(key, default)
 
 
+def _stock_tokenizer(reader: GGUFFile) -> dict:
+    """``tokenizer_json`` rebuilt from llama.cpp's vocabulary keys (cached: porter.runtime.spec_cache),
+    or ``tokenizer_problem`` saying why it cannot be."""
+    from porter.runtime import spec_cache
+    from porter.runtime.ggml_vocab import VocabUnsupported, tokenizer_json
+
+    key = spec_cache.key_of(reader.header())
+    hit = spec_cache.load(key, "tokenizer", {"tokenizer_json": str})
+    if hit is not None:
+        return {"tokenizer_json": hit["tokenizer_json"]}
+    try:
+        found = {"tokenizer_json": tokenizer_json(reader)}
+    except VocabUnsupported as exc:
+        return {"tokenizer_problem": str(exc)}
+    spec_cache.store(key, "tokenizer", found)
+    return found
+
+
 @dataclass
 class LoadedGGUF:
     """What :func:`load_gguf` read: everything a :class:`~porter.runtime.model.Model` is built from."""
@@ -124,7 +142,7 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
         "context_length": _field_value(reader, f"{arch}.context_length"),
         "tokenizer_json": _field_value(reader, TOKENIZER_KEY),
         # where the graph spec came from: the file, or the plugin that rebuilt it from llama.cpp's keys
-        "spec_source": "file" if rebuilt is None else f"rebuilt by {rebuilt.plugin.model_type}",
+        "spec_source": "file" if rebuilt is None else f"rebuilt by {rebuilt.model_type}",
         "chat_template": _field_value(reader, "tokenizer.chat_template"),
         "bos_token_id": _field_value(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field_value(reader, "tokenizer.ggml.eos_token_id"),
@@ -139,13 +157,8 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
         "pooling": _field_value(reader, "porter.pooling"),  # encoders: mean | cls | last | none
         "normalize": _field_value(reader, "porter.normalize"),
     }
-    if metadata["tokenizer_json"] is None and reader.get("tokenizer.ggml.tokens") is not None:
-        from porter.runtime.ggml_vocab import VocabUnsupported, tokenizer_json
-
-        try:
-            metadata["tokenizer_json"] = tokenizer_json(reader)
-        except VocabUnsupported as exc:
-            metadata["tokenizer_problem"] = str(exc)
+    if metadata["tokenizer_json"] is None and "tokenizer.ggml.tokens" in reader.keys():
+        metadata.update(_stock_tokenizer(reader))
     expected = {w: None for w in spec.weight_names()}
     backend = Backend(n_threads)
     by_name = reader.tensors

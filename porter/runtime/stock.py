@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from porter.errors import ModelError
+from porter.errors import ModelError, SpecError
+from porter.runtime import spec_cache
 from porter.runtime.gguf_file import GGUFFile
+from porter.spec import loads
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
 _RETRY = "convert the checkpoint with `porter convert` instead"
@@ -34,7 +36,7 @@ class _Mismatch(Exception):
 @dataclass
 class Rebuilt:
     spec: Any  # porter.spec.Spec
-    plugin: type  # the Architecture subclass that rendered it
+    model_type: str  # the plugin (Architecture subclass) that rendered it
     config: dict  # the config it was rendered from
 
 
@@ -212,7 +214,7 @@ def _try(cls, reader: GGUFFile, kv: dict, path: Path) -> Rebuilt:
     if extra or missing:
         what = [f"unused tensor(s) {', '.join(extra[:4])}" if extra else "", f"no tensor(s) {', '.join(missing[:4])}" if missing else ""]
         raise _Mismatch("the rebuilt model would have " + " and ".join(w for w in what if w))
-    return Rebuilt(spec, cls, config_dict)
+    return Rebuilt(spec, cls.model_type, config_dict)
 
 
 def rebuild_spec(reader: GGUFFile, path: Path) -> Rebuilt:
@@ -226,6 +228,13 @@ def rebuild_spec(reader: GGUFFile, path: Path) -> Rebuilt:
         raise ModelError(f"{path}: this GGUF holds no tensors (a vocabulary-only file, as `porter convert "
                          "--vocab-only` writes): it has a tokenizer but no weights to run; convert the checkpoint "
                          "without --vocab-only")
+    key = spec_cache.key_of(reader.header())
+    hit = spec_cache.load(key, "spec", {"spec": str, "model_type": str, "config": dict})
+    if hit is not None:
+        try:
+            return Rebuilt(loads(hit["spec"]), hit["model_type"], hit["config"])
+        except SpecError:  # an entry that no longer parses is rebuilt (and replaced)
+            pass
     found = candidates(arch)
     if not found:
         from porter.plugins import architectures
@@ -237,9 +246,13 @@ def rebuild_spec(reader: GGUFFile, path: Path) -> Rebuilt:
     reasons = []
     for cls in found:
         try:
-            return _try(cls, reader, kv, path)
+            rebuilt = _try(cls, reader, kv, path)
         except _Mismatch as exc:
             reasons.append(f"{cls.model_type}: {exc}")
+            continue
+        spec_cache.store(key, "spec", {"spec": rebuilt.spec.to_json(), "model_type": rebuilt.model_type,
+                                       "config": rebuilt.config})
+        return rebuilt
     raise ModelError(f"{path}: this GGUF carries no porter graph spec, and its {arch} keys and tensors cannot be "
                      f"rebuilt into one ({'; '.join(reasons)}); {_RETRY}")
 

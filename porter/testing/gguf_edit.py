@@ -32,4 +32,31 @@ def strip_keys(src: str | Path, dst: str | Path, keys) -> list[str]:
     return [f.name for f in drop]
 
 
-__all__ = ["strip_keys"]
+_LOAD_CHILD = """
+import json, sys
+import numpy as np
+import porter
+with porter.load(sys.argv[1], n_ctx=64) as m:
+    logits = m.logits([1, 2, 3, 4, 5])
+    ids = m.encode("The class statement") if m.metadata.get("tokenizer_json") else None
+print(json.dumps({"transformers": "transformers" in sys.modules, "torch": "torch" in sys.modules, "ids": ids,
+                  "source": m.metadata["spec_source"], "logits": logits.tolist()}))
+"""
+
+
+def load_in_child(path, cache, **env) -> dict:
+    """Load ``path`` in a fresh Python with the spec cache in ``cache``: which heavy modules it
+    imported, where its spec came from, logits of five tokens and (with a vocabulary) some ids."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _LOAD_CHILD, str(path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PORTER_CACHE_DIR": str(cache), **env})
+    if done.returncode != 0:
+        raise AssertionError(done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+__all__ = ["load_in_child", "strip_keys"]

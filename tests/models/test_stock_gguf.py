@@ -10,7 +10,7 @@ from porter.errors import ModelError
 from porter.pipeline import convert
 from porter.plugins import architectures
 from porter.runtime.model import Model
-from porter.testing.gguf_edit import strip_keys
+from porter.testing.gguf_edit import load_in_child, strip_keys
 from porter.testing.models import tiny_checkpoint
 
 CAUSAL = sorted(t for t, c in architectures().items() if c.causal)
@@ -177,3 +177,28 @@ def test_inspect_stock_smollm2():
                  "tokenizer: gpt2, 49152 tokens, pre-tokenizer smollm", "llama.attention.head_count_kv = 3",
                  "n_layer = 30", "272 tensors"):
         assert text in result.output, text
+
+
+def test_a_rebuilt_spec_is_cached_and_later_loads_skip_transformers(tmp_path):
+    """The first load of a stock file rebuilds its spec (transformers gives the config defaults)
+    and tokenizer; the next loads read both from the cache: no transformers, no torch, the same
+    logits and token ids. A damaged
+    entry is rebuilt and replaced; PORTER_SPEC_CACHE=0 writes nothing."""
+    import json
+
+    _, stripped = _stripped_pair("llama", {}, tmp_path)
+    cache = tmp_path / "cache"
+    first = load_in_child(stripped, cache)
+    assert first["transformers"] and first["source"] == "rebuilt by llama"
+    (entry,) = (cache / "specs").iterdir()  # a tiny checkpoint has no vocabulary: only the spec
+    assert entry.name.endswith("-spec.json")
+    second = load_in_child(stripped, cache)
+    assert not second["transformers"] and not second["torch"] and second["source"] == "rebuilt by llama"
+    assert second["logits"] == first["logits"] and second["ids"] == first["ids"]
+    entry.write_text('{"spec": "{not json", "model_type": "llama", "config": {}}')
+    third = load_in_child(stripped, cache)
+    assert third["transformers"] and third["logits"] == first["logits"]
+    assert json.loads(json.loads(entry.read_text())["spec"])["format"] == "porter-graph-spec"  # replaced
+    off = tmp_path / "off"
+    assert load_in_child(stripped, off, PORTER_SPEC_CACHE="0")["logits"] == first["logits"]
+    assert not off.exists()

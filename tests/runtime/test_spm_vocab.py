@@ -135,3 +135,17 @@ def test_a_file_without_add_bos_token_adds_bos_everywhere(files):
     with porter.load(bare, n_ctx=64, n_threads=1) as m:
         assert m.metadata["add_bos_token"] is True
         assert m.encode("the class")[0] == 1 and bos_for(m) == 1
+
+
+def test_the_rebuilt_tokenizer_is_cached(files, tmp_path):
+    """A stock file's vocabulary is rebuilt into a tokenizer once; later loads read it from the
+    spec cache and tokenize identically."""
+    from porter.testing.gguf_edit import load_in_child
+
+    first = load_in_child(files[0], tmp_path)
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "specs").iterdir()) == ["spec.json", "tokenizer.json"]
+    (entry,) = (tmp_path / "specs").glob("*-tokenizer.json")
+    stamp = entry.stat().st_mtime_ns
+    second = load_in_child(files[0], tmp_path)
+    assert entry.stat().st_mtime_ns == stamp  # read, not rebuilt
+    assert first["ids"] == second["ids"] and first["ids"][0] == 1
