@@ -125,7 +125,8 @@ class Shard:
     tensor_bytes: int
 
     def __str__(self) -> str:
-        return f"{self.path.name}: {self.n_tensors} tensors, {self.tensor_bytes / 2**20:.1f} MiB"
+        size = f"{self.tensor_bytes / 2**20:.1f} MiB" if self.tensor_bytes >= 2**20 else f"{self.tensor_bytes / 2**10:.1f} KiB"
+        return f"{self.path.name}: {self.n_tensors} tensor{'s' if self.n_tensors != 1 else ''}, {size}"
 
 
 @dataclass
@@ -772,7 +773,7 @@ def _other_shards(out: Path, paths: list[Path]) -> list[str]:
                     if pattern.fullmatch(f.name) and f not in paths)
     if not others:
         return []
-    return [f"{out.parent} also holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} from another "
+    return [f"{out.parent.resolve()} also holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} from another "
             "split of this name; they are not part of this one (remove them)"]
 
 

@@ -228,7 +228,8 @@ def test_dry_run_shows_the_shard_plan(ckpt, split, tmp_path):
     n = len(split)
     for i, shard in enumerate(split, 1):
         reader = GGUFReader(shard)
-        assert f"shard {i}/{n} {shard.name}: {len(reader.tensors)} tensors" in r.stdout, r.stdout
+        k = len(reader.tensors)
+        assert f"shard {i}/{n} {shard.name}: {k} tensor{'s' if k != 1 else ''}, " in r.stdout, r.stdout
     assert f"in {n} shards; nothing written" in r.stdout
     assert list(tmp_path.iterdir()) == []
 
