@@ -275,3 +275,41 @@ def test_quantize_reads_and_writes_shards(split, unsplit, tmp_path):
     assert np.array_equal(logits(shards[0]), logits(tmp_path / "ref.gguf"))
     r = porter_cli("quantize", split[0], tmp_path / "q.gguf", "q8_0", "--split-max-size", "20K", cwd=tmp_path)
     assert r.returncode == 1 and "already exists; pass --force" in r.stderr, r.stderr
+
+
+SLOW_SPLIT_CONVERT = """
+import sys, time
+import porter.convert.writer as w
+real = w._write_tensor
+def slow(*a, **k):
+    print("WRITING", a[1], flush=True)  # the shard it writes into
+    time.sleep(0.1)
+    return real(*a, **k)
+w._write_tensor = slow
+from porter.cli import main
+main(["convert", sys.argv[1], "-o", sys.argv[2], "--split-max-tensors", "3", "--quiet", *sys.argv[3:]])
+"""
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "over existing shards with --force"])
+def test_a_signal_while_writing_a_later_shard_leaves_nothing(ckpt, tmp_path, existing):
+    import signal
+
+    out = tmp_path / "toy.gguf"
+    before = {}
+    if existing:
+        before = {s.path: s.path.read_bytes()
+                  for s in convert(ckpt, out, "f32", progress=False, split_max_tensors=3).shards}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SPLIT_CONVERT, str(ckpt), str(out),
+                             *(["--force"] if existing else [])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while True:  # until it writes into the third shard: two are complete (as temporary files)
+        line = proc.stdout.readline()
+        assert line, proc.communicate(timeout=60)[1]
+        if line.split() == ["WRITING", "2"]:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped by signal" in err and "Traceback" not in err, err
+    assert sorted(tmp_path.iterdir()) == sorted(before)  # no temporary file, no new shard
+    assert {p: p.read_bytes() for p in before} == before  # the old shards untouched
