@@ -199,7 +199,7 @@ def quantize(source, out, file_type, dry_run, pure, split_max_size, split_max_te
     split = {"split_max_size": _split_bytes(split_max_size), "split_max_tensors": split_max_tensors or 0}
     if dry_run:
         src = Path(source)
-        steps = q.plan(q._open(src), src, ftype, pure)
+        steps = q.plan(q.open_gguf(src), src, ftype, pure)
         click.echo(q.describe(steps))
         paths = q.output_paths(out, steps, **split)
         if len(paths) > 1:

@@ -153,7 +153,9 @@ def _read(path: Path) -> GGUFReader:
         raise ModelError(f"{path} is not a readable GGUF file ({exc}); give a GGUF written by porter") from None
 
 
-def _open(path: Path) -> Source:
+def open_gguf(path: Path) -> Source:
+    """The GGUF at ``path`` through gguf-py's reader, every shard of it if it is split."""
+    path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such file; give a GGUF written by porter")
     first = _read(path)
@@ -300,7 +302,7 @@ def quantize(src: Path, out: Path, ftype: str, *, force: bool = False, pure: boo
         raise PorterError(f"{out} is a directory; give a file name for the GGUF")
     if not split:
         _check_output(out, src, force)
-    reader = _open(src)
+    reader = open_gguf(src)
     steps = plan(reader, src, ftype, pure)
     arch = _field(reader, "general.architecture")
     alignment = _field(reader, "general.alignment")
@@ -360,4 +362,5 @@ def _check_output(out: Path, src: Path, force: bool) -> None:
         raise PorterError(f"{out} is not a regular file (a device, pipe or link); give another output path")
 
 
-__all__ = ["ALIASES", "FILE_TYPES", "Source", "Step", "describe", "file_type", "output_paths", "plan", "quantize"]
+__all__ = ["ALIASES", "FILE_TYPES", "Source", "Step", "describe", "file_type", "open_gguf", "output_paths", "plan",
+           "quantize"]

@@ -313,3 +313,24 @@ def test_a_signal_while_writing_a_later_shard_leaves_nothing(ckpt, tmp_path, exi
     assert proc.returncode == 128 + signal.SIGTERM and "stopped by signal" in err and "Traceback" not in err, err
     assert sorted(tmp_path.iterdir()) == sorted(before)  # no temporary file, no new shard
     assert {p: p.read_bytes() for p in before} == before  # the old shards untouched
+
+
+def test_parity_against_a_split_files_weights_reads_every_shard(ckpt, tmp_path):
+    """`porter parity shard1.gguf --checkpoint CKPT --against gguf` gives transformers the values
+    of every shard (tensors of a missing shard would silently keep the checkpoint's values)."""
+    from safetensors.numpy import load_file as load
+
+    from porter.parity.same_weights import checkpoint_with_gguf_weights
+    from porter.pipeline import architecture
+
+    plan = architecture(ckpt).conversion_plan()
+    convert(ckpt, tmp_path / "whole.gguf", "q8_0", progress=False)
+    shards = [s.path for s in convert(ckpt, tmp_path / "parts.gguf", "q8_0", progress=False,
+                                      split_max_size=LIMIT // 4).shards]
+    assert len(shards) >= 3
+    changed_whole = checkpoint_with_gguf_weights(ckpt, plan, tmp_path / "whole.gguf", tmp_path / "w")
+    changed_split = checkpoint_with_gguf_weights(ckpt, plan, shards[0], tmp_path / "s")
+    assert changed_split == changed_whole and len(changed_whole) > 3
+    whole = load(next((tmp_path / "w").glob("*.safetensors")))
+    parts = load(next((tmp_path / "s").glob("*.safetensors")))
+    assert whole.keys() == parts.keys() and all(np.array_equal(whole[k], parts[k]) for k in whole)
