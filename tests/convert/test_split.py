@@ -334,3 +334,16 @@ def test_parity_against_a_split_files_weights_reads_every_shard(ckpt, tmp_path):
     whole = load(next((tmp_path / "w").glob("*.safetensors")))
     parts = load(next((tmp_path / "s").glob("*.safetensors")))
     assert whole.keys() == parts.keys() and all(np.array_equal(whole[k], parts[k]) for k in whole)
+
+
+def test_a_split_file_without_porters_spec_is_rebuilt_from_every_shard(split, unsplit, tmp_path):
+    """A llama.cpp-style split file (no porter.graph_spec): the plugin rebuilds the spec from the
+    first shard's keys and the tensors of all shards."""
+    from porter.testing.gguf_edit import strip_keys
+
+    shards = copy_shards(split[1:], tmp_path)
+    assert strip_keys(split[0], tmp_path / split[0].name, ["porter.graph_spec"]) == ["porter.graph_spec"]
+    with porter.load(tmp_path / split[0].name) as m:
+        assert m.metadata["spec_source"].startswith("rebuilt")
+        ours = np.asarray(m.logits(IDS))
+    assert len(shards) >= 2 and np.array_equal(ours, logits(unsplit))
