@@ -60,6 +60,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/q8_0_agreement.py
 	$(BIN)/python bench/traced.py
 	$(BIN)/python bench/llama_cpp_compat.py
+	$(BIN)/python bench/split_gguf.py
 	$(BIN)/python bench/stock_gguf.py
 	$(BIN)/python bench/spm_vocab.py
 

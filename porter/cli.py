@@ -97,6 +97,27 @@ def _attach_optional_commands() -> None:
 _attach_optional_commands()
 
 
+def _split_options(f):
+    """--split-max-size and --split-max-tensors, as convert_hf_to_gguf.py and gguf-split take them."""
+    f = click.option("--split-max-tensors", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="Write shards of at most N tensors each.")(f)
+    return click.option("--split-max-size", metavar="SIZE", default=None,
+                        help="Write shards (NAME-00001-of-0000N.gguf, which llama.cpp and porter load from the first) "
+                             "of at most SIZE of tensor data each: bytes, or with K, M, G (powers of 1000, as "
+                             "llama.cpp), e.g. 500M, 2G. A tensor is never cut.")(f)
+
+
+def _split_bytes(text: str | None) -> int:
+    from porter.convert.writer import split_size
+
+    if text is None:
+        return 0
+    try:
+        return split_size(text)
+    except PorterError as exc:
+        raise OptionError(str(exc)) from None
+
+
 @main.command()
 @click.argument("model")
 @click.option("-o", "--output", "out", type=click.Path(),
@@ -110,10 +131,12 @@ _attach_optional_commands()
 @click.option("--dry-run", is_flag=True, help="List every tensor with its shape, type and size, and the file "
               "name and size; write nothing.")
 @click.option("--vocab-only", is_flag=True, help="Write the metadata and tokenizer only, no tensors.")
+@_split_options
 @click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code to run.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def convert(model, out, outtype, revision, dry_run, vocab_only, force, trust_remote_code, quiet):
+def convert(model, out, outtype, revision, dry_run, vocab_only, split_max_size, split_max_tensors, force,
+            trust_remote_code, quiet):
     """Convert a transformers checkpoint into a GGUF file.
 
     MODEL is a checkpoint folder or a Hugging Face model id (organisation/name: the local hub
@@ -141,7 +164,8 @@ def convert(model, out, outtype, revision, dry_run, vocab_only, force, trust_rem
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # its "PyTorch was not found"
     report = do_convert(model_dir, out, outtype, force=force, progress=not (quiet or dry_run),
                         trust_remote_code=trust_remote_code, module_tree=not light, dry_run=dry_run,
-                        vocab_only=vocab_only, model_id=model_id, out_dir=out_dir)
+                        vocab_only=vocab_only, model_id=model_id, out_dir=out_dir,
+                        split_max_size=_split_bytes(split_max_size), split_max_tensors=split_max_tensors or 0)
     click.echo(report.summary() if hasattr(report, "summary") else str(report))
 
 
@@ -163,23 +187,31 @@ def _auto_outtype(model_dir: Path) -> str:
 @click.argument("file_type", metavar="TYPE")
 @click.option("--dry-run", is_flag=True, help="Print what each tensor would become, and the total; write nothing.")
 @click.option("--pure", is_flag=True, help="TYPE everywhere: no mix, no higher-precision output projection.")
+@_split_options
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists (never the input).")
-def quantize(source, out, file_type, dry_run, pure, force):
+def quantize(source, out, file_type, dry_run, pure, split_max_size, split_max_tensors, force):
     """Requantize SOURCE (an f32/f16/bf16 GGUF written by porter) into OUT as TYPE, keeping every
     metadata key: F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q4_K_S (q4_k) Q4_K_M Q5_K_S (q5_k) Q5_K_M
     Q6_K, with llama-quantize's mixes (which tensors get more bits)."""
     from porter.convert import quantize as q
 
     ftype = q.file_type(file_type)
+    split = {"split_max_size": _split_bytes(split_max_size), "split_max_tensors": split_max_tensors or 0}
     if dry_run:
         src = Path(source)
-        click.echo(q.describe(q.plan(q._open(src), src, ftype, pure)))
+        steps = q.plan(q.open_gguf(src), src, ftype, pure)
+        click.echo(q.describe(steps))
+        paths = q.output_paths(out, steps, **split)
+        if len(paths) > 1:
+            click.echo(f"would write {len(paths)} shards: {paths[0]} ... {paths[-1].name}")
         return
-    steps = q.quantize(source, out, ftype, force=force, pure=pure)
+    steps = q.quantize(source, out, ftype, force=force, pure=pure, **split)
+    paths = q.output_paths(out, steps, **split)
     src, dst = sum(s.src_bytes for s in steps), sum(s.dst_bytes for s in steps)
     changed = sum(s.src != s.dst for s in steps)
-    click.echo(f"wrote {out} ({ftype}: {changed} of {len(steps)} tensors requantized, "
-               f"{src / 2**20:.1f} MiB -> {dst / 2**20:.1f} MiB)")
+    shards = f" in {len(paths)} shards, {paths[0].name} ... {paths[-1].name}" if len(paths) > 1 else ""
+    click.echo(f"wrote {paths[0]} ({ftype}: {changed} of "
+               f"{len(steps)} tensors requantized, {src / 2**20:.1f} MiB -> {dst / 2**20:.1f} MiB{shards})")
 
 
 def _check_prompt(prompt: str, chat: bool) -> None:

@@ -82,7 +82,8 @@ def gguf_summary(path: str | Path) -> dict[str, Any]:
         prefix = f"{arch}."
         return {
             "file": str(path),
-            "file_bytes": reader.size,
+            "file_bytes": reader.size,  # all shards of a split file
+            "shards": [str(shard.path) for shard in reader.shards],
             "gguf_version": reader.version,
             "architecture": arch,
             "name": reader.get("general.name"),
@@ -124,7 +125,8 @@ def _value(v) -> str:
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    lines = [f"{s['file']}: GGUF v{s['gguf_version']}, {_mib(s['file_bytes'])}, {s['n_tensors']} tensors, "
+    shards = f" in {len(s['shards'])} shards" if len(s.get("shards", [])) > 1 else ""
+    lines = [f"{s['file']}: GGUF v{s['gguf_version']}, {_mib(s['file_bytes'])}{shards}, {s['n_tensors']} tensors, "
              f"{s['n_parameters'] / 1e6:.1f}M parameters, {s['n_metadata_keys']} metadata keys",
              f"architecture: {s['architecture']} (llama.cpp)" + (f", porter model_type {s['model_type']}" if s["model_type"] else ""),
              f"name: {s['name']}", f"file type: {s['file_type']}"]

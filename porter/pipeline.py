@@ -21,13 +21,14 @@ def architecture(source, *, trust_remote_code: bool = False, arch_cls=None, modu
 def convert(model_dir: str | Path, out: str | Path | None, outtype: str = "f32", *, force: bool = False,
             progress: bool = True, trust_remote_code: bool = False, arch_cls=None, module_tree: bool = True,
             dry_run: bool = False, vocab_only: bool = False, model_id: str | None = None,
-            out_dir: Path | None = None):
+            out_dir: Path | None = None, split_max_size: int = 0, split_max_tensors: int = 0):
     """Write a GGUF for a transformers checkpoint folder; returns the writer's report.
 
     ``out=None``: the conventional file name in ``out_dir`` (default: the current directory). ``module_tree=False``
     converts without building transformers' meta model (see :func:`porter.introspect.introspect`);
-    ``porter convert`` uses it to run without torch. ``dry_run``, ``vocab_only``: see
-    :func:`porter.convert.writer.write_gguf`; ``model_id``: the hub id the folder came from."""
+    ``porter convert`` uses it to run without torch. ``dry_run``, ``vocab_only``, ``split_max_size``,
+    ``split_max_tensors``: see :func:`porter.convert.writer.write_gguf`; ``model_id``: the hub id the folder
+    came from."""
     from porter.convert.tokenizer import tokenizer_kv
     from porter.convert.writer import write_gguf
 
@@ -39,7 +40,8 @@ def convert(model_dir: str | Path, out: str | Path | None, outtype: str = "f32",
     if (model_dir / "tokenizer.json").exists():
         plan.kv.update(tokenizer_kv(model_dir))
     return write_gguf(model_dir, plan, None if out is None else Path(out), outtype, force=force, progress=progress,
-                      dry_run=dry_run, vocab_only=vocab_only, model_id=model_id, out_dir=out_dir)
+                      dry_run=dry_run, vocab_only=vocab_only, model_id=model_id, out_dir=out_dir,
+                      split_max_size=split_max_size, split_max_tensors=split_max_tensors)
 
 
 def checkpoint_folder(source: str | Path, revision: str | None = None) -> tuple[Path, str | None]:

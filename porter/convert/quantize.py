@@ -23,6 +23,10 @@ for 70B models, and importance matrices. The roles are read from llama.cpp's ten
 traced-path GGUF (checkpoint names) gets the base type everywhere. A row that does not fit a
 type's block falls back as llama-quantize does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, else
 F16). ``pure``: the base type everywhere (llama-quantize's ``--pure``).
+
+Split files: the input may be the first shard of a split GGUF (the others are read beside it), and
+the output can be split (``split_max_size``, ``split_max_tensors``: as ``porter convert``, see
+``porter/convert/writer.py``); the input's own ``split.*`` keys are never copied.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType as VT, GGUFWriter, LlamaFileType
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType as VT, GGUFWriter, Keys, LlamaFileType
 from gguf import GGMLQuantizationType as QT
 
 from porter.convert.plan import GRAPH_SPEC_KEY
@@ -46,8 +50,10 @@ from porter.convert.writer import (
     _check_finite,
     _quantize,
     _remove_stale_temp_files,
-    atomic_output,
+    atomic_outputs,
     nbytes_of,
+    open_shards,
+    shard_paths,
 )
 from porter.errors import ModelError, PorterError
 
@@ -63,6 +69,7 @@ FILE_TYPES: dict[str, tuple[QT, LlamaFileType]] = {
 }
 ALIASES = {"Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}
 _FLOAT = {QT.F32, QT.F16, QT.BF16}
+_SPLIT_KEYS = {Keys.Split.LLM_KV_SPLIT_NO, Keys.Split.LLM_KV_SPLIT_COUNT, Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT}
 _KEEP_F32 = re.compile(r"(_norm\.weight|ffn_gate_inp\.weight|^position_embd\.weight|^token_types\.weight)$")
 
 
@@ -120,21 +127,49 @@ def _fit(qtype: QT, n: int) -> QT:
     return qtype
 
 
-def _field(reader: GGUFReader, key: str):
+class Source:
+    """The GGUF to quantize, one file or every shard of a split one: ``fields`` (the metadata, in
+    the first shard), ``tensors`` (all shards', in order) and :meth:`data`, as ``GGUFReader`` has."""
+
+    def __init__(self, readers: list[GGUFReader], paths: list[Path]):
+        self.readers, self.paths = readers, paths
+        self.fields = readers[0].fields
+        self.tensors = [t for r in readers for t in r.tensors]
+        self._reader_of = {t.name: r for r in readers for t in r.tensors}
+
+    def data(self, t) -> np.ndarray:
+        return self._reader_of[t.name].data[t.data_offset:t.data_offset + t.n_bytes]
+
+
+def _field(reader, key: str):
     f = reader.fields.get(key)
     return None if f is None else f.contents()
 
 
-def _open(path: Path) -> GGUFReader:
-    if not path.is_file():
-        raise ModelError(f"{path}: no such file; give a GGUF written by porter")
+def _read(path: Path) -> GGUFReader:
     try:
         return GGUFReader(path)
     except Exception as exc:  # gguf raises ValueError, struct errors or IndexError on damaged files
         raise ModelError(f"{path} is not a readable GGUF file ({exc}); give a GGUF written by porter") from None
 
 
-def plan(reader: GGUFReader, path: Path, ftype: str, pure: bool = False) -> list[Step]:
+def open_gguf(path: Path) -> Source:
+    """The GGUF at ``path`` through gguf-py's reader, every shard of it if it is split."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such file; give a GGUF written by porter")
+    first = _read(path)
+    count = _field(first, Keys.Split.LLM_KV_SPLIT_COUNT)
+    if not (isinstance(count, int) and count > 1):
+        return Source([first], [path])
+    from porter.runtime.gguf_file import GGUFFile
+
+    with GGUFFile(path) as f:  # finds and checks the other shards
+        paths = [shard.path for shard in f.shards]
+    return Source([first, *(_read(p) for p in paths[1:])], paths)
+
+
+def plan(reader: Source, path: Path, ftype: str, pure: bool = False) -> list[Step]:
     """What :func:`quantize` does to each tensor of ``reader`` (the GGUF at ``path``)."""
     from porter.errors import SpecError
     from porter.runtime.repack import weights_used_only_as
@@ -215,10 +250,10 @@ def describe(steps: list[Step]) -> str:
     return "\n".join(lines)
 
 
-def _copy_kv(reader: GGUFReader, writer: GGUFWriter, file_type_id: int) -> None:
+def _copy_kv(reader: Source, writer: GGUFWriter, file_type_id: int) -> None:
     for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue  # the header's own counts; the writer writes the architecture
+        if key.startswith("GGUF.") or key == "general.architecture" or key in _SPLIT_KEYS:
+            continue  # the header's own counts; the writer writes the architecture and its own split
         if key == "general.file_type":
             writer.add_key_value(key, file_type_id, VT.UINT32)
             continue
@@ -232,12 +267,12 @@ def _copy_kv(reader: GGUFReader, writer: GGUFWriter, file_type_id: int) -> None:
         writer.add_key_value("general.file_type", file_type_id, VT.UINT32)
 
 
-def _chunks(reader: GGUFReader, t, step: Step):
+def _chunks(reader: Source, t, step: Step):
     """The tensor's new bytes, a block of rows at a time."""
     from porter.runtime.quant import dequantize
     from porter.runtime.types import GGMLType
 
-    raw = reader.data[t.data_offset:t.data_offset + t.n_bytes]
+    raw = reader.data(t)
     if step.dst == step.src:
         yield np.asarray(raw)
         return
@@ -256,38 +291,42 @@ def _chunks(reader: GGUFReader, t, step: Step):
         yield np.ascontiguousarray(_quantize(block, step.dst)).view(np.uint8).reshape(-1)
 
 
-def quantize(src: Path, out: Path, ftype: str, *, force: bool = False, pure: bool = False) -> list[Step]:
-    """Write ``out``: ``src`` (an f32/f16/bf16 porter GGUF) with its matrices in ``ftype``."""
+def quantize(src: Path, out: Path, ftype: str, *, force: bool = False, pure: bool = False,
+             split_max_size: int = 0, split_max_tensors: int = 0) -> list[Step]:
+    """Write ``out``: ``src`` (an f32/f16/bf16 porter GGUF) with its matrices in ``ftype``;
+    ``split_max_size``/``split_max_tensors``: as shards named after ``out`` (see the module's docstring)."""
     src, out = Path(src), Path(out)
     ftype = file_type(ftype)
-    if out.exists() and (out.resolve() == src.resolve() or (src.exists() and os.path.samefile(src, out))):
-        raise PorterError(f"{out} is the input; porter never overwrites its input, even with --force: "
-                          "write the quantized GGUF elsewhere")
+    split = bool(split_max_size or split_max_tensors)
     if out.is_dir():
         raise PorterError(f"{out} is a directory; give a file name for the GGUF")
-    if out.exists() and not force:
-        raise PorterError(f"{out} already exists; pass --force to overwrite it")
-    if out.exists() and not (out.is_file() and not out.is_symlink()):
-        raise PorterError(f"{out} is not a regular file (a device, pipe or link); give another output path")
-    reader = _open(src)
+    if not split:
+        _check_output(out, src, force)
+    reader = open_gguf(src)
     steps = plan(reader, src, ftype, pure)
     arch = _field(reader, "general.architecture")
     alignment = _field(reader, "general.alignment")
-    writer = GGUFWriter(path=None, arch=str(arch))
+    writer = GGUFWriter(path=None, arch=str(arch), split_max_size=split_max_size, split_max_tensors=split_max_tensors)
     if isinstance(alignment, int):
         writer.data_alignment = alignment
     _copy_kv(reader, writer, int(FILE_TYPES[ftype][1]))
     for s in steps:
         writer.add_tensor_info(s.name, s.shape, np.dtype(np.float32), s.dst_bytes, raw_dtype=s.dst)
-    _remove_stale_temp_files(out)
+    paths = shard_paths(writer, out)
+    for path in paths:
+        for input_path in reader.paths:
+            _check_output(path, input_path, force)
+        _remove_stale_temp_files(path)
+    shard_of = {name: i for i, tensors in enumerate(writer.tensors) for name in tensors}
     total = sum(s.dst_bytes for s in steps)
-    with atomic_output(out, force, total) as tmp:
+    with atomic_outputs(paths, force, total) as tmps:
         try:
-            writer.write_header_to_file(path=tmp)
+            open_shards(writer, tmps)
+            writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            fout = writer.fout[0]
             for t, s in zip(reader.tensors, steps):
+                fout = writer.fout[shard_of[s.name]]
                 writer.write_padding(fout, fout.tell())
                 written = 0
                 for chunk in _chunks(reader, t, s):
@@ -297,11 +336,31 @@ def quantize(src: Path, out: Path, ftype: str, *, force: bool = False, pure: boo
                     raise PorterError(f"internal error: {s.name} as {s.dst.name} is {written} bytes, "
                                       f"expected {s.dst_bytes}")
                 writer.write_padding(fout, written)
-            fout.flush()
-            os.fsync(fout.fileno())
+            for fout in writer.fout:
+                fout.flush()
+                os.fsync(fout.fileno())
         finally:
             writer.close()
     return steps
 
 
-__all__ = ["ALIASES", "FILE_TYPES", "Step", "describe", "file_type", "plan", "quantize"]
+def output_paths(out: Path, steps: list[Step], *, split_max_size: int = 0, split_max_tensors: int = 0) -> list[Path]:
+    """The files :func:`quantize` writes for ``steps``: ``[out]`` or its shards."""
+    writer = GGUFWriter(path=None, arch="", split_max_size=split_max_size, split_max_tensors=split_max_tensors)
+    for s in steps:
+        writer.add_tensor_info(s.name, s.shape, np.dtype(np.float32), s.dst_bytes, raw_dtype=s.dst)
+    return shard_paths(writer, Path(out))
+
+
+def _check_output(out: Path, src: Path, force: bool) -> None:
+    if out.exists() and (out.resolve() == src.resolve() or (src.exists() and os.path.samefile(src, out))):
+        raise PorterError(f"{out} is the input; porter never overwrites its input, even with --force: "
+                          "write the quantized GGUF elsewhere")
+    if out.exists() and not force:
+        raise PorterError(f"{out} already exists; pass --force to overwrite it")
+    if out.exists() and not (out.is_file() and not out.is_symlink()):
+        raise PorterError(f"{out} is not a regular file (a device, pipe or link); give another output path")
+
+
+__all__ = ["ALIASES", "FILE_TYPES", "Source", "Step", "describe", "file_type", "open_gguf", "output_paths", "plan",
+           "quantize"]

@@ -31,6 +31,14 @@ quantizers for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and BF16, bit-identical to ggml, and
 Safety: the file is written under a temporary name in the output directory and renamed into place
 at the end; on any error or interrupt the temporary file is removed and an existing output is left
 untouched. An existing output is refused unless ``force``.
+
+Split files (``split_max_size``, ``split_max_tensors``): gguf-py's ``GGUFWriter`` decides the
+shards as ``convert_hf_to_gguf.py --split-max-size`` does (a new shard when the next tensor would
+take the current one's tensor bytes past the limit, or its tensor count to the maximum; a tensor is
+never cut; at least one tensor per shard) and writes the metadata into the first shard and
+``split.no``/``split.count``/``split.tensors.count`` into every one; the names are
+``NAME-00001-of-00003.gguf`` beside ``NAME.gguf``. Every shard is written under a temporary name and
+renamed only when all of them are complete.
 """
 
 from __future__ import annotations
@@ -111,6 +119,17 @@ class TypeChange:
 
 
 @dataclass
+class Shard:
+    path: Path
+    n_tensors: int
+    tensor_bytes: int
+
+    def __str__(self) -> str:
+        size = f"{self.tensor_bytes / 2**20:.1f} MiB" if self.tensor_bytes >= 2**20 else f"{self.tensor_bytes / 2**10:.1f} KiB"
+        return f"{self.path.name}: {self.n_tensors} tensor{'s' if self.n_tensors != 1 else ''}, {size}"
+
+
+@dataclass
 class WriteReport:
     out: Path
     outtype: str
@@ -130,6 +149,7 @@ class WriteReport:
     general: dict[str, object] = field(default_factory=dict)  # general.name, basename, size_label, ...
     dry_run: bool = False  # nothing was written: bytes_written is what the file would hold
     vocab_only: bool = False
+    shards: list[Shard] = field(default_factory=list)  # the files written (one unless split)
 
     def summary(self) -> str:
         what = f"{self.n_tensors} tensors, {self.outtype}" if not self.vocab_only else "vocabulary only, no tensors"
@@ -138,11 +158,14 @@ class WriteReport:
             lines += [f"{name:40s} {'x'.join(map(str, self.tensor_shapes[name])):>18s} {qtype:>5s} "
                       f"{self.tensor_bytes[name] / 2**20:9.2f}" for name, qtype in self.tensor_types.items()]
             lines.append(f"dry run: would write {self.out} ({self.bytes_written / 2**20:.1f} MiB of tensor data, {what}; "
-                         f"{self.general.get('general.name', '')} {self.general.get('general.size_label', '')}); "
-                         "nothing written")
+                         f"{self.general.get('general.name', '')} {self.general.get('general.size_label', '')})"
+                         f"{f' in {len(self.shards)} shards' if len(self.shards) > 1 else ''}; nothing written")
         else:
-            lines = [f"wrote {self.out} ({self.bytes_written / 2**20:.1f} MiB, {what}) in {self.seconds:.1f} s, "
+            split = f" in {len(self.shards)} shards" if len(self.shards) > 1 else ""
+            lines = [f"wrote {self.out} ({self.bytes_written / 2**20:.1f} MiB{split}, {what}) in {self.seconds:.1f} s, "
                      f"peak memory {self.peak_rss / 2**20:.0f} MiB"]
+        if len(self.shards) > 1:
+            lines += [f"  shard {i}/{len(self.shards)} {shard}" for i, shard in enumerate(self.shards, 1)]
         lines += _grouped("fallback", self.fallbacks)
         lines += _grouped("mixed", self.mixed)
         if self.unused_tensors:
@@ -494,6 +517,12 @@ class WriteOptions:
     vocab_only: bool = False
     model_id: str | None = None  # the hub id the checkpoint came from (names the model)
     out_dir: Path | None = None  # where the conventionally named file goes (default: the current directory)
+    split_max_size: int = 0  # bytes of tensor data per shard (0: no limit)
+    split_max_tensors: int = 0  # tensors per shard (0: no limit)
+
+    @property
+    def split(self) -> bool:
+        return bool(self.split_max_size or self.split_max_tensors)
 
 
 def write_gguf(
@@ -510,6 +539,8 @@ def write_gguf(
     vocab_only: bool = False,
     model_id: str | None = None,
     out_dir: Path | None = None,
+    split_max_size: int = 0,
+    split_max_tensors: int = 0,
 ) -> WriteReport:
     """Write the GGUF that ``plan`` describes for the checkpoint in ``model_dir`` to ``out``
     (``None``: the conventional name, e.g. ``SmolLM2-135M-Instruct-Q8_0.gguf``, in ``out_dir``,
@@ -520,7 +551,9 @@ def write_gguf(
     clash); ``None`` adds them when ``model_dir`` has a ``tokenizer.json`` and the plan does not
     already set ``tokenizer.ggml.model``. ``pure``: no llama.cpp-style output-tensor upgrade.
     ``dry_run``: plan everything and report it, write nothing. ``vocab_only``: the metadata and
-    tokenizer without any tensor (as llama.cpp's ``--vocab-only``).
+    tokenizer without any tensor (as llama.cpp's ``--vocab-only``). ``split_max_size`` (bytes of
+    tensor data) and ``split_max_tensors``: write shards ``OUT-00001-of-0000N.gguf`` that llama.cpp
+    loads (see the module's docstring); ``out`` names them and is not itself written.
     """
     t0 = time.perf_counter()
     rss0 = _maxrss()
@@ -529,8 +562,17 @@ def write_gguf(
     if key not in OUTTYPES:
         raise PorterError(f"unknown output type {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     default_type, file_type = OUTTYPES[key]
-    options = WriteOptions(force, progress, tokenizer, pure, dry_run, vocab_only, model_id, out_dir)
-    if out is not None:
+    options = WriteOptions(force, progress, tokenizer, pure, dry_run, vocab_only, model_id, out_dir,
+                           split_max_size, split_max_tensors)
+    if split_max_size < 0 or split_max_tensors < 0:
+        raise PorterError("the split limits must be positive (0: no limit)")
+    if options.split and vocab_only:
+        raise PorterError("--split-max-size/--split-max-tensors split tensors, and --vocab-only writes none: "
+                          "drop one of them")
+    if out is not None and options.split:
+        if Path(out).is_dir():
+            raise PorterError(f"{out} is a directory; give a file name for the GGUF (the shards are named after it)")
+    elif out is not None:
         _check_target(Path(out), force)
 
     names = plan.tensor_names()
@@ -612,7 +654,8 @@ def _write(
         report.tensor_bytes[t.gguf_name] = items[-1].nbytes
     _check_against_spec(plan, {i.plan.gguf_name: i for i in items}, model_dir)
 
-    writer = GGUFWriter(path=None, arch=plan.gguf_arch)
+    writer = GGUFWriter(path=None, arch=plan.gguf_arch, split_max_size=options.split_max_size,
+                        split_max_tensors=options.split_max_tensors)
     for item in items:
         writer.add_tensor_info(
             item.plan.gguf_name, item.shape, np.dtype(np.float32), item.nbytes, raw_dtype=item.qtype
@@ -626,9 +669,20 @@ def _write(
     if out is None:
         out = Path(options.out_dir or Path.cwd()) / naming.default_file_name(metadata, outtype,
                                                                              vocab_only=options.vocab_only)
-        _check_target(out, force)
-    report.out = out
-    _check_not_an_input(out, ckpt, model_dir)
+        if not options.split:
+            _check_target(out, force)
+    paths = shard_paths(writer, out)
+    report.shards = [Shard(path, len(tensors), sum(ti.nbytes for ti in tensors.values()))
+                     for path, tensors in zip(paths, writer.tensors)]
+    if options.split:
+        if len(paths) == 1:
+            report.warnings.append(f"everything fits in one shard: wrote the single file {out.name}")
+        for path in paths:
+            _check_target(path, force)
+        report.warnings += _other_shards(out, paths)
+    report.out = paths[0]
+    for path in paths:
+        _check_not_an_input(path, ckpt, model_dir)
 
     # Metadata.
     kv: dict[str, Any] = {
@@ -663,9 +717,11 @@ def _write(
         return report
 
     total = sum(i.nbytes for i in items)
-    with atomic_output(out, force, total) as tmp:
+    shard_of = {name: i for i, tensors in enumerate(writer.tensors) for name in tensors}
+    with atomic_outputs(paths, force, total) as tmps:
         try:
-            writer.write_header_to_file(path=tmp)
+            open_shards(writer, tmps)
+            writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.kv_data = [{}]  # the metadata is on disk: let the tokenizer's tables go
             kv.clear()
@@ -675,7 +731,8 @@ def _write(
                 task = bar.add_task(f"{out.name} ({outtype})", total=total)
                 for item in items:
                     bar.update(task, description=item.plan.gguf_name)
-                    _write_tensor(writer, item, _tensor_chunks(item, ckpt, report), lambda n: bar.advance(task, n))
+                    _write_tensor(writer, shard_of[item.plan.gguf_name], item, _tensor_chunks(item, ckpt, report),
+                                  lambda n: bar.advance(task, n))
                     _trim()
                 bar.update(task, description=f"{out.name} ({outtype})")
             assert writer.fout is not None
@@ -685,11 +742,39 @@ def _write(
         finally:
             writer.close()
 
-    report.bytes_written = out.stat().st_size
+    report.bytes_written = sum(path.stat().st_size for path in paths)
     report.seconds = time.perf_counter() - t0
     report.peak_rss = _maxrss()
     report.peak_rss_delta = max(0, report.peak_rss - rss0)
     return report
+
+
+def shard_paths(writer: GGUFWriter, out: Path) -> list[Path]:
+    """The files ``writer`` (tensor infos added) writes for ``out``: ``[out]``, or its shards
+    ``STEM-00001-of-0000N.gguf`` beside it (gguf-py's naming, llama.cpp's llama_split_path)."""
+    return writer.format_shard_names(out)
+
+
+def open_shards(writer: GGUFWriter, tmps: Sequence[Path]) -> None:
+    """Point ``writer`` at the temporary files ``tmps`` (one per shard, in order) instead of the
+    names it would open itself."""
+    if len(tmps) != len(writer.tensors):
+        raise PorterError(f"internal error: {len(tmps)} files for {len(writer.tensors)} shards")
+    if len(tmps) == 1:  # it fits one file: no split keys, and no "fails split requirements" warning
+        writer.split_max_size = writer.split_max_tensors = 0
+    writer.fout = [open(tmp, "wb") for tmp in tmps]
+    writer.state = WriterState.EMPTY
+
+
+def _other_shards(out: Path, paths: list[Path]) -> list[str]:
+    """Shards of an earlier split of ``out`` into another count, which this one does not replace."""
+    pattern = re.compile(rf"{re.escape(out.stem)}-\d{{5}}-of-\d{{5}}\.gguf")
+    others = sorted(f.name for f in out.parent.glob(f"{glob_escape(out.stem)}-*-of-*.gguf")
+                    if pattern.fullmatch(f.name) and f not in paths)
+    if not others:
+        return []
+    return [f"{out.parent.resolve()} also holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} from another "
+            "split of this name; they are not part of this one (remove them)"]
 
 
 @contextmanager
@@ -697,25 +782,45 @@ def atomic_output(out: Path, force: bool, nbytes: int) -> Iterator[Path]:
     """A temporary path to write ``out`` through: renamed into place when the block ends, removed
     (with any folders made for it) when it raises or a signal stops it; ``nbytes`` (the file's
     expected size) goes into the message when the disk fills up."""
-    # A hidden temporary name next to the output (same filesystem, so the final rename is atomic),
-    # created with the permissions the umask gives ordinary files.
-    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    created = [d for d in [out.parent, *out.parent.parents] if not d.exists()]  # removed again on failure
+    with atomic_outputs([out], force, nbytes) as (tmp,):
+        yield tmp
+
+
+@contextmanager
+def atomic_outputs(outs: Sequence[Path], force: bool, nbytes: int) -> Iterator[list[Path]]:
+    """:func:`atomic_output` for several files (a split GGUF's shards, all in one folder): each is
+    renamed into place only when the block ended without error; on failure none is left."""
+    # Hidden temporary names next to the outputs (same filesystem, so the final renames are
+    # atomic), created with the permissions the umask gives ordinary files.
+    outs = [Path(o) for o in outs]
+    parent = outs[0].parent
+    tag = f"{os.getpid()}.{secrets.token_hex(4)}"
+    tmps = [o.parent / f".{o.name}.{tag}.tmp" for o in outs]
+    created = [d for d in [parent, *parent.parents] if not d.exists()]  # removed again on failure
+    renamed: list[Path] = []
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        parent.mkdir(parents=True, exist_ok=True)
+        for tmp in tmps:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     except OSError as exc:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
         _remove_dirs(created)
-        raise PorterError(f"cannot write in {out.parent}: {exc}") from exc
+        raise PorterError(f"cannot write in {parent}: {exc}") from exc
     restore = _signals_raise()
     try:
-        yield tmp
-        if out.exists() and not force:
-            raise PorterError(f"{out} appeared while writing it; pass --force to overwrite it")
-        os.replace(tmp, out)
+        yield tmps
+        appeared = [o for o in outs if o.exists()]
+        if appeared and not force:
+            raise PorterError(f"{appeared[0]} appeared while writing it; pass --force to overwrite it")
+        for tmp, out in zip(tmps, outs):
+            os.replace(tmp, out)
+            renamed.append(out)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        for path in [*tmps, *renamed]:  # a shard set is complete or not there at all
+            path.unlink(missing_ok=True)
         _remove_dirs(created)
+        out = outs[0] if len(outs) == 1 else f"{outs[0]} ({len(outs)} shards)"
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise PorterError(f"writing {out} failed: no space left on device (the GGUF needs about "
                               f"{nbytes / 2**20:.0f} MiB); free some space or write it elsewhere") from None
@@ -859,14 +964,15 @@ def _tensor_chunks(item: _Item, ckpt: Checkpoint, report: WriteReport) -> Iterat
         )
 
 
-def _write_tensor(writer: GGUFWriter, item: _Item, chunks: Iterable[np.ndarray], advance: Callable[[int], None]) -> None:
-    """GGUFWriter.write_tensor_data, for a tensor that arrives in pieces."""
-    assert writer.fout is not None and len(writer.fout) == 1
-    fout = writer.fout[0]
-    name = next(iter(writer.tensors[0]))
+def _write_tensor(writer: GGUFWriter, shard: int, item: _Item, chunks: Iterable[np.ndarray],
+                  advance: Callable[[int], None]) -> None:
+    """GGUFWriter.write_tensor_data, for a tensor that arrives in pieces (into shard ``shard``)."""
+    assert writer.fout is not None
+    fout = writer.fout[shard]
+    name = next(iter(writer.tensors[shard]))
     if name != item.plan.gguf_name:
         raise PorterError(f"internal error: writing {item.plan.gguf_name} where {name} is due")
-    info = writer.tensors[0].pop(name)
+    info = writer.tensors[shard].pop(name)
     writer.write_padding(fout, fout.tell())
     written = 0
     for chunk in chunks:
@@ -879,4 +985,15 @@ def _write_tensor(writer: GGUFWriter, item: _Item, chunks: Iterable[np.ndarray],
     writer.state = WriterState.WEIGHTS
 
 
-__all__ = ["OUTTYPES", "TypeChange", "WriteReport", "atomic_output", "choose_type", "kv_entry", "write_gguf"]
+def split_size(text: str) -> int:
+    """Bytes for a ``--split-max-size`` as llama.cpp's tools take it: a number, optionally followed
+    by K, M or G (powers of 1000, as convert_hf_to_gguf.py and gguf-split count)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)\s*", text)
+    if not m or int(m.group(1)) <= 0:
+        raise PorterError(f"--split-max-size {text!r}: give a positive size in bytes, optionally followed by "
+                          "K, M or G (powers of 1000, as llama.cpp), e.g. 500M or 2G")
+    return int(m.group(1)) * {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[m.group(2).lower()]
+
+
+__all__ = ["OUTTYPES", "Shard", "TypeChange", "WriteReport", "atomic_output", "atomic_outputs", "choose_type",
+           "kv_entry", "open_shards", "shard_paths", "split_size", "write_gguf"]

@@ -52,14 +52,15 @@ def checkpoint_with_gguf_weights(model_dir: str | Path, plan, gguf_path: str | P
     whose values changed)."""
     import shutil
 
-    from gguf import GGMLQuantizationType, GGUFReader, quants
+    from gguf import GGMLQuantizationType, quants
     from safetensors.numpy import save_file
 
     from porter.convert.checkpoint import Checkpoint
+    from porter.convert.quantize import open_gguf
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stored = {t.name: t for t in GGUFReader(str(gguf_path)).tensors}
+    stored = {t.name: t for t in open_gguf(Path(gguf_path)).tensors}  # every shard of a split file
     changed = []
     with Checkpoint(model_dir) as ckpt:
         weights = {name: ckpt.read_f32(name) for name in ckpt.names()}

@@ -11,6 +11,12 @@ count u64; each key a string (u64 length + UTF-8), a value type u32 and the valu
 tensor its name, dimension count u32, dimensions u64 (innermost first, ggml's ``ne``), ggml
 type u32 and data offset u64; the data section starts at the next multiple of
 ``general.alignment`` (default 32).
+
+Split files (llama.cpp's ``gguf-split`` and ``convert_hf_to_gguf.py --split-max-size``):
+``NAME-00001-of-00003.gguf`` holds the metadata and the first tensors, the other shards beside it
+only their tensors; every shard has ``split.no`` (u16, from 0), ``split.count`` (u16) and
+``split.tensors.count`` (i32, over all shards). Opening the first shard opens the others
+(``shards``): ``tensors`` and ``data`` cover all of them, ``get`` reads the first one's metadata.
 """
 
 from __future__ import annotations
@@ -29,6 +35,10 @@ _STRING, _ARRAY = 8, 9
 _NUMPY = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 _FIXED = 24  # magic, version, tensor count, key-value count
 _AGAIN = "convert the model again"
+# llama.cpp's LLM_KV_SPLIT_* keys and llama_split_path's "%s-%05d-of-%05d.gguf" (gguf-py's
+# Keys.Split and SHARD_NAME_FORMAT; the runtime does not import the gguf package)
+SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT = "split.no", "split.count", "split.tensors.count"
+SHARD_NAME_FORMAT = "{:s}-{:05d}-of-{:05d}.gguf"
 
 
 class _PastEnd(Exception):
@@ -40,15 +50,17 @@ class TensorInfo:
     name: str
     ne: tuple[int, ...]  # ggml order, innermost first
     type: int  # ggml type id
-    offset: int  # absolute offset of the data in the file
+    offset: int  # absolute offset of the data in its file
     nbytes: int
+    shard: int = 0  # the file that holds it: GGUFFile.shards[shard]
 
 
 class GGUFFile:
     """Open with ``GGUFFile(path)`` (or as a context manager); ``get(key)`` decodes one value."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, follow_splits: bool = True):
         self.path = Path(path)
+        self.shards: list[GGUFFile] = [self]
         try:
             self._file = open(self.path, "rb")
         except OSError as exc:
@@ -72,6 +84,12 @@ class GGUFFile:
         except ModelError:
             self.close()
             raise
+        if follow_splits:
+            try:
+                self._open_shards()
+            except BaseException:
+                self.close()
+                raise
 
     def _header_error(self, exc: Exception) -> ModelError:
         if isinstance(exc, UnicodeDecodeError):
@@ -128,6 +146,54 @@ class GGUFFile:
                                  f"ends at byte {start + nbytes}, the file has {len(m)}); {_AGAIN}")
             self.tensors[name] = TensorInfo(name, tuple(int(x) for x in ne), int(gtype), start,
                                             -1 if nbytes is None else nbytes)
+
+    # -- split files ---------------------------------------------------------------------------
+    def _split_key(self, key: str) -> int | None:
+        value = self.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            raise ModelError(f"{self.path}: {key} = {value!r} is not a count; the file is damaged: {_AGAIN}")
+        return value
+
+    def _open_shards(self) -> None:
+        """Open the other shards of a split file (this one must be the first) and merge their tensors."""
+        count = self._split_key(SPLIT_COUNT)
+        if count is None or count <= 1:
+            return
+        no = self._split_key(SPLIT_NO) or 0
+        suffix = SHARD_NAME_FORMAT.format("", no + 1, count)
+        name = self.path.name
+        prefix = name[:-len(suffix)] if name.endswith(suffix) and len(name) > len(suffix) else None
+        if no != 0:
+            first = f"; give the first one, {self.path.with_name(prefix + SHARD_NAME_FORMAT.format('', 1, count))}" \
+                if prefix else "; give the first one (split.no 0)"
+            raise ModelError(f"{self.path} is shard {no + 1} of {count} of a split GGUF{first}")
+        if prefix is None:
+            raise ModelError(f"{self.path} is the first of {count} shards of a split GGUF, but its name does not end "
+                             f"in {suffix}, so the other shards cannot be found; give the shards their names "
+                             f"(NAME{suffix}, NAME{SHARD_NAME_FORMAT.format('', 2, count)}, ...)")
+        for i in range(1, count):
+            path = self.path.with_name(prefix + SHARD_NAME_FORMAT.format("", i + 1, count))
+            if not path.is_file():
+                raise ModelError(f"{path}: no such file: shard {i + 1} of the {count} of the split GGUF {self.path} "
+                                 "is missing; put every shard in the same folder")
+            shard = GGUFFile(path, follow_splits=False)
+            self.shards.append(shard)
+            shard_count, shard_no = shard._split_key(SPLIT_COUNT), shard._split_key(SPLIT_NO)
+            if shard_count != count:
+                raise ModelError(f"{path}: {SPLIT_COUNT} is {shard_count}, but {self.path.name} says {count}; the "
+                                 "shards come from different conversions: convert the model again")
+            if shard_no != i:
+                raise ModelError(f"{path}: {SPLIT_NO} is {shard_no}, its name says shard {i + 1} (split.no {i}); "
+                                 "the shards are misnamed or come from different conversions")
+            for tname, t in shard.tensors.items():
+                if tname in self.tensors:
+                    raise ModelError(f"{path}: tensor {tname} is also in an earlier shard; the shards come from "
+                                     "different conversions: convert the model again")
+                self.tensors[tname] = TensorInfo(t.name, t.ne, t.type, t.offset, t.nbytes, i)
+        expected = self._split_key(SPLIT_TENSORS_COUNT)
+        if expected is not None and expected != len(self.tensors):
+            raise ModelError(f"{self.path}: {SPLIT_TENSORS_COUNT} is {expected}, the {count} shards hold "
+                             f"{len(self.tensors)} tensors; a shard is damaged or from another conversion")
 
     def _string(self, pos: int) -> tuple[str, int]:
         (n,) = struct.unpack_from("<Q", self._map, pos)
@@ -201,7 +267,7 @@ class GGUFFile:
     def data(self, name: str) -> memoryview:
         """The bytes of a tensor, a view into the map (valid until :meth:`close`)."""
         t = self.tensors[name]
-        return memoryview(self._map)[t.offset:t.offset + t.nbytes]
+        return memoryview(self.shards[t.shard]._map)[t.offset:t.offset + t.nbytes]
 
     def header(self) -> memoryview:
         """The bytes before the tensor data: metadata and tensor infos (valid until :meth:`close`)."""
@@ -218,9 +284,18 @@ class GGUFFile:
 
     @property
     def size(self) -> int:
+        """Bytes of the file, all its shards together."""
+        return sum(shard.mapped_size for shard in self.shards)
+
+    @property
+    def mapped_size(self) -> int:
+        """Bytes of this shard's map (what :meth:`pointer` points to)."""
         return len(self._map)
 
     def close(self) -> None:
+        for shard in getattr(self, "shards", [])[1:]:
+            shard.close()
+        self.shards = [self]
         ptr, self._ptr = getattr(self, "_ptr", None), None
         if ptr is not None:
             from porter.runtime._lib import ffi

@@ -69,18 +69,28 @@ class LoadedGGUF:
 
 class MappedWeights:
     """Weights that ggml reads in place from the memory-mapped file (no copy at load; pages come
-    in from the page cache when first used), as llama.cpp does with its default ``mmap``."""
+    in from the page cache when first used), as llama.cpp does with its default ``mmap``. A split
+    file gets one ggml buffer per shard, over that shard's map."""
 
     def __init__(self, reader: GGUFFile, ctx: Context):
         self.reader, self.ctx = reader, ctx
-        self.ptr = lib.ggml_backend_cpu_buffer_from_ptr(reader.pointer(), reader.size)
-        if self.ptr == ffi.NULL:
-            raise MemoryError("ggml could not wrap the mapped GGUF file in a buffer")
-        lib.ggml_backend_buffer_set_usage(self.ptr, lib.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
-        self._finalizer = _track(self, "buffer", lib.ggml_backend_buffer_free, self.ptr)
+        self.ptrs = []
+        self._finalizers = []
+        for shard in reader.shards:
+            if not any(t.shard == len(self.ptrs) for t in reader.tensors.values()):
+                self.ptrs.append(None)  # a shard without tensors (gguf-split's --no-tensor-first-split)
+                continue
+            ptr = lib.ggml_backend_cpu_buffer_from_ptr(shard.pointer(), shard.mapped_size)
+            if ptr == ffi.NULL:
+                raise MemoryError(f"ggml could not wrap the mapped GGUF file {shard.path} in a buffer")
+            lib.ggml_backend_buffer_set_usage(ptr, lib.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+            self.ptrs.append(ptr)
+            self._finalizers.append(_track(self, "buffer", lib.ggml_backend_buffer_free, ptr))
 
-    def place(self, t, offset: int) -> None:
-        status = lib.ggml_backend_tensor_alloc(self.ptr, t, self.reader.pointer() + offset)
+    def place(self, t, info) -> None:
+        """Point tensor ``t`` at its data (``info``: the file's TensorInfo) in its shard's map."""
+        shard = self.reader.shards[info.shard]
+        status = lib.ggml_backend_tensor_alloc(self.ptrs[info.shard], t, shard.pointer() + info.offset)
         if status != lib.GGML_STATUS_SUCCESS:
             raise MemoryError("ggml could not place a weight in the mapped file")
 
@@ -89,14 +99,16 @@ class MappedWeights:
         return self.reader.size
 
     def close(self) -> None:
-        self._finalizer()
+        for finalize in self._finalizers:
+            finalize()
         self.ctx.close()
         self.reader.close()
 
 
 def load_gguf(path: str | Path, *, n_threads: int | None = None, use_repack: bool = True,
               bf16_as_f16: bool = True, use_mmap: bool = True) -> LoadedGGUF:
-    """Read a GGUF written by porter and upload its weights.
+    """Read a GGUF (porter's, or a stock llama.cpp file) and upload its weights; for a split file
+    ``path`` is its first shard (``NAME-00001-of-00003.gguf``), the others are found beside it.
 
     ``use_mmap``: weights that need no conversion (neither repacked nor BF16 -> F16) stay in the
     memory-mapped file, which the returned ``mapped`` keeps open; otherwise all are copied.
@@ -210,7 +222,7 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
     if mapped is None:
         mctx.close()
     for name in in_place:
-        mapped.place(weights[name], by_name[name].offset)
+        mapped.place(weights[name], by_name[name])
     for name, values in inline.items():
         set_data(weights[name], values)
     for name in expected:
