@@ -269,9 +269,9 @@ class GGUFFile:
         t = self.tensors[name]
         return memoryview(self.shards[t.shard]._map)[t.offset:t.offset + t.nbytes]
 
-    def header(self) -> memoryview:
-        """The bytes before the tensor data: metadata and tensor infos (valid until :meth:`close`)."""
-        return memoryview(self._map)[:self.data_offset]
+    def header(self) -> bytes:
+        """The bytes before the tensor data, of every shard: metadata and tensor infos."""
+        return b"".join(bytes(memoryview(f._map)[:f.data_offset]) for f in self.shards)
 
     def pointer(self):
         """A cffi ``char *`` to the start of the map, for ggml buffers that live in it (the map
