@@ -92,11 +92,6 @@ def runnable_elsewhere() -> int | None:
 _LOADAVG_FD: int | None = None
 
 
-# ggml's polling level for the hot pool's idle workers (0-100; ggml's own default is 50, about
-# tens of milliseconds of spinning): 1 covers the Python between two decode steps.
-DEFAULT_POLL = 1
-
-
 class ThreadPolicy:
     """How many of the pool's threads a graph uses, given what else is running.
 
@@ -129,58 +124,25 @@ class ThreadPolicy:
 
 
 class Backend:
-    """The ggml CPU backend with persistent threadpools.
+    """The ggml CPU backend with a persistent threadpool.
 
-    The pools' threads live as long as the backend. A graph that gets every thread runs on the
-    *hot* pool, whose idle workers keep polling for the next graph for a short while
-    (``poll``, ggml's polling level: about a millisecond per unit here) before they sleep, so a
-    decode loop does not pay a wake-up per token; a graph that gets fewer threads
-    (:class:`ThreadPolicy`: other processes hold cores) runs on the *cold* pool, whose workers
-    sleep on a condition variable as soon as they are idle, and the hot pool is paused, so a
-    busy machine loses no core to spinning. ``poll`` defaults to ``PORTER_POLL`` or
-    :data:`DEFAULT_POLL`; 0 makes the hot pool sleep at once too.
+    The pool's threads live as long as the backend; between graphs they sleep on a condition
+    variable (``poll=0``) instead of spinning, so an idle or busy machine loses no core to them.
+    How many of them a graph uses follows :class:`ThreadPolicy`.
     """
 
-    def __init__(self, n_threads: int | None = None, *, adaptive: bool | None = None, poll: int | None = None):
+    def __init__(self, n_threads: int | None = None, *, adaptive: bool | None = None, poll: int = 0):
         self.ptr = lib.ggml_backend_cpu_init()
         if self.ptr == ffi.NULL:
             raise RuntimeError("ggml could not initialise its CPU backend")
         self._finalizer = _track(self, "backend", lib.ggml_backend_free, self.ptr)
         self.threadpool = None
-        self._pools: dict[str, tuple[object, weakref.finalize]] = {}
+        self._pool_finalizer = None
         self.n_threads = 0
         if adaptive is None:
             adaptive = os.environ.get("PORTER_ADAPTIVE_THREADS", "1") != "0"
-        if poll is None:
-            env = os.environ.get("PORTER_POLL", str(DEFAULT_POLL))
-            try:
-                poll = int(env)
-            except ValueError:
-                raise ValueError(f"PORTER_POLL is ggml's polling level, 0 to 100; got {env!r}") from None
-        if not 0 <= poll <= 100:
-            raise ValueError(f"poll (PORTER_POLL) is ggml's polling level, 0 to 100; got {poll}")
-        self._adaptive, self._poll = adaptive, poll
+        self._adaptive, self._poll = adaptive, int(poll)
         self.set_threads(n_threads or default_threads())
-
-    def _pool(self, which: str):
-        """The hot or cold pool of ``n_threads`` threads, started when first needed."""
-        if which not in self._pools:
-            params = ffi.new("struct ggml_threadpool_params *")
-            lib.ggml_threadpool_params_init(params, self.n_threads)
-            params.poll = self._poll if which == "hot" else 0
-            pool = lib.ggml_threadpool_new(params)
-            if pool == ffi.NULL:
-                raise RuntimeError(f"ggml could not start a pool of {self.n_threads} threads")
-            self._pools[which] = (pool, _track(self, "threadpool", lib.ggml_threadpool_free, pool))
-        return self._pools[which][0]
-
-    def _use(self, pool, n: int) -> None:
-        if pool != self.threadpool:  # ggml pauses the pool it leaves (its workers sleep)
-            lib.ggml_backend_cpu_set_threadpool(self.ptr, pool)
-            self.threadpool = pool
-        if n != self._current:
-            lib.ggml_backend_cpu_set_n_threads(self.ptr, n)
-            self._current = n
 
     def set_threads(self, n: int) -> None:
         if n < 1:
@@ -188,13 +150,20 @@ class Backend:
         if n > lib.GGML_MAX_N_THREADS:
             raise ValueError(f"ggml runs at most {lib.GGML_MAX_N_THREADS} threads, got {n}")
         if n != self.n_threads:
-            old = self._pools
-            self._pools, self.n_threads = {}, n
-            lib.ggml_backend_cpu_set_threadpool(self.ptr, self._pool("hot"))
-            self.threadpool = self._pool("hot")
-            for _pool, release in old.values():
-                release()
+            old = self._pool_finalizer
+            params = ffi.new("struct ggml_threadpool_params *")
+            lib.ggml_threadpool_params_init(params, n)
+            params.poll = self._poll
+            pool = lib.ggml_threadpool_new(params)
+            if pool == ffi.NULL:
+                raise RuntimeError(f"ggml could not start a pool of {n} threads")
+            lib.ggml_backend_cpu_set_threadpool(self.ptr, pool)
+            self.threadpool = pool
+            self._pool_finalizer = _track(self, "threadpool", lib.ggml_threadpool_free, pool)
+            if old is not None:
+                old()
         lib.ggml_backend_cpu_set_n_threads(self.ptr, n)
+        self.n_threads = n
         self.policy = ThreadPolicy(n, min(n, physical_cores()) if self._adaptive else n, self._adaptive)
         self._current = n
 
@@ -204,7 +173,9 @@ class Backend:
 
     def compute(self, graph) -> None:
         n = self.policy.threads()
-        self._use(self._pool("hot" if n == self.n_threads else "cold"), n)
+        if n != self._current:
+            lib.ggml_backend_cpu_set_n_threads(self.ptr, n)
+            self._current = n
         status = lib.ggml_backend_graph_compute(self.ptr, graph)
         if status != lib.GGML_STATUS_SUCCESS:
             raise RuntimeError(f"ggml graph compute failed: {ffi.string(lib.ggml_status_to_string(status)).decode()}")
@@ -215,10 +186,10 @@ class Backend:
         return self._current
 
     def close(self) -> None:
-        # the backend holds a pool: free the backend first, then stop the pools' threads
+        # the backend holds the pool: free the backend first, then stop the pool's threads
         self._finalizer()
-        for _pool, release in self._pools.values():
-            release()
+        if self._pool_finalizer is not None:
+            self._pool_finalizer()
 
     def __enter__(self):
         return self
