@@ -482,9 +482,9 @@ def devices(rpc):
     for endpoint in _rpc_endpoints(rpc) or []:
         from porter.runtime._lib import ffi, lib
 
-        probe(endpoint)
         from porter.runtime.devices import _device, exit_cleanly_on_abort
 
+        probe(endpoint)
         exit_cleanly_on_abort([endpoint])
         reg = lib.ggml_backend_rpc_add_server(endpoint.encode())
         for i in range(lib.ggml_backend_reg_dev_count(reg)):

@@ -98,6 +98,22 @@ def parse_endpoints(text: str) -> list[str]:
     return endpoints
 
 
+_connected: set[str] = set()  # endpoints ggml holds a connection to (it keeps one per endpoint and process)
+
+
+def check_reachable(endpoints: list[str]) -> None:
+    """:func:`probe` every endpoint ggml has not connected to yet in this process. A server serves
+    one client at a time and ggml keeps its connection open for the process's life, so a second
+    connection of our own would only wait; ggml reuses its own instead."""
+    for endpoint in endpoints:
+        if endpoint not in _connected:
+            probe(endpoint)
+
+
+def mark_connected(endpoint: str) -> None:
+    _connected.add(endpoint)
+
+
 def probe(endpoint: str, timeout: float = 5.0) -> tuple[int, int, int]:
     """Connect to an RPC server and exchange HELLO; return its protocol version.
 
@@ -141,6 +157,8 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
 # -- aborts ---------------------------------------------------------------------------------------
 
 _guarded: list[str] = []  # the endpoints in use, for the message
+_guard_users = 0
+_serving: list[str] = []  # set in an rpc-server process
 
 
 @ffi.callback("void(const char *)")
@@ -148,7 +166,9 @@ def _on_abort(message):  # pragma: no cover - runs in the process's last moments
     try:
         text = ffi.string(message).decode(errors="replace").strip()
         where = ", ".join(_guarded) or "?"
-        if "Remote RPC server crashed" in text:
+        if _serving:
+            line = f"error: ggml aborted while serving {_serving[0]} (a graph this ggml cannot run?): {text}"
+        elif "Remote RPC server crashed" in text:
             line = (f"error: lost the connection to the RPC server ({where}): it stopped, crashed or dropped the "
                     "connection; the run cannot continue")
         elif "Failed to connect" in text or "handshake failed" in text:
@@ -168,8 +188,18 @@ def exit_cleanly_on_abort(endpoints: list[str]) -> None:
     """From now on a ggml abort (which ggml-rpc raises on a broken connection) ends the process
     with one ``error:`` line and exit status 1. ggml calls abort() right after its callback,
     so the callback cannot return: an exception cannot be raised to the caller instead."""
+    global _guard_users
     _guarded[:] = list(dict.fromkeys(_guarded + list(endpoints)))
+    _guard_users += 1
     lib.ggml_set_abort_callback(_on_abort)
+
+
+def release_abort_guard() -> None:
+    """Undo one :func:`exit_cleanly_on_abort`; the last one restores ggml's own abort."""
+    global _guard_users
+    _guard_users = max(0, _guard_users - 1)
+    if _guard_users == 0:
+        lib.ggml_set_abort_callback(ffi.NULL)
 
 
 # -- serving --------------------------------------------------------------------------------------
@@ -213,6 +243,9 @@ def serve(host: str, port: int, n_threads: int, on_ready=None) -> None:
         lib.ggml_backend_rpc_start_server(endpoint, ffi.NULL, n_threads, 1, devices)
         failure.append("ggml's server loop returned (see the message above)")
 
+    # ggml's server aborts on a graph its backend cannot run: one error line and status 1 instead
+    _serving[:] = [f"{host}:{port}"]
+    lib.ggml_set_abort_callback(_on_abort)
     thread = threading.Thread(target=loop, name="ggml-rpc-server", daemon=True)
     thread.start()
     if on_ready is not None:

@@ -20,7 +20,8 @@ import re
 from porter.errors import ModelError
 from porter.runtime._lib import ffi, lib
 from porter.runtime.core import Backend, Buffer, Context, _track
-from porter.runtime.devices import _require_rpc, exit_cleanly_on_abort, probe
+from porter.runtime.devices import (_require_rpc, check_reachable, exit_cleanly_on_abort, mark_connected,
+                                    release_abort_guard)
 from porter.runtime.graph import KVCache, cache_names, cache_widths, kv_cache_bytes, state_names, state_widths
 
 GRAPH_SIZE = 32768  # nodes the scheduler can place (porter's graphs use 64 per layer + a few hundred)
@@ -63,11 +64,14 @@ class SplitBackend:
 
     def __init__(self, endpoints: list[str], n_threads: int | None = None):
         _require_rpc()
-        for endpoint in endpoints:  # each checked before ggml connects: it would abort on failure
-            probe(endpoint)
+        check_reachable(endpoints)  # before ggml connects: it would abort on failure
         exit_cleanly_on_abort(endpoints)
+        self._guarded = True
         self.cpu = Backend(n_threads)
-        self.remotes = [RemoteDevice(self, e) for e in endpoints]
+        self.remotes = []
+        for endpoint in endpoints:
+            self.remotes.append(RemoteDevice(self, endpoint))
+            mark_connected(endpoint)
         self.endpoints = list(endpoints)
         self._owned: list = []  # weight buffers and contexts this backend's devices hold
         self._layer_device: list[int] = []
@@ -107,10 +111,20 @@ class SplitBackend:
 
     def allocate(self, entry) -> None:
         """Allocate a cached graph's intermediates through the scheduler, unless it is the graph
-        allocated last (the scheduler keeps one graph's plan: another one is planned afresh,
-        with the previous allocation's pointers cleared first, or they would count as placed)."""
+        allocated last. The scheduler keeps one graph's plan, and planning rewrites the graph: a
+        node whose input lives on another device reads a copy the scheduler made, in a context
+        it frees at the next plan. So before another plan, the nodes get their own inputs back
+        and the previous allocation's pointers are cleared (or they would count as placed)."""
         if entry is self._last_allocated:
             return
+        sources = getattr(entry, "sources", None)
+        if sources is None:  # never planned: remember every node's inputs as built
+            nodes = [lib.ggml_graph_node(entry.graph, i) for i in range(lib.ggml_graph_n_nodes(entry.graph))]
+            entry.sources = [(node, [node.src[j] for j in range(lib.GGML_MAX_SRC)]) for node in nodes]
+        else:
+            for node, srcs in sources:
+                for j, src in enumerate(srcs):
+                    node.src[j] = src
         t = lib.ggml_get_first_tensor(entry.ctx.ptr)
         while t != ffi.NULL:
             t.data = ffi.NULL
@@ -163,6 +177,9 @@ class SplitBackend:
         for remote in self.remotes:
             remote.close()
         self.cpu.close()
+        if self._guarded:
+            self._guarded = False
+            release_abort_guard()
 
 
 class SplitKVCache(KVCache):
