@@ -23,8 +23,12 @@ def _versions() -> str:
     info = build_info()
     variant = info.get("variant", "unknown")
     why = f"; fell back: {'; '.join(info['fallback_because'])}" if info.get("fallback_because") else ""
+    from porter.runtime.devices import has_rpc, registry_devices
+
+    devices = ", ".join(f"{d.name} ({d.description})" for d in registry_devices())
     return (f"porter {__version__}\nggml {GGML_VERSION}, {variant} build ({info.get('source', 'source unknown')}; "
-            f"{ggml_dir()}{why})\nCPU: {' '.join(cpu_features())}")
+            f"{ggml_dir()}{why})\nCPU: {' '.join(cpu_features())}\n"
+            f"devices: {devices}; RPC backend: {'yes' if has_rpc() else 'no (rebuild: make ggml)'}")
 
 
 class _Group(click.Group):
