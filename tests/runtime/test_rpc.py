@@ -266,3 +266,46 @@ def test_devices_lists_the_cpu_and_a_server():
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("CPU ") and " cpu " in lines[0] and "MiB free of" in lines[0]
     assert any(line.startswith("RPC") and " rpc " in line and server.endpoint in line for line in lines), lines
+
+
+@pytest.fixture(scope="module")
+def smollm2_files(request, tmp_path_factory):
+    """SmolLM2-135M-Instruct (built from its PyPI package, cached like the other real-model tests)
+    converted to f32 and q8_0."""
+    from porter import examples
+    from porter.pipeline import convert
+
+    cache = None if os.environ.get("PORTER_CACHE") else request.config.cache.mkdir("porter")
+    ckpt = examples.materialize_smollm2(cache, progress=False)
+    folder = tmp_path_factory.mktemp("rpc-smollm2")
+    files = {}
+    for outtype in ("f32", "q8_0"):
+        files[outtype] = folder / f"smollm2.{outtype}.gguf"
+        convert(ckpt, files[outtype], outtype, progress=False, force=True)
+    return files
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("outtype, gate", [("f32", 1e-10), ("q8_0", 1e-6)])
+def test_smollm2_across_two_servers_equals_the_single_process_run(smollm2_files, outtype, gate):
+    """The issue's bar: two `porter rpc-server` processes plus the client, SmolLM2's 30 layers
+    split 10/10/10, against the single-process run of the same file. Fresh servers: this test
+    process keeps its connections to the module's servers."""
+    import porter
+
+    started = [Server(), Server()]
+    try:
+        with porter.load(smollm2_files[outtype], n_threads=1) as m:
+            ids = m.encode("The capital of France is a city that")
+            logits = m.logits(ids)
+            tokens = list(m.generate_ids(ids, 24))
+        with porter.load(smollm2_files[outtype], n_threads=1, rpc=[s.endpoint for s in started]) as m:
+            split = m.backend.layers_per_device()
+            split_logits = m.logits(ids)
+            split_tokens = list(m.generate_ids(ids, 24))
+    finally:
+        for server in started:
+            server.stop()
+    assert list(split.values()) == [10, 10, 10], split
+    assert nmse(split_logits, logits) <= gate, nmse(split_logits, logits)
+    assert split_tokens == tokens
