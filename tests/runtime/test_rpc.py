@@ -309,3 +309,28 @@ def test_smollm2_across_two_servers_equals_the_single_process_run(smollm2_files,
     assert list(split.values()) == [10, 10, 10], split
     assert nmse(split_logits, logits) <= gate, nmse(split_logits, logits)
     assert split_tokens == tokens
+
+
+def test_rpc_server_stops_on_ctrl_c():
+    """ggml's server loop never returns to Python: it runs in a thread so that SIGINT still stops it."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "porter", "rpc-server", "--port", str(port), "-t", "1"],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                probe(f"127.0.0.1:{port}", timeout=2)
+                break
+            except RPCError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+        assert "stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
