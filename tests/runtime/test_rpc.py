@@ -33,6 +33,18 @@ def _env() -> dict:
                 PORTER_ADAPTIVE_THREADS="0")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the test process dies (Linux), so a test run
+    that is killed leaves no server behind; SIGINT back to its default so Python handles it."""
+    import ctypes
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,7 +59,7 @@ class Server:
         self.endpoint = f"127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "porter", "rpc-server", "--port", str(self.port),
                                       "-t", "1"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)
+                                     text=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 60
         while True:
             if self.proc.poll() is not None:
@@ -316,7 +328,7 @@ def test_rpc_server_stops_on_ctrl_c():
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "porter", "rpc-server", "--port", str(port), "-t", "1"],
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=_die_with_parent)
     try:
         deadline = time.monotonic() + 60
         while True:
