@@ -101,10 +101,8 @@ class SplitBackend:
         self.cpu.set_threads(n)
 
     def compute(self, graph) -> None:
-        n = self.cpu.policy.threads()
-        if n != self.cpu._current:
-            lib.ggml_backend_cpu_set_n_threads(self.cpu.ptr, n)
-            self.cpu._current = n
+        n = self.cpu.policy.threads()  # the local CPU's pools and thread policy, as Backend.compute
+        self.cpu._use(self.cpu._pool("hot" if n == self.cpu.n_threads else "cold"), n)
         status = lib.ggml_backend_sched_graph_compute(self.sched, graph)
         if status != lib.GGML_STATUS_SUCCESS:
             raise RuntimeError(f"ggml graph compute failed: {ffi.string(lib.ggml_status_to_string(status)).decode()}")
