@@ -480,20 +480,11 @@ def rpc_server(host, port, threads, allow_public):
               help="Also list the devices of these ggml RPC servers (each is connected to once).")
 def devices(rpc):
     """List the devices ggml sees: its registry (the backends this build has), with memory."""
-    from porter.runtime.devices import has_rpc, probe, registry_devices
+    from porter.runtime.devices import has_rpc, registry_devices, remote_devices
 
     rows = [(d.name, d.kind, d.description, d.memory_free, d.memory_total) for d in registry_devices()]
     for endpoint in _rpc_endpoints(rpc) or []:
-        from porter.runtime._lib import ffi, lib
-
-        from porter.runtime.devices import _device, exit_cleanly_on_abort
-
-        probe(endpoint)
-        exit_cleanly_on_abort([endpoint])
-        reg = lib.ggml_backend_rpc_add_server(endpoint.encode())
-        for i in range(lib.ggml_backend_reg_dev_count(reg)):
-            d = _device(lib.ggml_backend_reg_dev_get(reg, i))
-            rows.append((d.name, "rpc", d.description, d.memory_free, d.memory_total))
+        rows += [(d.name, "rpc", d.description, d.memory_free, d.memory_total) for d in remote_devices(endpoint)]
     for name, kind, description, free, total in rows:
         click.echo(f"{name:<24} {kind:<5} {description:<32} {free / 2**20:>9.0f} MiB free of {total / 2**20:.0f} MiB")
     if not has_rpc():

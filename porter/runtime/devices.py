@@ -59,6 +59,22 @@ def registry_devices() -> list[Device]:
     return [_device(lib.ggml_backend_dev_get(i)) for i in range(lib.ggml_backend_dev_count())]
 
 
+def remote_devices(endpoint: str) -> list[Device]:
+    """The devices an RPC server offers (checked with :func:`probe` first; ggml then keeps its
+    connection to the server for this process's life)."""
+    _require_rpc()
+    check_reachable([endpoint])
+    exit_cleanly_on_abort([endpoint])
+    try:
+        reg = lib.ggml_backend_rpc_add_server(endpoint.encode())
+        mark_connected(endpoint)
+        if reg == ffi.NULL:
+            return []
+        return [_device(lib.ggml_backend_reg_dev_get(reg, i)) for i in range(lib.ggml_backend_reg_dev_count(reg))]
+    finally:
+        release_abort_guard()
+
+
 def has_rpc() -> bool:
     """Whether this ggml build has the RPC backend (tools/build_ggml.py builds it in)."""
     return lib.ggml_backend_reg_by_name(b"RPC") != ffi.NULL
