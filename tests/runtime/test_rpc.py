@@ -346,3 +346,31 @@ def test_rpc_server_stops_on_ctrl_c():
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def test_server_of_another_protocol_version_is_refused(tiny):
+    """A server that answers HELLO with another major version (ggml would abort on it)."""
+    import struct
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+
+    def answer():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(1 + 8 + 24)
+            conn.sendall(struct.pack("<Q", 28) + bytes([6, 0, 0, 0]) + bytes(24))
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        proc = _porter("run", str(tiny["f32"]), "--no-chat", "-p", "hi", "-n", "2", "--rpc", f"127.0.0.1:{port}")
+    finally:
+        thread.join(10)
+        listener.close()
+    assert proc.returncode == 1, proc.stderr
+    errors = _error_lines(proc.stderr)
+    assert len(errors) == 1 and "protocol 6.0.0" in errors[0], proc.stderr
