@@ -23,8 +23,12 @@ def _versions() -> str:
     info = build_info()
     variant = info.get("variant", "unknown")
     why = f"; fell back: {'; '.join(info['fallback_because'])}" if info.get("fallback_because") else ""
+    from porter.runtime.devices import has_rpc, registry_devices
+
+    devices = ", ".join(f"{d.name} ({d.description})" for d in registry_devices())
     return (f"porter {__version__}\nggml {GGML_VERSION}, {variant} build ({info.get('source', 'source unknown')}; "
-            f"{ggml_dir()}{why})\nCPU: {' '.join(cpu_features())}")
+            f"{ggml_dir()}{why})\nCPU: {' '.join(cpu_features())}\n"
+            f"devices: {devices}; RPC backend: {'yes' if has_rpc() else 'no (rebuild: make ggml)'}")
 
 
 class _Group(click.Group):
@@ -313,6 +317,23 @@ def _sampling_options(f):
     return f
 
 
+_RPC_HELP = ("Split the model's layers across this machine and ggml RPC servers (`porter rpc-server`) at "
+             "host:port[,host:port...]. The protocol has no authentication or encryption: use servers on "
+             "machines and networks you trust.")
+
+
+def _rpc_option(f):
+    return click.option("--rpc", "rpc", default=None, metavar="HOST:PORT[,...]", help=_RPC_HELP)(f)
+
+
+def _rpc_endpoints(rpc: str | None) -> list[str] | None:
+    if rpc is None:
+        return None
+    from porter.runtime.devices import parse_endpoints
+
+    return parse_endpoints(rpc)
+
+
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", default="Write a haiku about porting models.", show_default=True)
@@ -321,7 +342,8 @@ def _sampling_options(f):
               help="Tokens to generate (-1: until the end of the sequence or a full context).")
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
 @_sampling_options
-def run(model, prompt, prompt_file, n_predict, chat, temp, top_k, top_p, seed, threads, ctx_size, cache_type):
+@_rpc_option
+def run(model, prompt, prompt_file, n_predict, chat, temp, top_k, top_p, seed, threads, ctx_size, cache_type, rpc):
     """Generate text from a GGUF file (porter's, or a stock llama.cpp file of an architecture a
     plugin knows), streaming tokens (-n -1: until the end of the sequence or a full context, as
     llama.cpp); it stops at every end-of-generation token."""
@@ -331,10 +353,14 @@ def run(model, prompt, prompt_file, n_predict, chat, temp, top_k, top_p, seed, t
         prompt = _read_prompt_file(prompt_file)
     _check_prompt(prompt, chat)
     seed, threads = _check_run_options(n_predict, temp, top_k, top_p, seed, threads, ctx_size)
+    endpoints = _rpc_endpoints(rpc)
     if ctx_size == 0:
         ctx_size = _model_context(model)
-    with porter.load(model, n_threads=threads, n_ctx=ctx_size, cache_type=cache_type) as m:
+    with porter.load(model, n_threads=threads, n_ctx=ctx_size, cache_type=cache_type, rpc=endpoints) as m:
         _refuse_encoder(m)
+        if endpoints:
+            split = ", ".join(f"{where}: {n}" for where, n in m.backend.layers_per_device().items())
+            click.secho(f"layers: {split}", fg="bright_black", err=True)
         text = prompt
         templated = chat and bool(m.metadata.get("chat_template"))
         if templated:
@@ -383,7 +409,8 @@ def _warnings_shown():
               help="Most tokens per answer (-1: until the end of the turn or a full context).")
 @click.option("--stop", multiple=True, metavar="TEXT", help="End an answer where TEXT appears (repeatable).")
 @_sampling_options
-def chat_cmd(model, system, n_predict, stop, temp, top_k, top_p, seed, threads, ctx_size, cache_type):
+@_rpc_option
+def chat_cmd(model, system, n_predict, stop, temp, top_k, top_p, seed, threads, ctx_size, cache_type, rpc):
     """Talk with a model: one message per line on standard input, /exit or end of input ends
     (Ctrl-C too). The conversation stays in the KV cache: each turn evaluates only its new tokens."""
     import porter
@@ -394,15 +421,75 @@ def chat_cmd(model, system, n_predict, stop, temp, top_k, top_p, seed, threads, 
         raise OptionError("-n 0: an answer needs at least 1 token (or -1: until the end of the turn)")
     if system is not None:
         _check_prompt(system, True)
+    endpoints = _rpc_endpoints(rpc)
     if ctx_size == 0:
         ctx_size = _model_context(model)
-    with porter.load(model, n_threads=threads, n_ctx=ctx_size, cache_type=cache_type) as m:
+    with porter.load(model, n_threads=threads, n_ctx=ctx_size, cache_type=cache_type, rpc=endpoints) as m:
         _refuse_encoder(m)
         if not m.metadata.get("chat_template"):
             raise OptionError(f"{model}: this model has no chat template; use `porter run --no-chat`")
         m.kv  # allocated before any compute: a cache that cannot fit is refused with its size
         run_conversation(m, system=system, max_new_tokens=n_predict, stop=list(stop), temperature=temp,
                          top_k=top_k, top_p=top_p, seed=seed)
+
+
+@main.command("rpc-server")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Only loopback is accepted unless --allow-public is given.")
+@click.option("--port", default=50052, show_default=True, type=int, help="TCP port to listen on (1..65535).")
+@click.option("-t", "--threads", type=int, default=None,
+              help="CPU threads the served backend computes with (default: the physical cores).")
+@click.option("--allow-public", is_flag=True,
+              help="Listen on a non-loopback address. ggml's RPC protocol has NO authentication or encryption: "
+                   "anyone who reaches the port can use this machine's memory and CPU; only on a trusted network.")
+def rpc_server(host, port, threads, allow_public):
+    """Serve this machine's ggml CPU backend over ggml's RPC protocol, for `porter run --rpc
+    HOST:PORT` on another machine (or this one) to place layers here. It serves one client at a
+    time; Ctrl-C stops it.
+
+    \b
+    SECURITY: the protocol has no authentication and no encryption. The server binds
+    127.0.0.1 by default and refuses any other address without --allow-public.
+    """
+    from porter.runtime.core import default_threads
+    from porter.runtime.devices import is_loopback, serve
+
+    if not 1 <= port <= 65535:
+        raise OptionError(f"--port {port}: give a TCP port in 1..65535")
+    threads = _check_threads(threads) or default_threads()
+    if not is_loopback(host):
+        if not allow_public:
+            raise OptionError(f"--host {host}: not a loopback address; ggml's RPC protocol has no authentication, "
+                              "so anyone who reaches the port could use this machine: pass --allow-public to "
+                              "serve on it anyway (on a trusted network only)")
+        click.secho(f"warning: serving on {host}:{port} without authentication or encryption: anyone who reaches "
+                    "this port can allocate memory and run computations here", fg="yellow", err=True)
+
+    def ready():
+        click.secho(f"porter rpc-server: serving the CPU backend ({threads} threads) on {host}:{port}; "
+                    "Ctrl-C stops it", err=True)
+
+    try:
+        serve(host, port, threads, on_ready=ready)
+    except KeyboardInterrupt:
+        click.secho("porter rpc-server: stopped", err=True)
+
+
+@main.command()
+@click.option("--rpc", "rpc", default=None, metavar="HOST:PORT[,...]",
+              help="Also list the devices of these ggml RPC servers (each is connected to once).")
+def devices(rpc):
+    """List the devices ggml sees: its registry (the backends this build has), with memory."""
+    from porter.runtime.devices import has_rpc, registry_devices, remote_devices
+
+    rows = [(d.name, d.kind, d.description, d.memory_free, d.memory_total) for d in registry_devices()]
+    for endpoint in _rpc_endpoints(rpc) or []:
+        rows += [(d.name, "rpc", d.description, d.memory_free, d.memory_total) for d in remote_devices(endpoint)]
+    for name, kind, description, free, total in rows:
+        click.echo(f"{name:<24} {kind:<5} {description:<32} {free / 2**20:>9.0f} MiB free of {total / 2**20:.0f} MiB")
+    if not has_rpc():
+        click.secho("(this ggml build has no RPC backend: rebuild it with tools/build_ggml.py)", fg="bright_black",
+                    err=True)
 
 
 @main.command()

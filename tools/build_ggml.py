@@ -46,7 +46,10 @@ BUILD = ROOT / "build"
 COMMON = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_BUILD_TESTS=OFF",
           "-DGGML_BUILD_EXAMPLES=OFF", "-DGGML_CPU=ON", "-DGGML_LLAMAFILE=ON", "-DGGML_CPU_REPACK=ON",
           "-DGGML_OPENMP=OFF", "-DGGML_BLAS=OFF", "-DGGML_CCACHE=OFF", "-DGGML_AMX_TILE=OFF",
-          "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+          "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
+          # ggml's RPC backend (libggml-rpc.so): `porter rpc-server` serves a CPU backend with it and
+          # `--rpc` drives remote ones; built in like the CPU backend (GGML_BACKEND_DL stays off)
+          "-DGGML_RPC=ON"]
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" if X86 else ""
 VARIANTS = {

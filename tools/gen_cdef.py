@@ -23,12 +23,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-HEADERS = ["ggml.h", "ggml-alloc.h", "ggml-backend.h", "ggml-cpu.h"]
+# ggml-backend.h brings the device registry and the scheduler; ggml-rpc.h the RPC backend
+# (tools/build_ggml.py builds it in) and the server entry point `porter rpc-server` calls
+HEADERS = ["ggml.h", "ggml-alloc.h", "ggml-backend.h", "ggml-cpu.h", "ggml-rpc.h"]
 LIBC_STANDINS = ["stdbool.h", "stddef.h", "stdint.h", "stdio.h", "stdlib.h", "string.h"]
 OUT = Path(__file__).resolve().parent.parent / "porter" / "runtime" / "_ggml_cdef.h"
 # Integer #defines that Python code needs (names matched as prefixes).
 DEFINE_PREFIXES = ("GGML_MAX_", "GGML_MEM_ALIGN", "GGML_DEFAULT_", "GGML_ROPE_TYPE_",
-                   "GGML_MROPE_", "GGML_KQ_MASK_PAD", "GGML_N_TASKS_MAX", "GGML_FILE_")
+                   "GGML_MROPE_", "GGML_KQ_MASK_PAD", "GGML_N_TASKS_MAX", "GGML_FILE_",
+                   "RPC_PROTO_", "GGML_RPC_MAX_SERVERS")
 
 
 def install_dir() -> Path:

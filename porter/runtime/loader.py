@@ -65,6 +65,7 @@ class LoadedGGUF:
     repacked: list[str] = field(default_factory=list)
     bf16_as_f16: list[str] = field(default_factory=list)
     mapped: "MappedWeights | None" = None
+    placed: dict = field(default_factory=dict)  # weight name -> the device that holds it, with --rpc
 
 
 class MappedWeights:
@@ -106,7 +107,7 @@ class MappedWeights:
 
 
 def load_gguf(path: str | Path, *, n_threads: int | None = None, use_repack: bool = True,
-              bf16_as_f16: bool = True, use_mmap: bool = True) -> LoadedGGUF:
+              bf16_as_f16: bool = True, use_mmap: bool = True, backend=None) -> LoadedGGUF:
     """Read a GGUF (porter's, or a stock llama.cpp file) and upload its weights; for a split file
     ``path`` is its first shard (``NAME-00001-of-00003.gguf``), the others are found beside it.
 
@@ -117,13 +118,16 @@ def load_gguf(path: str | Path, *, n_threads: int | None = None, use_repack: boo
     significand), which alone costs logits NMSE ~1e-4 on SmolLM2. BF16 matrices whose values
     all fit float16 (normal ones convert exactly, float16-subnormal ones move by at most
     2**-25) are held as F16 instead: same size, same weights, activations rounded to float16.
+
+    ``backend``: a :class:`porter.runtime.sched.SplitBackend` places each layer's weights on its
+    device (remote ones are copied there, never repacked or mapped); default: a new CPU backend.
     """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such GGUF file")
     reader = GGUFFile(path)
     try:
-        loaded = _load(reader, path, n_threads, use_repack, bf16_as_f16, use_mmap)
+        loaded = _load(reader, path, n_threads, use_repack, bf16_as_f16, use_mmap, backend)
     except BaseException:
         reader.close()
         raise
@@ -133,7 +137,7 @@ def load_gguf(path: str | Path, *, n_threads: int | None = None, use_repack: boo
 
 
 def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16: bool,
-          use_mmap: bool) -> LoadedGGUF:
+          use_mmap: bool, backend=None) -> LoadedGGUF:
     text = _field_value(reader, SPEC_KEY)
     rebuilt = None
     if text is None:  # a stock llama.cpp file: its plugin renders the spec from the file's keys
@@ -172,7 +176,14 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
     if metadata["tokenizer_json"] is None and "tokenizer.ggml.tokens" in reader.keys():
         metadata.update(_stock_tokenizer(reader))
     expected = {w: None for w in spec.weight_names()}
-    backend = Backend(n_threads)
+    backend = Backend(n_threads) if backend is None else backend
+    # weights another device holds (SplitBackend): name -> that device's buffer type
+    remote = {}
+    if hasattr(backend, "placement"):
+        for name in expected:
+            buft = backend.placement(spec, name, layer_pattern(spec, name) != name)
+            if buft is not None:
+                remote[name] = buft
     by_name = reader.tensors
     missing = [n for n in expected if n not in by_name]
     if missing:
@@ -190,6 +201,8 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
     to_repack = set()
     for name in expected:
         rt, pattern = by_name[name], layer_pattern(spec, name)
+        if name in remote:
+            continue
         if ((pattern in patterns and len(rt.ne) == 2 and repack.supports(rt.type, *rt.ne))
                 or (pattern in experts and len(rt.ne) == 3 and repack.supports(rt.type, *rt.ne))):
             to_repack.add(name)
@@ -201,8 +214,13 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
             if (rt.type == int(GGMLType.BF16) and layer_pattern(spec, name) in f16_ok
                     and _bf16_fits_f16(np.frombuffer(reader.data(name), dtype=np.uint16))):
                 as_f16.add(name)
-    in_place = {n for n in expected if n not in to_repack and n not in as_f16} if use_mmap else set()
-    ctx = Context(len(expected) - len(to_repack) - len(in_place) + len(inline) + 1)
+    in_place = {n for n in expected if n not in to_repack and n not in as_f16 and n not in remote} if use_mmap else set()
+    ctx = Context(len(expected) - len(to_repack) - len(in_place) - len(remote) + len(inline) + 1)
+    remote_ctx = {}  # one context (and buffer) per remote buffer type
+    for buft in remote.values():
+        key = int(ffi.cast("uintptr_t", buft))
+        if key not in remote_ctx:
+            remote_ctx[key] = (buft, Context(sum(1 for b in remote.values() if b == buft)))
     rctx = Context(max(1, len(to_repack)))
     mctx = Context(max(1, len(in_place)))
     weights = {}
@@ -211,6 +229,8 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
         ne = list(rt.ne)
         gtype = GGMLType.F16 if name in as_f16 else _gtype(rt.type)
         home = rctx if name in to_repack else (mctx if name in in_place else ctx)
+        if name in remote:
+            home = remote_ctx[int(ffi.cast("uintptr_t", remote[name]))][1]
         weights[name] = home.new_tensor(gtype, ne, name)
     for name, values in inline.items():
         weights[name] = ctx.new_tensor(GGMLType.F32, list(reversed(values.shape)), name)
@@ -219,6 +239,17 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
     buffer = Buffer(ctx, backend.buffer_type)
     rbuffer = Buffer(rctx, repack.repack_buffer_type()) if to_repack else None
     mapped = MappedWeights(reader, mctx) if in_place else None
+    placed = {}
+    if remote:
+        # the scheduler runs an op where its weights are: every weight buffer says it holds weights
+        for b in (buffer, rbuffer):
+            if b is not None:
+                lib.ggml_backend_buffer_set_usage(b.ptr, lib.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+        for buft, rc in remote_ctx.values():
+            rb = Buffer(rc, buft, f"the weights on {ffi.string(lib.ggml_backend_buft_name(buft)).decode()}")
+            lib.ggml_backend_buffer_set_usage(rb.ptr, lib.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+            backend.own(rb, rc)
+        placed = {n: ffi.string(lib.ggml_backend_buft_name(b)).decode() for n, b in remote.items()}
     if mapped is None:
         mctx.close()
     for name in in_place:
@@ -237,7 +268,7 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
         lib.ggml_backend_tensor_set(t, ffi.from_buffer(data), 0, nbytes)
         del raw, data
     return LoadedGGUF(spec, metadata, backend, ctx, buffer, weights, rctx, rbuffer,
-                      sorted(to_repack), sorted(as_f16), mapped)
+                      sorted(to_repack), sorted(as_f16), mapped, placed)
 
 
 # hparams that count or size something (an int, or a per-layer list of ints) and those that scale

@@ -99,20 +99,28 @@ class Model(GenerationMixin):
     @classmethod
     def load(cls, path: str | Path, *, n_threads: int | None = None, n_ctx: int | None = None,
              cache_type: str = "f32", use_repack: bool = True, bf16_as_f16: bool = True,
-             use_mmap: bool = True) -> "Model":
+             use_mmap: bool = True, rpc: Sequence[str] | None = None) -> "Model":
         """Load the GGUF at ``path`` (porter's, or a stock llama.cpp file whose spec a plugin
         rebuilds) and return the Model. ``n_threads``: default the physical cores; ``n_ctx``:
         the KV cache's length (default the model's, at most 2048); ``cache_type``: f32, f16 or
         q8_0 keys and values; see :func:`porter.runtime.loader.load_gguf` for ``use_repack``,
-        ``bf16_as_f16`` and ``use_mmap``."""
-        g = load_gguf(path, n_threads=n_threads, use_repack=use_repack, bf16_as_f16=bf16_as_f16,
-                      use_mmap=use_mmap)
+        ``bf16_as_f16`` and ``use_mmap``; ``rpc``: ``host:port`` of ggml RPC servers to split the
+        layers across, with the local CPU (:mod:`porter.runtime.sched`)."""
+        if rpc:
+            from porter.runtime.sched import load_split
+
+            g = load_split(path, list(rpc), n_threads=n_threads, use_repack=use_repack, bf16_as_f16=bf16_as_f16,
+                           use_mmap=use_mmap)
+        else:
+            g = load_gguf(path, n_threads=n_threads, use_repack=use_repack, bf16_as_f16=bf16_as_f16,
+                          use_mmap=use_mmap)
         model = cls(g.spec, g.backend, g.weight_ctx, g.weight_buffer, g.weights, g.metadata, Path(path),
                     n_ctx, GGMLType.parse(cache_type))
         model._repack = (g.repack_ctx, g.repack_buffer)
         model._mapped = g.mapped
         model.repacked = g.repacked
         model.bf16_as_f16 = g.bf16_as_f16
+        model.placed = g.placed
         return model
 
     def __repr__(self) -> str:
@@ -220,7 +228,7 @@ class Model(GenerationMixin):
         if have is not None and need > have:
             raise OptionError(f"{what}, {have / 2**30:.1f} GiB are available; {advice}")
         try:
-            return KVCache(self.backend, self.spec, self.n_ctx, self.cache_type)
+            return getattr(self.backend, "kv_cache_type", KVCache)(self.backend, self.spec, self.n_ctx, self.cache_type)
         except MemoryError:  # within the machine's free memory, beyond what this process may take
             raise OptionError(f"{what} and could not be allocated (a memory limit of this process?); {advice}") from None
 
@@ -265,7 +273,9 @@ class Model(GenerationMixin):
             lib.ggml_set_output(t)
             lib.ggml_build_forward_expand(graph, t)
             outputs[name] = t
-        if capture:  # every captured node stays allocated: a buffer of its own, freed with the graph
+        if hasattr(self.backend, "allocate"):  # a SplitBackend: its scheduler allocates at compute time
+            galloc = None
+        elif capture:  # every captured node stays allocated: a buffer of its own, freed with the graph
             galloc = lib.ggml_gallocr_new(self.backend.buffer_type)
             if not lib.ggml_gallocr_alloc_graph(galloc, graph):
                 lib.ggml_gallocr_free(galloc)
@@ -343,6 +353,8 @@ class Model(GenerationMixin):
                  "token_types": np.zeros(n, dtype=np.int32) if token_types is None else np.asarray(token_types, np.int32),
                  "kv_slots": positions.astype(np.int64)}
         feeds.update(self._masks(positions, n_kv, start + n))
+        if hasattr(self.backend, "allocate"):  # a SplitBackend plans the graph unless it ran last
+            self.backend.allocate(g)
         for name, t in g.inputs.items():
             if t.buffer != ffi.NULL:  # an input no node reads has no memory
                 set_data(t, np.ascontiguousarray(feeds[name]))
