@@ -171,11 +171,15 @@ class Backend:
     def buffer_type(self):
         return lib.ggml_backend_get_default_buffer_type(self.ptr)
 
-    def compute(self, graph) -> None:
+    def follow_policy(self) -> None:
+        """Give the next graph the thread count :class:`ThreadPolicy` chooses now."""
         n = self.policy.threads()
         if n != self._current:
             lib.ggml_backend_cpu_set_n_threads(self.ptr, n)
             self._current = n
+
+    def compute(self, graph) -> None:
+        self.follow_policy()
         status = lib.ggml_backend_graph_compute(self.ptr, graph)
         if status != lib.GGML_STATUS_SUCCESS:
             raise RuntimeError(f"ggml graph compute failed: {ffi.string(lib.ggml_status_to_string(status)).decode()}")

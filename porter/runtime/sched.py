@@ -101,8 +101,7 @@ class SplitBackend:
         self.cpu.set_threads(n)
 
     def compute(self, graph) -> None:
-        n = self.cpu.policy.threads()  # the local CPU's pools and thread policy, as Backend.compute
-        self.cpu._use(self.cpu._pool("hot" if n == self.cpu.n_threads else "cold"), n)
+        self.cpu.follow_policy()  # the local CPU's thread policy, as Backend.compute
         status = lib.ggml_backend_sched_graph_compute(self.sched, graph)
         if status != lib.GGML_STATUS_SUCCESS:
             raise RuntimeError(f"ggml graph compute failed: {ffi.string(lib.ggml_status_to_string(status)).decode()}")
