@@ -39,19 +39,6 @@ def _can_repeat(small, big) -> bool:
     return all(small.ne[i] != 0 and big.ne[i] % small.ne[i] == 0 for i in range(4))
 
 
-def _silu_input(t):
-    """x when ``t`` is a silu(x) node, else None."""
-    if t.op == lib.GGML_OP_UNARY and lib.ggml_get_unary_op(t) == lib.GGML_UNARY_OP_SILU:
-        return t.src[0]
-    return None
-
-
-def _same_rows(x, y) -> bool:
-    """Same shape, both F32 with contiguous rows (what ggml's GLU split kernels need)."""
-    return (x.type == y.type == GGMLType.F32 and all(x.ne[i] == y.ne[i] for i in range(4))
-            and lib.ggml_is_contiguous_1(x) and lib.ggml_is_contiguous_1(y))
-
-
 def _require_dense(op: str, *tensors) -> None:
     """ggml's compute kernels (everything but copies and views) need each row's elements adjacent."""
     for t in tensors:
@@ -215,12 +202,6 @@ class Ops:
         return self._binary("sub", lib.ggml_sub, a, b, False)
 
     def mul(self, a, b):
-        for gate, up in ((a, b), (b, a)):
-            x = _silu_input(gate)
-            if x is not None and _same_rows(x, up):
-                # silu(x) * up as one GLU node: ggml computes the very same products (its
-                # swiglu kernel is the silu kernel times up) with one pass and one barrier less
-                return lib.ggml_swiglu_split(self.c, x, up)
         return self._binary("mul", lib.ggml_mul, a, b, True)
 
     def div(self, a, b):

@@ -147,31 +147,6 @@ def test_unary(backend, shape, seed, op, span):
     check(f"{op} vs torch fp32", elem_rel(got, t32, floor), 1e-6, "elem_rel")
 
 
-@given(shape=shapes, seed=seeds, span=st.sampled_from([1.0, 12.0]), gate_first=st.booleans(),
-       broadcast=st.booleans())
-def test_silu_times_up_is_one_glu_node_with_the_same_values(backend, shape, seed, span, gate_first, broadcast):
-    """mul(silu(x), up) becomes ggml's fused SWIGLU node when x and up have one shape (a plain MUL
-    when up broadcasts); either way the values are bit-identical to silu's output times up."""
-    from porter.runtime._lib import lib
-
-    rng = rng_for(seed)
-    x = rng.uniform(-span, span, shape).astype(np.float32)
-    up = rng.standard_normal(shape[-1:] if broadcast else shape).astype(np.float32)
-    silu_alone = run(backend, lambda g: g.ops.silu(g.input(x))).reshape(shape)
-    ops_seen = []
-
-    def build(g):
-        gate, u = g.ops.silu(g.input(x)), g.input(up)
-        out = g.ops.mul(gate, u) if gate_first else g.ops.mul(u, gate)
-        ops_seen.append(out.op)
-        return out
-
-    got = run(backend, build).reshape(shape)
-    fused = not broadcast or shape[:-1] == (1,) * (len(shape) - 1)
-    assert ops_seen == [lib.GGML_OP_GLU if fused else lib.GGML_OP_MUL]
-    exact("silu(x) * up", got, silu_alone * (up if not broadcast else np.broadcast_to(up, shape)))
-
-
 @given(shape=shapes, seed=seeds, cap=st.sampled_from([5.0, 30.0, 50.0]))
 def test_softcap(backend, shape, seed, cap):
     a = (rng_for(seed).standard_normal(shape) * cap).astype(np.float32)
