@@ -5,9 +5,12 @@ run one configuration after the other, so the ratios compare like with like on a
 The servers run on this machine (loopback TCP): what is measured is the cost of the split itself
 (ggml's scheduler, the activations copied at each boundary, one round trip per graph split and
 token), not extra compute. Only one device computes at a time (the layers run in order), so every
-process gets the same thread count. Usage:
+process gets the same thread count by default (--server-threads changes the servers'). On a
+machine other processes keep busy, a server with more than one thread can stall: ggml's own
+CPU compute (which rpc-server runs) spins at every op's barrier until its other thread is
+scheduled again, and porter's adaptive thread policy only steers the client's local CPU. Usage:
 
-    python bench/rpc.py [--threads 2] [--type q8_0] [--reps 3]
+    python bench/rpc.py [--threads 2] [--server-threads N] [--type q8_0] [--reps 3]
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class RPCServer:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--server-threads", type=int, default=None, help="threads of each rpc-server (default: --threads)")
     ap.add_argument("--type", default="q8_0")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -84,7 +88,8 @@ def main() -> None:
     from porter.pipeline import convert
 
     ckpt = materialize_smollm2()
-    servers = [RPCServer(args.threads), RPCServer(args.threads)]
+    server_threads = args.server_threads or args.threads
+    servers = [RPCServer(server_threads), RPCServer(server_threads)]
     rows = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -108,12 +113,13 @@ def main() -> None:
             server.stop()
     _, _, _, ref_pp, ref_tg = rows[0]
     table = Table(title=f"SmolLM2-135M-Instruct {args.type}, {args.prompt_tokens}-token prompt, {args.gen_tokens} "
-                        f"generated, {args.threads} threads per process, median of {args.reps}; servers on loopback")
+                        f"generated, {args.threads} threads (servers {server_threads}), median of {args.reps}; servers on "
+                        "loopback")
     for col in ("configuration", "layers", "load s", "prompt tok/s", "x single", "decode tok/s", "x single"):
         table.add_column(col, justify="right")
     for name, split, load_s, pp, tg in rows:
         table.add_row(name, split, f"{load_s:.1f}", f"{pp:.1f}", f"{pp / ref_pp:.2f}", f"{tg:.1f}", f"{tg / ref_tg:.2f}")
-    Console().print(table)
+    Console(width=120).print(table)
 
 
 if __name__ == "__main__":
