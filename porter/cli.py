@@ -423,7 +423,8 @@ def chat_cmd(model, system, n_predict, stop, temp, top_k, top_p, seed, threads, 
               help="Address to listen on. Only loopback is accepted unless --allow-public is given.")
 @click.option("--port", default=50052, show_default=True, type=int, help="TCP port to listen on (1..65535).")
 @click.option("-t", "--threads", type=int, default=None,
-              help="CPU threads the served backend computes with (default: the physical cores).")
+              help="CPU threads the served backend computes with (default: the physical cores). On a machine "
+                   "busy with other work give 1: ggml's compute threads spin at each op's barrier.")
 @click.option("--allow-public", is_flag=True,
               help="Listen on a non-loopback address. ggml's RPC protocol has NO authentication or encryption: "
                    "anyone who reaches the port can use this machine's memory and CPU; only on a trusted network.")
