@@ -63,6 +63,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/split_gguf.py
 	$(BIN)/python bench/stock_gguf.py
 	$(BIN)/python bench/spm_vocab.py
+	$(BIN)/python bench/rpc.py
 
 readme: setup
 	$(BIN)/porter plugins --update-readme
@@ -73,17 +74,20 @@ readme: setup
 # proven by a self-test in a child process; if the native build fails to compile or to pass,
 # the portable AVX2 build is used instead, with a warning. About 3 minutes per build on 2
 # cores; installed into .venv/ggml. `porter --version` says which build runs.
+# GPU builds (untested on porter's machines, which have no GPU): make ggml GGML_BACKENDS=cuda
+# (or vulkan; the toolkit must be installed), extra cmake arguments in PORTER_GGML_CMAKE_ARGS.
+GGML_BACKENDS ?=
 ggml:
 	$(BIN)/python -m pip install -q 'cmake>=3.21' ninja
-	$(BIN)/python tools/build_ggml.py
+	$(BIN)/python tools/build_ggml.py --backends '$(GGML_BACKENDS)'
 	$(BIN)/porter --version
 
 native:
-	$(BIN)/python tools/build_ggml.py --variant native
+	$(BIN)/python tools/build_ggml.py --variant native --backends '$(GGML_BACKENDS)'
 	$(BIN)/porter --version
 
 portable:
-	$(BIN)/python tools/build_ggml.py --variant portable
+	$(BIN)/python tools/build_ggml.py --variant portable --backends '$(GGML_BACKENDS)'
 	$(BIN)/porter --version
 
 generate: setup

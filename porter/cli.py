@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from porter import __version__
+from porter.cli_placement import placement_options, placement_kwargs, rpc_endpoints, show_split
 from porter.errors import OptionError, PorterError
 
 OUTTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k"]
@@ -317,23 +318,6 @@ def _sampling_options(f):
     return f
 
 
-_RPC_HELP = ("Split the model's layers across this machine and ggml RPC servers (`porter rpc-server`) at "
-             "host:port[,host:port...]. The protocol has no authentication or encryption: use servers on "
-             "machines and networks you trust.")
-
-
-def _rpc_option(f):
-    return click.option("--rpc", "rpc", default=None, metavar="HOST:PORT[,...]", help=_RPC_HELP)(f)
-
-
-def _rpc_endpoints(rpc: str | None) -> list[str] | None:
-    if rpc is None:
-        return None
-    from porter.runtime.devices import parse_endpoints
-
-    return parse_endpoints(rpc)
-
-
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", default="Write a haiku about porting models.", show_default=True)
@@ -342,8 +326,9 @@ def _rpc_endpoints(rpc: str | None) -> list[str] | None:
               help="Tokens to generate (-1: until the end of the sequence or a full context).")
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
 @_sampling_options
-@_rpc_option
-def run(model, prompt, prompt_file, n_predict, chat, temp, top_k, top_p, seed, threads, ctx_size, cache_type, rpc):
+@placement_options
+def run(model, prompt, prompt_file, n_predict, chat, temp, top_k, top_p, seed, threads, ctx_size, cache_type, rpc,
+        device, n_gpu_layers):
     """Generate text from a GGUF file (porter's, or a stock llama.cpp file of an architecture a
     plugin knows), streaming tokens (-n -1: until the end of the sequence or a full context, as
     llama.cpp); it stops at every end-of-generation token."""
@@ -353,14 +338,12 @@ def run(model, prompt, prompt_file, n_predict, chat, temp, top_k, top_p, seed, t
         prompt = _read_prompt_file(prompt_file)
     _check_prompt(prompt, chat)
     seed, threads = _check_run_options(n_predict, temp, top_k, top_p, seed, threads, ctx_size)
-    endpoints = _rpc_endpoints(rpc)
+    where = placement_kwargs(rpc, device, n_gpu_layers)
     if ctx_size == 0:
         ctx_size = _model_context(model)
-    with porter.load(model, n_threads=threads, n_ctx=ctx_size, cache_type=cache_type, rpc=endpoints) as m:
+    with porter.load(model, n_threads=threads, n_ctx=ctx_size, cache_type=cache_type, **where) as m:
         _refuse_encoder(m)
-        if endpoints:
-            split = ", ".join(f"{where}: {n}" for where, n in m.backend.layers_per_device().items())
-            click.secho(f"layers: {split}", fg="bright_black", err=True)
+        show_split(m)
         text = prompt
         templated = chat and bool(m.metadata.get("chat_template"))
         if templated:
@@ -409,8 +392,9 @@ def _warnings_shown():
               help="Most tokens per answer (-1: until the end of the turn or a full context).")
 @click.option("--stop", multiple=True, metavar="TEXT", help="End an answer where TEXT appears (repeatable).")
 @_sampling_options
-@_rpc_option
-def chat_cmd(model, system, n_predict, stop, temp, top_k, top_p, seed, threads, ctx_size, cache_type, rpc):
+@placement_options
+def chat_cmd(model, system, n_predict, stop, temp, top_k, top_p, seed, threads, ctx_size, cache_type, rpc, device,
+             n_gpu_layers):
     """Talk with a model: one message per line on standard input, /exit or end of input ends
     (Ctrl-C too). The conversation stays in the KV cache: each turn evaluates only its new tokens."""
     import porter
@@ -421,11 +405,12 @@ def chat_cmd(model, system, n_predict, stop, temp, top_k, top_p, seed, threads, 
         raise OptionError("-n 0: an answer needs at least 1 token (or -1: until the end of the turn)")
     if system is not None:
         _check_prompt(system, True)
-    endpoints = _rpc_endpoints(rpc)
+    where = placement_kwargs(rpc, device, n_gpu_layers)
     if ctx_size == 0:
         ctx_size = _model_context(model)
-    with porter.load(model, n_threads=threads, n_ctx=ctx_size, cache_type=cache_type, rpc=endpoints) as m:
+    with porter.load(model, n_threads=threads, n_ctx=ctx_size, cache_type=cache_type, **where) as m:
         _refuse_encoder(m)
+        show_split(m)
         if not m.metadata.get("chat_template"):
             raise OptionError(f"{model}: this model has no chat template; use `porter run --no-chat`")
         m.kv  # allocated before any compute: a cache that cannot fit is refused with its size
@@ -438,7 +423,8 @@ def chat_cmd(model, system, n_predict, stop, temp, top_k, top_p, seed, threads, 
               help="Address to listen on. Only loopback is accepted unless --allow-public is given.")
 @click.option("--port", default=50052, show_default=True, type=int, help="TCP port to listen on (1..65535).")
 @click.option("-t", "--threads", type=int, default=None,
-              help="CPU threads the served backend computes with (default: the physical cores).")
+              help="CPU threads the served backend computes with (default: the physical cores). On a machine "
+                   "busy with other work give 1: ggml's compute threads spin at each op's barrier.")
 @click.option("--allow-public", is_flag=True,
               help="Listen on a non-loopback address. ggml's RPC protocol has NO authentication or encryption: "
                    "anyone who reaches the port can use this machine's memory and CPU; only on a trusted network.")
@@ -483,7 +469,7 @@ def devices(rpc):
     from porter.runtime.devices import has_rpc, registry_devices, remote_devices
 
     rows = [(d.name, d.kind, d.description, d.memory_free, d.memory_total) for d in registry_devices()]
-    for endpoint in _rpc_endpoints(rpc) or []:
+    for endpoint in rpc_endpoints(rpc) or []:
         rows += [(d.name, "rpc", d.description, d.memory_free, d.memory_total) for d in remote_devices(endpoint)]
     for name, kind, description, free, total in rows:
         click.echo(f"{name:<24} {kind:<5} {description:<32} {free / 2**20:>9.0f} MiB free of {total / 2**20:.0f} MiB")

@@ -21,7 +21,15 @@ instead of spinning (see ``porter.runtime.core``).
 The result is installed into ``<prefix>/ggml`` (default: this Python's ``sys.prefix``, i.e. the
 venv) with ``build-info.json`` saying which build it is; ``porter --version`` prints it.
 
-    python tools/build_ggml.py [--variant auto|native|portable] [--prefix DIR]
+    python tools/build_ggml.py [--variant auto|native|portable] [--prefix DIR] [--backends cuda|vulkan,...]
+
+GPU builds (untested here: no GPU on porter's machines): ``--backends cuda`` (or the
+``PORTER_GGML_BACKENDS`` environment variable; ``make ggml GGML_BACKENDS=cuda``) adds
+``-DGGML_CUDA=ON`` (``vulkan``: ``-DGGML_VULKAN=ON``; any ggml backend name the same way), built
+into libggml like the CPU and RPC backends, so that ggml's registry reports the GPU (``porter
+devices``) and ``--device``/``-ngl`` can place layers on it. The toolkit (CUDA's nvcc, the Vulkan
+SDK and glslc) must be installed; ``PORTER_GGML_CMAKE_ARGS`` passes any further cmake arguments
+(e.g. ``-DCMAKE_CUDA_ARCHITECTURES=86``). The self-test still checks the CPU backend only.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -108,10 +117,20 @@ def tool(name: str) -> str:
     return found
 
 
-def build(variant: str, src: Path, prefix: Path) -> Path:
-    bdir = BUILD / f"ggml-{GGML_VERSION}-{variant}"
-    inst = BUILD / f"ggml-{GGML_VERSION}-{variant}-install"
-    flags = COMMON + VARIANTS[variant]
+def backend_flags(backends: str) -> list[str]:
+    """``cuda,vulkan`` -> -DGGML_CUDA=ON -DGGML_VULKAN=ON, then PORTER_GGML_CMAKE_ARGS as given."""
+    names = [b.strip().upper() for b in backends.split(",") if b.strip()]
+    bad = [n for n in names if not n.isalnum()]
+    if bad:
+        raise SystemExit(f"--backends: not a ggml backend name: {', '.join(bad)} (e.g. cuda, vulkan)")
+    return [f"-DGGML_{n}=ON" for n in names] + shlex.split(os.environ.get("PORTER_GGML_CMAKE_ARGS", ""))
+
+
+def build(variant: str, src: Path, prefix: Path, extra: list[str] = ()) -> Path:
+    suffix = "".join(f"-{f[7:-3].lower()}" for f in extra if f.startswith("-DGGML_") and f.endswith("=ON"))
+    bdir = BUILD / f"ggml-{GGML_VERSION}-{variant}{suffix}"
+    inst = BUILD / f"ggml-{GGML_VERSION}-{variant}{suffix}-install"
+    flags = COMMON + VARIANTS[variant] + list(extra)
     cflags = NO_AMX
     cmd = [tool("cmake"), "-S", str(ROOT / "tools" / "ggml"), "-B", str(bdir), f"-DGGML_SOURCE_DIR={src}", "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={tool('ninja')}",
            f"-DCMAKE_INSTALL_PREFIX={inst}", f"-DCMAKE_C_FLAGS={cflags}", f"-DCMAKE_CXX_FLAGS={cflags}",
@@ -147,13 +166,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", choices=["auto", "native", "portable"], default="auto")
     ap.add_argument("--prefix", type=Path, default=Path(sys.prefix))
+    ap.add_argument("--backends", default=os.environ.get("PORTER_GGML_BACKENDS", ""),
+                    help="GPU (or other) ggml backends to build in, comma-separated: cuda, vulkan, ... "
+                         "(default: $PORTER_GGML_BACKENDS, else none)")
     args = ap.parse_args()
+    extra = backend_flags(args.backends)
     src = sources()
     order = ["native", "portable"] if args.variant == "auto" else [args.variant]
     reasons = []
     for variant in order:
         try:
-            inst = build(variant, src, args.prefix)
+            inst = build(variant, src, args.prefix, extra)
         except subprocess.CalledProcessError as exc:
             reasons.append(f"{variant} build failed ({exc})")
             log(f"warning: {reasons[-1]}")

@@ -26,14 +26,17 @@ def prompt_ids(tokenizer, prompt: str, chat: bool = False) -> list[int]:
 
 
 def measure(hf, tokenizer, gguf: Path, outtype: str, prompts, n_greedy: int = 16, n_ctx: int = 512,
-            chat: bool = False) -> list:
-    """One :class:`~porter.parity.harness.ParityReport` per prompt (greedy tokens in ``logits``)."""
+            chat: bool = False, placement: dict | None = None) -> list:
+    """One :class:`~porter.parity.harness.ParityReport` per prompt (greedy tokens in ``logits``).
+    ``placement``: porter.load's ``rpc``/``devices``/``n_gpu_layers``, to check porter split
+    across devices against transformers (the report's ``placement`` says how it was split)."""
     import porter
     from porter.parity.harness import run_parity
     from porter.parity.logits import hf_greedy
 
     reports = []
-    with porter.load(gguf, n_ctx=n_ctx) as m:
+    with porter.load(gguf, n_ctx=n_ctx, **(placement or {})) as m:
+        split = m.backend.layers_per_device() if hasattr(m.backend, "layers_per_device") else None
         for p in list(prompts) or [DEFAULT_PROMPT]:
             ids = prompt_ids(tokenizer, p, chat) if tokenizer is not None else list(range(1, 17))
             report = run_parity(hf, m, ids, outtype)
@@ -42,6 +45,7 @@ def measure(hf, tokenizer, gguf: Path, outtype: str, prompts, n_greedy: int = 16
                 got_tokens = list(m.generate_ids(ids, n_greedy))
                 same = next((i for i, (a, b) in enumerate(zip(ref_tokens, got_tokens)) if a != b), None)
                 report.logits["greedy"] = {"tokens": n_greedy, "identical": same is None, "first_difference": same}
+            report.placement = split
             reports.append(report)
     return reports
 
@@ -64,6 +68,8 @@ def show(console, reports, *, title: str, outtype: str, quiet: bool = False) -> 
                           "[green]ok" if n.ok else "[red]not finite" if not n.finite
                           else "[red]over" if n.gated else "[yellow]over (not gated)")
         console.print(table)
+    if report.placement:
+        console.print("porter split its layers: " + ", ".join(f"{d} {n}" for d, n in report.placement.items()))
     lg = report.logits
     gate = f"gate {report.tolerance:g}" if report.tolerance != float("inf") else f"no gate for {outtype}: report only"
     console.print(f"logits: NMSE {lg['nmse']:.3e} ({gate}), top-1 agreement {lg['top1']:.1%}, KL {lg['kl']:.2e}")

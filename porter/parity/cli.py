@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from porter.cli_placement import placement_kwargs, placement_options
 from porter.errors import PorterError
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog because"
@@ -93,8 +94,9 @@ def config_settings(model_type: str, settings) -> dict:
 @click.option("--chat", is_flag=True, help="Score each prompt as a user turn in the checkpoint's chat template "
               "(the assistant's turn opened), as chat users run the model.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the summary line.")
+@placement_options
 def parity(model_dir, model_type, traced, outtype, prompts, json_path, plot_path, n_greedy, against, settings,
-           checkpoint, chat, quiet):
+           checkpoint, chat, quiet, rpc, device, n_gpu_layers):
     """Compare porter with transformers node by node (exit status 1 when over tolerance, 2 when
     the traced path cannot lower the model).
 
@@ -108,7 +110,12 @@ def parity(model_dir, model_type, traced, outtype, prompts, json_path, plot_path
     With a quantized --outtype the difference has two parts: the rounded weights, and ggml
     computing with them. --against gguf gives transformers the GGUF's own (dequantized) weights,
     so what remains is the port's.
+
+    With --rpc/--device/-ngl, porter's side runs split across those devices (as `porter run`
+    would), still compared with transformers; the report says how the layers were split.
     """
+    where = placement_kwargs(rpc, device, n_gpu_layers)
+    where = where if any(v is not None for v in where.values()) else None
     if (model_dir is None) == (model_type is None):
         raise PorterError("give either a checkpoint folder (or a GGUF file with --checkpoint) or --arch MODEL_TYPE")
     if model_dir is not None and model_dir.is_file():
@@ -118,7 +125,8 @@ def parity(model_dir, model_type, traced, outtype, prompts, json_path, plot_path
         if traced or settings:
             raise PorterError("--traced and --set apply when porter converts; a GGUF file is compared as it is")
         sys.exit(run_file_certificate(model_dir, checkpoint, prompts=prompts, n_greedy=n_greedy, against=against,
-                                      json_path=json_path, plot_path=plot_path, quiet=quiet, chat=chat))
+                                      json_path=json_path, plot_path=plot_path, quiet=quiet, chat=chat,
+                                      placement=where))
     if checkpoint is not None:
         raise PorterError("--checkpoint goes with a GGUF file as MODEL (a folder is its own checkpoint)")
     if settings and model_type is None:
@@ -127,7 +135,7 @@ def parity(model_dir, model_type, traced, outtype, prompts, json_path, plot_path
     overrides = config_settings(model_type, settings) if settings else None
     sys.exit(run_certificate(source, outtype=outtype, traced=traced, prompts=prompts, n_greedy=n_greedy,
                              against=against, json_path=json_path, plot_path=plot_path, quiet=quiet,
-                             overrides=overrides, chat=chat))
+                             overrides=overrides, chat=chat, placement=where))
 
 
 def file_outtype(gguf: Path) -> str:
@@ -149,7 +157,8 @@ def file_outtype(gguf: Path) -> str:
 
 
 def run_file_certificate(gguf: Path, checkpoint: Path, *, prompts, n_greedy: int, against: str,
-                         json_path: Path | None, plot_path: Path | None, quiet: bool, chat: bool) -> int:
+                         json_path: Path | None, plot_path: Path | None, quiet: bool, chat: bool,
+                         placement: dict | None = None) -> int:
     """Compare a GGUF as it is with transformers on ``checkpoint``; the exit status."""
     from rich.console import Console
 
@@ -175,7 +184,7 @@ def run_file_certificate(gguf: Path, checkpoint: Path, *, prompts, n_greedy: int
             reference = Path(tmp) / "gguf-weights"
             checkpoint_with_gguf_weights(checkpoint, plan, gguf, reference)
         hf, tok = load_reference(reference, traced=traced)
-        reports = certificate.measure(hf, tok, gguf, outtype, prompts, n_greedy, chat=chat)
+        reports = certificate.measure(hf, tok, gguf, outtype, prompts, n_greedy, chat=chat, placement=placement)
     weights = "the GGUF's weights" if against == "gguf" else "the checkpoint's weights"
     title = (f"parity of {gguf.name} ({outtype}, {reports[0].n_tokens} tokens{', chat' if chat else ''}, worst "
              f"prompt; transformers on {weights})")
@@ -193,7 +202,7 @@ def run_certificate(source: str, *, outtype: str, traced: bool, prompts, n_greed
                     json_path: Path | None = None, plot_path: Path | None = None, quiet: bool = False,
                     out: Path | None = None, force: bool = False, report_path: Path | None = None,
                     spec_path: Path | None = None, parity: bool = True, announce: bool = False,
-                    overrides: dict | None = None, chat: bool = False) -> int:
+                    overrides: dict | None = None, chat: bool = False, placement: dict | None = None) -> int:
     """Port ``source`` (to a temporary GGUF unless ``out``), compare it with transformers and
     print the certificate; returns the exit status (0 pass, 1 over tolerance, 2 op gaps)."""
     from rich.console import Console
@@ -233,7 +242,8 @@ def run_certificate(source: str, *, outtype: str, traced: bool, prompts, n_greed
             hf, tok = load_reference(tmp / "gguf-weights", traced=result.route == "traced")
         else:
             hf, tok = load_reference(result.checkpoint, traced=result.route == "traced")
-        reports = certificate.measure(hf, tok, result.gguf, outtype, prompts, n_greedy, chat=chat)
+        reports = certificate.measure(hf, tok, result.gguf, outtype, prompts, n_greedy, chat=chat,
+                                      placement=placement)
     weights = "the GGUF's weights" if against == "gguf" else "the checkpoint's weights"
     name = source if result.tiny else Path(str(source)).name
     title = (f"parity of {name} ({result.route} path, {outtype}, {reports[0].n_tokens} tokens, worst prompt; "

@@ -46,6 +46,7 @@ class ParityReport:
     n_tokens: int
     nodes: list[NodeParity] = field(default_factory=list)
     logits: dict = field(default_factory=dict)
+    placement: dict | None = None  # porter's layers per device when it ran split (--rpc, --device, -ngl)
 
     @property
     def first_divergence(self) -> NodeParity | None:

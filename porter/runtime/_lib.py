@@ -51,9 +51,10 @@ def _load():
         raise GGMLVersionError(
             f"porter's ggml is not installed (no {libdir / 'libggml.so'}); run `make setup` "
             "(it builds ggml with tools/build_ggml.py) or set PORTER_GGML_DIR")
-    # libggml.so needs libggml-base.so and its backends (built in, GGML_BACKEND_DL off: CPU, and RPC
-    # when the build has it): load them first, by path
-    for dep in ("libggml-base.so", "libggml-cpu.so", "libggml-rpc.so"):
+    # libggml.so needs libggml-base.so and its backends (built in, GGML_BACKEND_DL off: CPU, RPC
+    # when the build has it, CUDA/Vulkan/... in a GPU build): load them first, by path
+    backends = sorted(p.name for p in libdir.glob("libggml-*.so") if p.name != "libggml-base.so")
+    for dep in ("libggml-base.so", *backends):
         if (libdir / dep).exists():
             ffi.dlopen(str(libdir / dep), ffi.RTLD_NOW | ffi.RTLD_GLOBAL)
     lib = ffi.dlopen(str(libdir / "libggml.so"), ffi.RTLD_NOW | ffi.RTLD_GLOBAL)

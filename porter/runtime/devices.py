@@ -66,13 +66,35 @@ def remote_devices(endpoint: str) -> list[Device]:
     check_reachable([endpoint])
     exit_cleanly_on_abort([endpoint])
     try:
+        return [_device(dev) for dev in connect(endpoint)]
+    finally:
+        release_abort_guard()
+
+
+_registered: dict[str, list] = {}  # endpoint -> its devices, in ggml's registry (one registration per process)
+
+
+def connect(endpoint: str) -> list:
+    """The ggml devices (``ggml_backend_dev_t``) of the RPC server at ``endpoint``, added to
+    ggml's device registry as llama.cpp's ``--rpc`` adds them, so that they are named and found
+    like any other device (``ggml_backend_dev_by_name``, ``porter devices``). The caller has
+    probed the server (:func:`check_reachable`) and holds the abort guard."""
+    if endpoint not in _registered:
         reg = lib.ggml_backend_rpc_add_server(endpoint.encode())
         mark_connected(endpoint)
         if reg == ffi.NULL:
-            return []
-        return [_device(lib.ggml_backend_reg_dev_get(reg, i)) for i in range(lib.ggml_backend_reg_dev_count(reg))]
-    finally:
-        release_abort_guard()
+            raise RPCError(f"the RPC server at {endpoint} reports no device")
+        lib.ggml_backend_register(reg)
+        _registered[endpoint] = [lib.ggml_backend_reg_dev_get(reg, i) for i in range(lib.ggml_backend_reg_dev_count(reg))]
+    return _registered[endpoint]
+
+
+def endpoint_of(dev) -> str | None:
+    """The RPC endpoint a device was registered from, or None for a local device."""
+    for endpoint, devs in _registered.items():
+        if any(d == dev for d in devs):
+            return endpoint
+    return None
 
 
 def has_rpc() -> bool:

@@ -99,18 +99,22 @@ class Model(GenerationMixin):
     @classmethod
     def load(cls, path: str | Path, *, n_threads: int | None = None, n_ctx: int | None = None,
              cache_type: str = "f32", use_repack: bool = True, bf16_as_f16: bool = True,
-             use_mmap: bool = True, rpc: Sequence[str] | None = None) -> "Model":
+             use_mmap: bool = True, rpc: Sequence[str] | None = None, devices: Sequence[str] | None = None,
+             n_gpu_layers: int | str | None = None) -> "Model":
         """Load the GGUF at ``path`` (porter's, or a stock llama.cpp file whose spec a plugin
         rebuilds) and return the Model. ``n_threads``: default the physical cores; ``n_ctx``:
         the KV cache's length (default the model's, at most 2048); ``cache_type``: f32, f16 or
         q8_0 keys and values; see :func:`porter.runtime.loader.load_gguf` for ``use_repack``,
         ``bf16_as_f16`` and ``use_mmap``; ``rpc``: ``host:port`` of ggml RPC servers to split the
-        layers across, with the local CPU (:mod:`porter.runtime.sched`)."""
-        if rpc:
+        layers across, with the local CPU (:mod:`porter.runtime.sched`); ``devices`` and
+        ``n_gpu_layers``: which devices hold which layers (:mod:`porter.runtime.placement`)."""
+        if rpc or devices is not None or n_gpu_layers is not None:
+            from porter.runtime.placement import parse_n_gpu_layers
             from porter.runtime.sched import load_split
 
-            g = load_split(path, list(rpc), n_threads=n_threads, use_repack=use_repack, bf16_as_f16=bf16_as_f16,
-                           use_mmap=use_mmap)
+            g = load_split(path, list(rpc or ()), devices=None if devices is None else list(devices),
+                           n_gpu_layers=parse_n_gpu_layers(n_gpu_layers), n_threads=n_threads, use_repack=use_repack,
+                           bf16_as_f16=bf16_as_f16, use_mmap=use_mmap)
         else:
             g = load_gguf(path, n_threads=n_threads, use_repack=use_repack, bf16_as_f16=bf16_as_f16,
                           use_mmap=use_mmap)

@@ -1,12 +1,12 @@
-"""A model split by layers across the local CPU backend and remote ggml RPC servers, run
-through ggml's backend scheduler (``ggml_backend_sched``).
+"""A model split by layers across ggml devices (the local CPU, RPC servers, GPUs when the ggml
+build has them), run through ggml's backend scheduler (``ggml_backend_sched``).
 
-Placement, as llama.cpp places layers across devices: the layer loop is cut into contiguous
-runs, one per device (the local CPU first, then the servers in the order given), as equal as
-the layer count allows; each layer's weights and its KV cache live on its device. Weights
-outside the loop (token embeddings, output norm and head) stay local, where the graph's inputs
-are. ggml's scheduler then runs every op where its weights (or the cache it writes) live,
-copying activations across at the boundaries.
+Which layer goes where is :mod:`porter.runtime.placement`'s choice (``--device``, ``-ngl``; by
+default with ``--rpc`` the local CPU and the servers share the layers equally, CPU first);
+each layer's weights and its KV cache live on its device. Weights outside the loop (token
+embeddings, output norm and head) stay local, where the graph's inputs are. ggml's scheduler
+then runs every op where its weights (or the cache it writes) live, copying activations across
+at the boundaries (no op offload: an op on local weights runs locally).
 
 Only this path differs from the plain CPU one (:class:`porter.runtime.core.Backend` with
 gallocr); the model code sees the same backend interface (``buffer_type``, ``compute``,
@@ -18,28 +18,37 @@ from __future__ import annotations
 import re
 
 from porter.errors import ModelError
+from porter.runtime import placement
 from porter.runtime._lib import ffi, lib
 from porter.runtime.core import Backend, Buffer, Context, _track
-from porter.runtime.devices import (_require_rpc, check_reachable, exit_cleanly_on_abort, mark_connected,
-                                    release_abort_guard)
+from porter.runtime.devices import _require_rpc, check_reachable, connect, endpoint_of, exit_cleanly_on_abort, release_abort_guard
 from porter.runtime.graph import KVCache, cache_names, cache_widths, kv_cache_bytes, state_names, state_widths
+from porter.runtime.placement import split_layers  # noqa: F401  (re-exported: the split rule)
 
 GRAPH_SIZE = 32768  # nodes the scheduler can place (porter's graphs use 64 per layer + a few hundred)
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
 
 
-class RemoteDevice:
-    """One RPC server: its ggml device and a backend on it (ggml keeps the connection)."""
+def device_label(dev) -> str:
+    """A device as messages name it: ``RPC0 (127.0.0.1:50052)``, ``CUDA0``, ``CPU`` (None)."""
+    if dev is None:
+        return "CPU"
+    name = ffi.string(lib.ggml_backend_dev_name(dev)).decode()
+    endpoint = endpoint_of(dev)
+    return f"{name} ({endpoint})" if endpoint else name
 
-    def __init__(self, owner, endpoint: str):
-        self.endpoint = endpoint
-        reg = lib.ggml_backend_rpc_add_server(endpoint.encode())
-        if reg == ffi.NULL or lib.ggml_backend_reg_dev_count(reg) < 1:
-            raise ModelError(f"the RPC server at {endpoint} reports no device")
-        self.device = lib.ggml_backend_reg_dev_get(reg, 0)
-        self.ptr = lib.ggml_backend_dev_init(self.device, ffi.NULL)
+
+class DeviceBackend:
+    """A backend on one ggml device other than the local CPU (ggml keeps an RPC connection)."""
+
+    def __init__(self, owner, device):
+        self.device = device
+        self.name = ffi.string(lib.ggml_backend_dev_name(device)).decode()
+        self.endpoint = endpoint_of(device)
+        self.label = device_label(device)
+        self.ptr = lib.ggml_backend_dev_init(device, ffi.NULL)
         if self.ptr == ffi.NULL:
-            raise ModelError(f"ggml could not start a backend on the RPC server at {endpoint}")
+            raise ModelError(f"ggml could not start a backend on {self.label}")
         self._finalizer = _track(owner, "backend", lib.ggml_backend_free, self.ptr)
         self.buffer_type = lib.ggml_backend_get_default_buffer_type(self.ptr)
 
@@ -47,35 +56,43 @@ class RemoteDevice:
         self._finalizer()
 
 
-def split_layers(n_layer: int, n_devices: int) -> list[int]:
-    """The device of each layer: contiguous runs, sizes differing by at most one, earlier devices
-    taking the remainder."""
-    base, extra = divmod(n_layer, n_devices)
-    owners = []
-    for device in range(n_devices):
-        owners += [device] * (base + (device < extra))
-    return owners
-
-
 class SplitBackend:
-    """The local CPU backend (with porter's threadpool) plus RPC servers, under one scheduler."""
+    """The local CPU backend (with porter's threadpool) plus other devices, under one scheduler.
+
+    ``endpoints``: RPC servers to connect (their devices join ggml's registry as RPC0, RPC1...);
+    ``devices``/``n_gpu_layers``: the choice :mod:`porter.runtime.placement` describes."""
 
     kv_cache_type = None  # SplitKVCache, set below
 
-    def __init__(self, endpoints: list[str], n_threads: int | None = None):
-        _require_rpc()
-        check_reachable(endpoints)  # before ggml connects: it would abort on failure
-        exit_cleanly_on_abort(endpoints)
-        self._guarded = True
-        self.cpu = Backend(n_threads)
-        self.remotes = []
-        for endpoint in endpoints:
-            self.remotes.append(RemoteDevice(self, endpoint))
-            mark_connected(endpoint)
+    def __init__(self, endpoints: list[str] = (), n_threads: int | None = None, *, devices: list[str] | None = None,
+                 n_gpu_layers=None):
+        self._guarded = False
         self.endpoints = list(endpoints)
+        rpc_devices = []
+        if self.endpoints:
+            _require_rpc()
+            check_reachable(self.endpoints)  # before ggml connects: it would abort on failure
+            exit_cleanly_on_abort(self.endpoints)
+            self._guarded = True
+        try:
+            for endpoint in self.endpoints:
+                rpc_devices += connect(endpoint)
+            self.chosen = placement.choose(devices, n_gpu_layers, rpc_devices)
+        except BaseException:
+            self._release_guard()
+            raise
+        self.n_gpu_layers = n_gpu_layers
+        self.cpu = Backend(n_threads)
+        self.remotes: list[DeviceBackend] = []  # the devices holding layers, other than the local CPU
         self._owned: list = []  # weight buffers and contexts this backend's devices hold
-        self._layer_device: list[int] = []
+        self._owners: list = []  # the device (None: the local CPU) of each layer
+        self._layer_device: list[int] = []  # each layer's slot: 0 the local CPU, i > 0 remotes[i - 1]
+        self._planned = False
         self._last_allocated = None
+        self.sched = None
+        self._sched_finalizer = lambda: None
+
+    def _start_scheduler(self) -> None:
         # the scheduler wants the CPU backend last (graph inputs live there); earlier = preferred
         ptrs = [r.ptr for r in self.remotes] + [self.cpu.ptr]
         self._backends = ffi.new("ggml_backend_t[]", ptrs)
@@ -140,19 +157,33 @@ class SplitBackend:
 
     # -- placement ------------------------------------------------------------------------------
     def plan(self, spec) -> None:
+        """Place the layers (raises OptionError for an -ngl the model cannot take) and start the
+        scheduler over the devices that hold any."""
         loop = spec.layer_loop
         n_layer = int(spec.hparams[loop.repeat]) if loop is not None else 0
-        self._layer_device = split_layers(n_layer, 1 + len(self.remotes))
+        self._owners = placement.layer_owners(n_layer, self.chosen, self.n_gpu_layers)
+        used = list(dict.fromkeys(d for d in self._owners if d is not None))
+        self.remotes = [DeviceBackend(self, d) for d in used]
+        slot = {None: 0, **{d: i + 1 for i, d in enumerate(used)}}
+        self._layer_device = [slot[d] for d in self._owners]
+        self._planned = True
+        self._start_scheduler()
 
     def layer_buffer_type(self, layer: int):
-        """None for a layer the local CPU holds, else its server's buffer type."""
+        """None for a layer the local CPU holds, else its device's buffer type."""
         device = self._layer_device[layer]
         return None if device == 0 else self.remotes[device - 1].buffer_type
 
+    def slot_buffer_type(self, slot: int):
+        return self.cpu.buffer_type if slot == 0 else self.remotes[slot - 1].buffer_type
+
+    def slot_label(self, slot: int) -> str:
+        return "locally" if slot == 0 else f"on {self.remotes[slot - 1].label}"
+
     def placement(self, spec, name: str, layered: bool):
         """Where a weight goes: None = the local CPU (as the plain path places it), else a
-        remote buffer type."""
-        if not self._layer_device:
+        device's buffer type."""
+        if not self._planned:
             self.plan(spec)
         if not layered:
             return None
@@ -160,8 +191,15 @@ class SplitBackend:
         return self.layer_buffer_type(int(m.group(1))) if m else None
 
     def layers_per_device(self) -> dict[str, int]:
-        names = ["local CPU"] + [f"rpc {r.endpoint}" for r in self.remotes]
-        return {n: self._layer_device.count(i) for i, n in enumerate(names)}
+        """Layers held per device, by the names ``porter devices`` prints (CPU, RPC0, ...), the
+        local CPU first, then the chosen devices in order (those given no layer too)."""
+        devices = [None] + [d for d in dict.fromkeys(self.chosen) if d is not None]
+        return {device_label(d).split(" ")[0]: self._owners.count(d) for d in devices}
+
+    def describe(self) -> str:
+        """``CPU 10, RPC0 (127.0.0.1:50052) 10, ...``: the split, for the CLI's status line."""
+        devices = [None] + [d for d in dict.fromkeys(self.chosen) if d is not None]
+        return ", ".join(f"{device_label(d)} {self._owners.count(d)}" for d in devices)
 
     def own(self, *objects) -> None:
         self._owned.extend(objects)
@@ -174,6 +212,9 @@ class SplitBackend:
         for remote in self.remotes:
             remote.close()
         self.cpu.close()
+        self._release_guard()
+
+    def _release_guard(self) -> None:
         if self._guarded:
             self._guarded = False
             release_abort_guard()
@@ -206,8 +247,7 @@ class SplitKVCache(KVCache):
         need = kv_cache_bytes(spec, n_ctx, gtype)
         self._parts = []
         for device, ctx in sorted(contexts.items()):
-            buft = backend.buffer_type if device == 0 else backend.remotes[device - 1].buffer_type
-            where = "locally" if device == 0 else f"on {backend.remotes[device - 1].endpoint}"
+            buft, where = backend.slot_buffer_type(device), backend.slot_label(device)
             buffer = Buffer(ctx, buft, f"the KV cache {where} (of {need / 2**20:.0f} MiB for n_ctx={n_ctx})")
             lib.ggml_backend_buffer_clear(buffer.ptr, 0)
             self._parts.append((buffer, ctx))
@@ -224,12 +264,14 @@ class SplitKVCache(KVCache):
         self._parts.clear()
 
 
-def load_split(path, endpoints: list[str], *, n_threads=None, use_repack=True, bf16_as_f16=True, use_mmap=True):
-    """:func:`porter.runtime.loader.load_gguf` with the layers split across the local CPU and
-    the RPC servers at ``endpoints``; the returned ``backend`` is a :class:`SplitBackend`."""
+def load_split(path, endpoints: list[str] = (), *, devices=None, n_gpu_layers=None, n_threads=None, use_repack=True,
+               bf16_as_f16=True, use_mmap=True):
+    """:func:`porter.runtime.loader.load_gguf` with the layers placed across devices (the RPC
+    servers at ``endpoints`` connected first; ``devices``, ``n_gpu_layers``: see
+    :mod:`porter.runtime.placement`); the returned ``backend`` is a :class:`SplitBackend`."""
     from porter.runtime.loader import load_gguf
 
-    backend = SplitBackend(endpoints, n_threads)
+    backend = SplitBackend(endpoints, n_threads, devices=devices, n_gpu_layers=n_gpu_layers)
     try:
         return load_gguf(path, n_threads=n_threads, use_repack=use_repack, bf16_as_f16=bf16_as_f16,
                          use_mmap=use_mmap, backend=backend)

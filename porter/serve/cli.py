@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from porter.cli_placement import placement_options
 from porter.errors import OptionError
 
 
@@ -45,15 +46,16 @@ def _check_port_free(host: str, port: int) -> None:
 @click.option("--cache-type", type=click.Choice(["f32", "f16", "q8_0"]), default="f32", show_default=True,
               help="KV cache type.")
 @click.option("--access-log", is_flag=True, help="Log every request on standard error.")
-@click.option("--rpc", "rpc", default=None, metavar="HOST:PORT[,...]",
-              help="Split the layers across this machine and ggml RPC servers (`porter rpc-server`); their "
-                   "protocol has no authentication. A server lost mid-request ends this server (exit 1).")
-def serve(model, host, port, public, alias, threads, ctx_size, cache_type, access_log, rpc):
+@placement_options
+def serve(model, host, port, public, alias, threads, ctx_size, cache_type, access_log, rpc, device, n_gpu_layers):
     """Serve MODEL over HTTP with OpenAI's API: /v1/chat/completions (streaming or not),
     /v1/completions, /v1/embeddings (encoders), /v1/models, /health.
 
     Requests are answered one at a time in arrival order (one KV cache); a conversation that
     grows by a turn reuses the cache. Point any OpenAI client at http://HOST:PORT/v1.
+
+    With --rpc, an RPC server lost while a request runs ends this server: one error line and
+    exit status 1 (ggml-rpc cannot recover a broken connection within the process).
     """
     try:
         import uvicorn
@@ -62,7 +64,8 @@ def serve(model, host, port, public, alias, threads, ctx_size, cache_type, acces
     except ImportError as exc:
         raise OptionError(f"porter serve needs {exc.name}: pip install 'porter[serve]'") from None
     import porter
-    from porter.cli import _check_run_options, _model_context, _rpc_endpoints
+    from porter.cli import _check_run_options, _model_context
+    from porter.cli_placement import placement_kwargs, show_split
 
     if not _is_loopback(host) and not public:
         raise OptionError(f"--host {host} is reachable from other machines and the server has no authentication; "
@@ -72,9 +75,10 @@ def serve(model, host, port, public, alias, threads, ctx_size, cache_type, acces
     _, threads = _check_run_options(0, 0.0, 0, 1.0, None, threads, ctx_size)
     if ctx_size == 0:
         ctx_size = _model_context(model)
-    endpoints = _rpc_endpoints(rpc)
+    where = placement_kwargs(rpc, device, n_gpu_layers)
     _check_port_free(host, port)
-    with porter.load(model, n_threads=threads, n_ctx=ctx_size, cache_type=cache_type, rpc=endpoints) as m:
+    with porter.load(model, n_threads=threads, n_ctx=ctx_size, cache_type=cache_type, **where) as m:
+        show_split(m)
         if m.spec.causal:
             m.kv  # allocated now: a cache that cannot fit is refused with its size, before listening
         name = alias or (model.name[:-5] if model.name.endswith(".gguf") else model.name)

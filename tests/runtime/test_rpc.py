@@ -16,72 +16,15 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from porter.runtime.devices import RPCError, has_rpc, probe
+from tests.runtime.rpcservers import Server, _die_with_parent, _env, _free_port
 
-ROOT = Path(__file__).resolve().parents[2]
 PROMPT = [1, 5, 9, 22, 7, 3, 11, 40, 2]
 
-
-
-def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                PORTER_ADAPTIVE_THREADS="0")
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the test process dies (Linux), so a test run
-    that is killed leaves no server behind; SIGINT back to its default so Python handles it."""
-    import ctypes
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A `porter rpc-server` subprocess on a free loopback port."""
-
-    def __init__(self):
-        self.port = _free_port()
-        self.endpoint = f"127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "porter", "rpc-server", "--port", str(self.port),
-                                      "-t", "1"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"porter rpc-server exited ({self.proc.returncode}): {self.proc.stderr.read()}")
-            try:
-                probe(self.endpoint, timeout=2)
-                return
-            except RPCError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise AssertionError("porter rpc-server did not come up within 60 s") from None
-                time.sleep(0.2)
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stderr.close()
 
 
 @pytest.fixture(scope="module", autouse=True)
