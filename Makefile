@@ -76,7 +76,7 @@ readme: setup
 # cores; installed into .venv/ggml. `porter --version` says which build runs.
 # GPU builds (untested on porter's machines, which have no GPU): make ggml GGML_BACKENDS=cuda
 # (or vulkan; the toolkit must be installed), extra cmake arguments in PORTER_GGML_CMAKE_ARGS.
-GGML_BACKENDS ?=
+GGML_BACKENDS ?= $(PORTER_GGML_BACKENDS)
 ggml:
 	$(BIN)/python -m pip install -q 'cmake>=3.21' ninja
 	$(BIN)/python tools/build_ggml.py --backends '$(GGML_BACKENDS)'
