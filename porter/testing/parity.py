@@ -14,13 +14,18 @@ from porter.parity.metrics import nmse, tolerance
 class PortedPair:
     """A transformers model and its porter port, from one checkpoint."""
 
-    def __init__(self, checkpoint: Path, gguf: Path, outtype: str, n_ctx: int = 128):
+    def __init__(self, checkpoint: Path, gguf: Path, outtype: str, n_ctx: int = 128, *,
+                 placement: dict | None = None, gate: str | None = None):
+        """``placement``: porter.load's ``rpc``/``devices``/``n_gpu_layers`` (where the port's
+        layers run); ``gate``: the weight type whose tolerance judges it (default ``outtype``;
+        ``f16`` for a GPU, whose kernels round to half precision)."""
         import torch
         import porter
         from porter.parity.logits import reference_class
 
         self.checkpoint, self.gguf, self.outtype = checkpoint, gguf, outtype
-        self.porter = porter.load(gguf, n_threads=None, n_ctx=n_ctx)
+        self.gate = gate or outtype
+        self.porter = porter.load(gguf, n_threads=None, n_ctx=n_ctx, **(placement or {}))
         auto = reference_class(self.porter.spec.architecture, traced="traced" in self.porter.spec.produced_by)
         self.hf = auto.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
@@ -35,9 +40,10 @@ class PortedPair:
 
 
 def port_tiny(arch, overrides: dict | None = None, directory: Path | None = None, outtype: str = "f32",
-              seed: int = 0, n_ctx: int = 128) -> PortedPair:
+              seed: int = 0, n_ctx: int = 128, **pair_options) -> PortedPair:
     """Build a tiny random checkpoint of ``arch`` (a model_type or an Architecture class),
-    convert it with that class, and load both sides."""
+    convert it with that class, and load both sides (``pair_options``: :class:`PortedPair`'s
+    ``placement`` and ``gate``)."""
     from porter.pipeline import convert
     from porter.plugins import architectures
     from porter.testing.models import tiny_checkpoint
@@ -47,7 +53,7 @@ def port_tiny(arch, overrides: dict | None = None, directory: Path | None = None
     ckpt = tiny_checkpoint(cls, directory / "ckpt", seed=seed, **(overrides or {}))
     gguf = directory / f"model.{outtype}.gguf"
     convert(ckpt, gguf, outtype, progress=False, force=True, arch_cls=cls)
-    return PortedPair(ckpt, gguf, outtype, n_ctx=n_ctx)
+    return PortedPair(ckpt, gguf, outtype, n_ctx=n_ctx, **pair_options)
 
 
 def format_failure(report: ParityReport, context: str = "") -> str:
@@ -73,7 +79,7 @@ def format_failure(report: ParityReport, context: str = "") -> str:
 def assert_parity(pair: PortedPair, ids, *, context: str = "") -> ParityReport:
     """Assert node-by-node and logits parity for token ids; the message names the first
     diverging node."""
-    report = run_parity(pair.hf, pair.porter, list(ids), pair.outtype)
+    report = run_parity(pair.hf, pair.porter, list(ids), pair.gate)
     if not report.passed:
         raise AssertionError(format_failure(report, context))
     return report
@@ -108,7 +114,7 @@ def assert_cache_consistent(pair: PortedPair, ids, split: int, *, context: str =
         m.reset()
         baseline = m.forward(ids, use_cache=False, all_logits=True)
         what = ("encoder pass through the cache vs without", "encoder (cache) vs transformers")
-    gate = tolerance(pair.outtype)["nmse"]
+    gate = tolerance(pair.gate)["nmse"]
     self_err = nmse(baseline, cached)
     assert self_err <= gate, f"{context}: {what[0]}: NMSE {self_err:.3e}"
     ref_err = nmse(hf_logits(pair.hf, ids), cached)
