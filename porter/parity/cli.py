@@ -118,6 +118,10 @@ def parity(model_dir, model_type, traced, outtype, prompts, json_path, plot_path
     where = where if any(v is not None for v in where.values()) else None
     if (model_dir is None) == (model_type is None):
         raise PorterError("give either a checkpoint folder (or a GGUF file with --checkpoint) or --arch MODEL_TYPE")
+    if quiet:  # transformers' "Loading weights" bar too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if model_dir is not None and model_dir.is_file():
         if checkpoint is None:
             raise PorterError(f"{model_dir} is a file: to compare a GGUF, name the checkpoint it was made from "
