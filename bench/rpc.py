@@ -16,58 +16,13 @@ scheduled again, and porter's adaptive thread policy only steers the client's lo
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from smollm2 import bench_porter
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RPCServer:
-    """`porter rpc-server` on a free loopback port, until stop()."""
-
-    def __init__(self, threads: int):
-        from porter.runtime.devices import RPCError, probe
-
-        self.endpoint = f"127.0.0.1:{free_port()}"
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen([sys.executable, "-m", "porter", "rpc-server", "--port",
-                                      self.endpoint.split(":")[1], "-t", str(threads)], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"porter rpc-server exited ({self.proc.returncode})")
-            try:
-                probe(self.endpoint, timeout=2)
-                return
-            except RPCError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise SystemExit("porter rpc-server did not come up within 60 s") from None
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+from porter.testing.rpc import Server
 
 
 def main() -> None:
@@ -89,7 +44,7 @@ def main() -> None:
 
     ckpt = materialize_smollm2()
     server_threads = args.server_threads or args.threads
-    servers = [RPCServer(server_threads), RPCServer(server_threads)]
+    servers = [Server(server_threads), Server(server_threads)]
     rows = []
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -8,6 +8,31 @@ from porter.runtime.core import Backend
 
 
 @pytest.fixture(scope="module")
+def rpc_build():
+    """Fails (not skips) where ggml was built without its RPC backend."""
+    from porter.runtime.devices import has_rpc
+
+    if not has_rpc():
+        pytest.fail("this ggml build has no RPC backend: rebuild it with `make ggml` (tools/build_ggml.py builds "
+                    "it with -DGGML_RPC=ON), or point PORTER_GGML_DIR at such a build")
+
+
+@pytest.fixture(scope="module")
+def servers(rpc_build):
+    """Two `porter rpc-server` processes on free loopback ports, for a module's tests."""
+    from porter.testing.rpc import Server
+
+    started = []
+    try:
+        for _ in range(2):
+            started.append(Server())
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
 def backend():
     be = Backend(2)
     yield be

@@ -23,29 +23,11 @@ import numpy as np
 import pytest
 
 from porter.errors import OptionError
-from porter.runtime.devices import has_rpc
-from tests.runtime.rpcservers import Server, _env, _free_port
+from porter.testing.rpc import Server, _env, _free_port
 
+pytestmark = pytest.mark.usefixtures("rpc_build")
 PROMPT = [1, 5, 9, 22, 7, 3, 11, 40, 2]
 N_LAYER = 5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _needs_rpc_build():
-    if not has_rpc():
-        pytest.fail("this ggml build has no RPC backend: rebuild it with `make ggml`")
-
-
-@pytest.fixture(scope="module")
-def servers():
-    started = []
-    try:
-        for _ in range(2):
-            started.append(Server())
-        yield started
-    finally:
-        for server in started:
-            server.stop()
 
 
 @pytest.fixture(scope="module")

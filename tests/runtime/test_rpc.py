@@ -20,30 +20,11 @@ import time
 import numpy as np
 import pytest
 
-from porter.runtime.devices import RPCError, has_rpc, probe
-from tests.runtime.rpcservers import Server, _die_with_parent, _env, _free_port
+from porter.runtime.devices import RPCError, probe
+from porter.testing.rpc import Server, _die_with_parent, _env, _free_port
 
+pytestmark = pytest.mark.usefixtures("rpc_build")
 PROMPT = [1, 5, 9, 22, 7, 3, 11, 40, 2]
-
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _needs_rpc_build():
-    if not has_rpc():
-        pytest.fail("this ggml build has no RPC backend: rebuild it with `make ggml` (tools/build_ggml.py builds "
-                    "it with -DGGML_RPC=ON), or point PORTER_GGML_DIR at such a build")
-
-
-@pytest.fixture(scope="module")
-def servers():
-    started = []
-    try:
-        for _ in range(2):
-            started.append(Server())
-        yield started
-    finally:
-        for server in started:
-            server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""`porter rpc-server` subprocesses on free loopback ports, started and stopped by the tests."""
+"""`porter rpc-server` subprocesses on free loopback ports, started and stopped by tests and
+benchmarks (``Server``)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from pathlib import Path
 
 from porter.runtime.devices import RPCError, probe
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]  # the source tree this porter runs from
 
 
 def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                PORTER_ADAPTIVE_THREADS="0")
+    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PORTER_ADAPTIVE_THREADS="0")
 
 
 def _die_with_parent() -> None:
@@ -41,11 +42,11 @@ def _free_port() -> int:
 class Server:
     """A `porter rpc-server` subprocess on a free loopback port."""
 
-    def __init__(self):
+    def __init__(self, threads: int = 1):
         self.port = _free_port()
         self.endpoint = f"127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "porter", "rpc-server", "--port", str(self.port),
-                                      "-t", "1"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      "-t", str(threads)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 60
         while True:
