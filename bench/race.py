@@ -17,7 +17,9 @@ Rows:
 * ``tg busy``: decode while the bench keeps every core busy with competing processes.
 
 Each cell is the best of ``--reps`` rounds (the least disturbed run on a shared machine; ``--stat
-median`` for medians). The issue's targets are printed next to the ratios. Usage:
+median`` for medians); the ``rounds`` column gives the range of the round-by-round ratios (each
+porter run against the llama.cpp run right after it), which says how much of a ratio is the
+machine's noise. The issue's targets are printed next to the ratios. Usage:
 
     python bench/race.py [--models smollm2,tinyllama] [--types q8_0,q4_0] [--reps 2] [--quick]
 """
@@ -236,6 +238,13 @@ class Competition:
             p.wait()
 
 
+def paired(got: dict, name: str, higher: bool) -> list[float]:
+    """Round by round, porter's measurement against the llama.cpp run right after it (> 1:
+    porter ahead): the spread of these says how much of a ratio is the machine's noise."""
+    pairs = zip(got["porter"], got["llama.cpp"])
+    return [(p[name] / q[name]) if higher else (q[name] / p[name]) for p, q in pairs]
+
+
 def machine_load() -> str:
     with open("/proc/loadavg") as fh:
         return " ".join(fh.read().split()[:3])
@@ -286,10 +295,10 @@ def main() -> None:
                     got[runtime].append(run_worker("porter" if runtime == "porter" else "llama", path, tests, threads))
                 loads.append(machine_load())
             rows.append((model, outtype, "load s", min(r["load"] for r in got["porter"]),
-                         min(r["load"] for r in got["llama.cpp"]), False))
+                         min(r["load"] for r in got["llama.cpp"]), False, paired(got, "load", False)))
             for name, *_ in tests:
                 rows.append((model, outtype, name, pick([r[name] for r in got["porter"]]),
-                             pick([r[name] for r in got["llama.cpp"]]), True))
+                             pick([r[name] for r in got["llama.cpp"]]), True, paired(got, name, True)))
     # decode while every core is busy with another process (SmolLM2 q8_0 and the 1.1B shape q8_0)
     busy_tests = [("tg busy", "tg", 32, 128)]
     for model in [] if args.no_busy else args.models.split(","):
@@ -303,15 +312,15 @@ def main() -> None:
         loads.append(machine_load())
         rows.append((model, "q8_0", f"tg busy ({physical_cores()} competing)",
                      statistics.median([r["tg busy"] for r in got["porter"]]),
-                     statistics.median([r["tg busy"] for r in got["llama.cpp"]]), True))
+                     statistics.median([r["tg busy"] for r in got["llama.cpp"]]), True, paired(got, "tg busy", True)))
 
     from porter.runtime._lib import GGML_VERSION, build_info, cpu_features
 
     table = Table(title=f"porter vs stock llama.cpp (default build), {threads} threads, F16 KV cache, flash "
                         f"attention, {args.stat} of {args.reps} alternated rounds (busy rows: median)")
-    for col in ("model", "weights", "row", "porter", "llama.cpp", "ratio", "target"):
+    for col in ("model", "weights", "row", "porter", "llama.cpp", "ratio", "rounds", "target"):
         table.add_column(col, justify="right")
-    for model, outtype, name, ours, theirs, higher in rows:
+    for model, outtype, name, ours, theirs, higher, rounds in rows:
         ratio = ours / theirs if higher else theirs / ours  # > 1: porter ahead
         key = name.split(" (")[0]
         target = "<= 2x" if name == "load s" else (f">= {TARGETS[key]:.1f}x" if key in TARGETS else "")
@@ -319,7 +328,8 @@ def main() -> None:
         mark = "" if met is None else (" ok" if met else " MISSED")
         fmt = "{:.3f}" if name == "load s" else "{:.1f}"
         shown = (f"{ours / theirs:.2f}x time" if name == "load s" else f"{ratio:.2f}x")
-        table.add_row(model, outtype, name, fmt.format(ours), fmt.format(theirs), shown, target + mark)
+        spread = f"{min(rounds):.2f}-{max(rounds):.2f}" if len(rounds) > 1 else ""
+        table.add_row(model, outtype, name, fmt.format(ours), fmt.format(theirs), shown, spread, target + mark)
     console.print(table)
     info = build_info()
     if PORTER_PATH:

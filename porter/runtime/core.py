@@ -306,6 +306,16 @@ def set_data(t, array: np.ndarray) -> None:
     lib.ggml_backend_tensor_set(t, ffi.from_buffer(array), 0, nbytes)
 
 
+def write_input(t, array: np.ndarray) -> None:
+    """:func:`set_data` for the graph inputs ``Model.forward`` fills before every step: the
+    caller builds them in the input's own type and shape, so only the size is checked (the
+    full checks cost more than a decode step's other Python work)."""
+    array = np.ascontiguousarray(array)
+    if array.nbytes != lib.ggml_nbytes(t):
+        raise ShapeError(f"input {tensor_name(t)!r} holds {lib.ggml_nbytes(t)} bytes; got {array.nbytes}")
+    lib.ggml_backend_tensor_set(t, ffi.from_buffer(array), 0, array.nbytes)
+
+
 def get_data(t) -> np.ndarray:
     """Read a tensor back as a numpy array (plain types only; contiguous tensors only)."""
     gtype = type_of(t)

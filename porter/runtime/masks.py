@@ -10,6 +10,8 @@ from porter.spec import Spec
 def attention_masks(spec: Spec, positions: np.ndarray, n_kv: int, n_valid: int) -> dict[str, np.ndarray]:
     """Every mask input kind for query ``positions`` over ``n_kv`` cache cells, of which the first
     ``n_valid`` hold keys: 0 where a query may attend, -inf elsewhere."""
+    if len(positions) == 1 and not any(d.kind == "kq_mask_alibi" for d in spec.inputs):
+        return _one_query_masks(spec, int(positions[0]), n_kv, n_valid)
     kv_pos = np.arange(n_kv)[None, :]
     q = positions[:, None]
     visible = np.broadcast_to(kv_pos < n_valid, (len(positions), n_kv))
@@ -23,6 +25,24 @@ def attention_masks(spec: Spec, positions: np.ndarray, n_kv: int, n_valid: int) 
     if any(d.kind == "kq_mask_alibi" for d in spec.inputs):
         out["kq_mask_alibi"] = alibi_mask(spec.hparams, visible, n_kv)
     return out
+
+
+def _one_query_masks(spec: Spec, q: int, n_kv: int, n_valid: int) -> dict[str, np.ndarray]:
+    """The masks of one query (a decode step), as runs of zeros in a row of -inf: what
+    :func:`attention_masks` computes, without its [n_tokens, n_kv] temporaries (this runs once
+    per generated token)."""
+    end = min(n_valid, q + 1) if spec.causal else n_valid
+
+    def row(start: int) -> np.ndarray:
+        out = np.full((1, n_kv), -np.inf, dtype=np.float16)
+        out[0, max(0, start):max(0, end)] = 0.0
+        return out
+
+    masks = {"kq_mask": row(0)}
+    window = spec.hparams.get("sliding_window")
+    if window:
+        masks["kq_mask_swa"] = row(q - int(window) + 1)
+    return masks
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:

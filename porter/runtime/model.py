@@ -17,7 +17,7 @@ import numpy as np
 
 from porter.errors import ModelError, OptionError
 from porter.runtime._lib import ffi, lib
-from porter.runtime.core import Backend, Buffer, Context, _track, available_memory, get_data, set_data
+from porter.runtime.core import Backend, Buffer, Context, _track, available_memory, get_data, write_input
 from porter.runtime.generation import GenerationMixin, GenerationStats
 from porter.runtime.graph import ABSENT, GraphBuilder, KVCache, kv_cache_bytes
 from porter.runtime.loader import SPEC_KEY, TOKENIZER_KEY, _bf16_as_f16, _bf16_fits_f16, index_tables, load_gguf
@@ -353,15 +353,17 @@ class Model(GenerationMixin):
         g = self._graph(n, n_kv, out_ids.size, use_cache, tuple(capture))
         if use_cache and start == 0:
             self.kv.clear_states()
-        feeds = {"tokens": tokens, "positions": positions, "out_ids": out_ids,
-                 "token_types": np.zeros(n, dtype=np.int32) if token_types is None else np.asarray(token_types, np.int32),
-                 "kv_slots": positions.astype(np.int64)}
+        feeds = {"tokens": tokens, "positions": positions, "out_ids": out_ids}
+        if "token_types" in g.inputs:
+            feeds["token_types"] = np.zeros(n, dtype=np.int32) if token_types is None else token_types
+        if "kv_slots" in g.inputs:
+            feeds["kv_slots"] = positions.astype(np.int64)
         feeds.update(self._masks(positions, n_kv, start + n))
         if hasattr(self.backend, "allocate"):  # a SplitBackend plans the graph unless it ran last
             self.backend.allocate(g)
         for name, t in g.inputs.items():
             if t.buffer != ffi.NULL:  # an input no node reads has no memory
-                set_data(t, np.ascontiguousarray(feeds[name]))
+                write_input(t, feeds[name])
         self.backend.compute(g.graph)
         self.tokens_evaluated += n
         if use_cache:
