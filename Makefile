@@ -38,7 +38,11 @@ demo: setup
 # OpenMP, CPU weight repacking. Only tests, examples, tools and the server are left out (they
 # do not change the library). The wheel is kept in build/llama-cpp-wheel: pip's own cache does
 # not tell builds with different CMAKE_ARGS apart.
-LLAMA_CPP_CMAKE = -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+# A GPU race (untested here: no GPU): remove build/llama-cpp-wheel and run
+#   make bench GGML_BACKENDS=cuda LLAMA_CPP_GPU=-DGGML_CUDA=ON
+# (porter's ggml with CUDA too); bench/race.py then puts every layer on the GPU on both sides.
+LLAMA_CPP_GPU ?=
+LLAMA_CPP_CMAKE = $(LLAMA_CPP_GPU) -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 BENCH_STAMP = $(VENV)/.porter-bench
 LLAMA_SDIST = .cache/src/llama_cpp_python-0.3.36.tar.gz
 

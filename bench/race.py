@@ -140,7 +140,8 @@ def _porter_worker(path: str, tests_json: str, threads: str) -> dict:
     import porter.runtime.model  # noqa: F401  (imports are not load time, as for llama_cpp)
 
     imported = time.perf_counter()
-    m = porter.load(path, n_threads=int(threads), n_ctx=N_CTX, cache_type="f16")
+    ngl = os.environ.get("PORTER_RACE_NGL")  # --ngl: layers on the GPU (porter's -ngl, llama.cpp's n_gpu_layers)
+    m = porter.load(path, n_threads=int(threads), n_ctx=N_CTX, cache_type="f16", n_gpu_layers=ngl or None)
     loaded = time.perf_counter()
     out = {"load": loaded - imported, "import": imported - t0}
 
@@ -175,7 +176,9 @@ def _llama_worker(path: str, tests_json: str, threads: str) -> dict:
     from llama_cpp import Llama
 
     t = time.perf_counter()
+    ngl = os.environ.get("PORTER_RACE_NGL") or "0"
     m = Llama(model_path=path, n_ctx=N_CTX, n_batch=512, n_ubatch=512, n_threads=int(threads),
+              n_gpu_layers=-1 if ngl == "all" else int(ngl),
               n_threads_batch=int(threads), flash_attn=True, verbose=False)
     out = {"load": time.perf_counter() - t}
     n_vocab = m.n_vocab()
@@ -238,11 +241,11 @@ class Competition:
             p.wait()
 
 
-def paired(got: dict, name: str, higher: bool) -> list[float]:
-    """Round by round, porter's measurement against the llama.cpp run right after it (> 1:
-    porter ahead): the spread of these says how much of a ratio is the machine's noise."""
-    pairs = zip(got["porter"], got["llama.cpp"])
-    return [(p[name] / q[name]) if higher else (q[name] / p[name]) for p, q in pairs]
+def paired(got: dict, name: str) -> list[float]:
+    """Round by round, porter's measurement over the llama.cpp run right after it, in the unit
+    the table shows (speeds: > 1 porter ahead; times: porter's time over llama.cpp's): the
+    spread of these says how much of a ratio is the machine's noise."""
+    return [p[name] / q[name] for p, q in zip(got["porter"], got["llama.cpp"])]
 
 
 def machine_load() -> str:
@@ -260,6 +263,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="no long-context rows")
     ap.add_argument("--no-busy", action="store_true", help="no rows under competition")
     ap.add_argument("--json", type=Path, help="also write the measurements here")
+    ap.add_argument("--ngl", default=None, help="layers on the GPU for both runtimes (N or all; default: all when "
+                    "porter's ggml reports a GPU, else none). llama.cpp must be a GPU build too: see the Makefile")
     ap.add_argument("--porter-from", help="race the porter found in this source tree (before/after numbers)")
     ap.add_argument("--worker", nargs=4, metavar=("RUNTIME", "GGUF", "TESTS", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -275,6 +280,11 @@ def main() -> None:
     global PORTER_PATH
     PORTER_PATH = args.porter_from
     threads = args.threads or physical_cores()
+    if args.ngl is None:
+        from porter.runtime.placement import offload_devices
+
+        args.ngl = "all" if offload_devices() else ""
+    os.environ["PORTER_RACE_NGL"] = args.ngl  # the workers read it
     if not llamacpp.available():
         console.print("llama.cpp is not installed (`make bench` installs it): nothing to race")
         return
@@ -295,10 +305,10 @@ def main() -> None:
                     got[runtime].append(run_worker("porter" if runtime == "porter" else "llama", path, tests, threads))
                 loads.append(machine_load())
             rows.append((model, outtype, "load s", min(r["load"] for r in got["porter"]),
-                         min(r["load"] for r in got["llama.cpp"]), False, paired(got, "load", False)))
+                         min(r["load"] for r in got["llama.cpp"]), False, paired(got, "load")))
             for name, *_ in tests:
                 rows.append((model, outtype, name, pick([r[name] for r in got["porter"]]),
-                             pick([r[name] for r in got["llama.cpp"]]), True, paired(got, name, True)))
+                             pick([r[name] for r in got["llama.cpp"]]), True, paired(got, name)))
     # decode while every core is busy with another process (SmolLM2 q8_0 and the 1.1B shape q8_0)
     busy_tests = [("tg busy", "tg", 32, 128)]
     for model in [] if args.no_busy else args.models.split(","):
@@ -312,12 +322,13 @@ def main() -> None:
         loads.append(machine_load())
         rows.append((model, "q8_0", f"tg busy ({physical_cores()} competing)",
                      statistics.median([r["tg busy"] for r in got["porter"]]),
-                     statistics.median([r["tg busy"] for r in got["llama.cpp"]]), True, paired(got, "tg busy", True)))
+                     statistics.median([r["tg busy"] for r in got["llama.cpp"]]), True, paired(got, "tg busy")))
 
     from porter.runtime._lib import GGML_VERSION, build_info, cpu_features
 
     table = Table(title=f"porter vs stock llama.cpp (default build), {threads} threads, F16 KV cache, flash "
-                        f"attention, {args.stat} of {args.reps} alternated rounds (busy rows: median)")
+                        f"attention, {args.stat} of {args.reps} alternated rounds (busy rows: median)"
+                        + (f", -ngl {args.ngl} (GPU)" if args.ngl not in ("", "0") else ""))
     for col in ("model", "weights", "row", "porter", "llama.cpp", "ratio", "rounds", "target"):
         table.add_column(col, justify="right")
     for model, outtype, name, ours, theirs, higher, rounds in rows:

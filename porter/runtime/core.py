@@ -202,6 +202,9 @@ class Backend:
         self.close()
 
 
+_TENSOR_OVERHEAD = lib.ggml_tensor_overhead()
+
+
 class Context:
     """A ggml context holding tensor metadata only (``no_alloc``); data lives in backend buffers."""
 
@@ -215,12 +218,12 @@ class Context:
             raise MemoryError("ggml_init failed")
         self.capacity = n_tensors
         self.count = 0
+        self._mem_size = lib.ggml_get_mem_size(self.ptr)  # fixed: the checks below read only the used part
         self._finalizer = _track(self, "context", lib.ggml_free, self.ptr)
 
     def ensure_room(self, n_tensors: int = 1) -> None:
         """Raise MemoryError unless ``n_tensors`` more tensors fit (ggml would abort instead)."""
-        free = lib.ggml_get_mem_size(self.ptr) - lib.ggml_used_mem(self.ptr)
-        if free < n_tensors * lib.ggml_tensor_overhead():
+        if self._mem_size - lib.ggml_used_mem(self.ptr) < n_tensors * _TENSOR_OVERHEAD:
             raise MemoryError(
                 f"ggml context is full ({lib.ggml_used_mem(self.ptr)} of {lib.ggml_get_mem_size(self.ptr)} "
                 "bytes used); build the graph in a larger context (GraphRunner(max_nodes=...))")
