@@ -52,7 +52,8 @@ def parse_n_gpu_layers(value) -> int | str | None:
     return int(text)
 
 
-def _name(dev) -> str:
+def device_name(dev) -> str:
+    """The name ggml's registry gives a device (CPU, RPC0, CUDA0, ...)."""
     return ffi.string(lib.ggml_backend_dev_name(dev)).decode()
 
 
@@ -74,12 +75,12 @@ def choose(names: list[str] | None, n_gpu_layers, rpc_devices: list) -> list:
     """The devices that may hold layers, in order; None stands for the local CPU (porter's own
     CPU backend). Call after the RPC servers are connected (their devices are then registered)."""
     if names is not None:
-        by_name = {_name(d).lower(): d for d in _registry()}
+        by_name = {device_name(d).lower(): d for d in _registry()}
         chosen = []
         for name in names:
             dev = by_name.get(name.lower())
             if dev is None:
-                known = ", ".join(_name(d) for d in _registry())
+                known = ", ".join(device_name(d) for d in _registry())
                 raise OptionError(f"--device {name}: no such device; this ggml sees {known} (`porter devices` lists "
                                   "them; RPC servers are named RPC0, RPC1, ... in the order --rpc gives them)")
             chosen.append(None if _is_cpu(dev) else dev)
@@ -116,7 +117,7 @@ def layer_owners(n_layer: int, chosen: list, n_gpu_layers) -> list:
     n = resolve_count(n_gpu_layers, n_layer)
     offload = [d for d in chosen if d is not None]
     if n and not offload:
-        known = ", ".join(_name(d) for d in _registry())
+        known = ", ".join(device_name(d) for d in _registry())
         raise OptionError(f"-ngl {n_gpu_layers}: no device to offload layers to (this ggml sees {known}); connect "
                           "RPC servers with --rpc HOST:PORT, or use a ggml built with a GPU backend")
     return [None] * (n_layer - n) + ([offload[i] for i in split_layers(n, len(offload))] if n else [])

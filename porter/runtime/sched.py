@@ -33,7 +33,7 @@ def device_label(dev) -> str:
     """A device as messages name it: ``RPC0 (127.0.0.1:50052)``, ``CUDA0``, ``CPU`` (None)."""
     if dev is None:
         return "CPU"
-    name = ffi.string(lib.ggml_backend_dev_name(dev)).decode()
+    name = placement.device_name(dev)
     endpoint = endpoint_of(dev)
     return f"{name} ({endpoint})" if endpoint else name
 
@@ -43,7 +43,7 @@ class DeviceBackend:
 
     def __init__(self, owner, device):
         self.device = device
-        self.name = ffi.string(lib.ggml_backend_dev_name(device)).decode()
+        self.name = placement.device_name(device)
         self.endpoint = endpoint_of(device)
         self.label = device_label(device)
         self.ptr = lib.ggml_backend_dev_init(device, ffi.NULL)

@@ -34,7 +34,7 @@ def offload_targets() -> list[tuple[str, dict, str]]:
 
     targets = []
     for dev in placement.offload_devices():  # before any RPC server joins the registry: GPUs only
-        name = placement._name(dev)
+        name = placement.device_name(dev)
         targets.append((name, {"devices": [name], "n_gpu_layers": "all"}, "f16"))
     endpoints = parse_endpoints(os.environ["PORTER_PARITY_RPC"]) if os.environ.get("PORTER_PARITY_RPC") else []
     if endpoints and not has_rpc():
