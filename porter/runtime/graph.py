@@ -7,8 +7,9 @@ from typing import Any
 from porter.errors import ModelError, SpecError
 from porter.runtime._lib import lib
 from porter.runtime.ops import Ops
+from porter.runtime.plan import GraphPlan
 from porter.runtime.types import GGMLType
-from porter.spec import Node, Repeat, Spec, expr
+from porter.spec import Spec
 
 
 def cache_widths(spec: Spec, which: str) -> list[int]:
@@ -96,84 +97,120 @@ class KVCache:
         self.ctx.close()
 
 
+class EarlyRowsUnfit(Exception):
+    """An early output-row selection met a tensor that is not [features, tokens]: build the
+    graph as the spec writes it instead."""
+
+
 class GraphBuilder:
-    """Instantiate a spec's nodes in a ggml context.
+    """Instantiate a spec's nodes in a ggml context, from its :class:`~porter.runtime.plan.GraphPlan`.
 
     ``symbols`` holds the runtime sizes (n_tokens, n_kv, n_out); ``kv`` is the cache or None
-    (then ``kv_store`` passes keys and values of the current tokens straight through).
+    (then ``kv_store`` passes keys and values of the current tokens straight through);
+    ``early_rows``: select the output rows as early as the plan found they can be (fewer rows
+    through the last layer's row-wise steps; raises :class:`EarlyRowsUnfit` when a shape does
+    not allow it); ``fuse``: compute the gated activations the plan marked in one kernel each.
     """
 
     def __init__(self, spec: Spec, ops: Ops, weights: dict[str, Any], inputs: dict[str, Any],
-                 symbols: dict[str, int], kv: KVCache | None = None):
+                 symbols: dict[str, int], kv: KVCache | None = None, plan: GraphPlan | None = None,
+                 early_rows: bool = False, fuse: bool = False):
         self.spec, self.ops, self.weights, self.inputs, self.kv = spec, ops, weights, inputs, kv
-        self.values = dict(spec.hparams)
+        self.plan = plan if plan is not None else GraphPlan(spec, weights)
+        self.values = dict(self.plan.values)
         self.values.update(symbols)
+        self.rows = self.plan.rows if early_rows else None
+        self.fuse = fuse  # silu + mul pairs the plan marked as one GLU kernel
         self.tensors: dict[str, Any] = {}
         self.side_effects: list[Any] = []  # state writes: in the graph though no output reads them
+        self._selected: dict[str, Any] = {}  # early rows: source name -> its output rows
 
-    # -- values ----------------------------------------------------------------------------------
     def value(self, v: Any, layer: int | None) -> Any:
-        if isinstance(v, list):
-            return [self.value(x, layer) for x in v]
-        if expr.is_reference(v):
-            return expr.evaluate(v, lambda name, per_layer: self._lookup(v, name, per_layer, layer))
-        return v
+        return self.plan.value(v, layer, self.values)
 
-    def _lookup(self, text: str, name: str, per_layer: bool, layer: int | None) -> Any:
-        if name not in self.values:
-            raise SpecError(f"unknown reference {text!r}")
-        out = self.values[name]
-        if per_layer:
-            if layer is None or not isinstance(out, list) or not 0 <= layer < len(out):
-                raise SpecError(f"{text!r}: no per-layer value for layer {layer}")
-            return out[layer]
-        return out
-
-    def tensor(self, name: str, layer: int | None, carry):
-        if name == "$carry":
-            return carry
-        if name.startswith("$"):
-            name = self.value(name, layer)
-        if layer is not None and "{L}" in name:
-            name = name.format(L=layer)
-        for table in (self.tensors, self.inputs, self.weights):
-            t = table.get(name)
-            if t is ABSENT:
-                raise SpecError(f"graph node input {name!r} is switched off (when) in layer {layer} but read")
-            if t is not None:
-                return t
-        raise ModelError(f"graph node input {name!r} is neither a node, an input nor a loaded weight")
+    def tensor(self, name: str | None, layer: int | None = None):
+        if name is None:
+            raise SpecError("$carry read outside the layer loop")
+        t = self.tensors.get(name)
+        if t is None:
+            t = self.inputs.get(name)
+            if t is None:
+                t = self.weights.get(name)
+                if t is None:
+                    raise ModelError(f"graph node input {name!r} is neither a node, an input nor a loaded weight")
+        if t is ABSENT:
+            raise SpecError(f"graph node input {name!r} is switched off (when) in layer {layer} but read")
+        return t
 
     # -- building --------------------------------------------------------------------------------
     def build(self) -> dict[str, Any]:
-        carry = None
-        for item in self.spec.graph:
-            if isinstance(item, Repeat):
-                carry = self.tensor(item.init, None, None)
-                for layer in range(int(self.values[item.repeat])):
-                    for node in item.body:
-                        self.emit(node, layer, carry)
-                    carry = self.tensors[item.result.format(L=layer)]
-            else:
-                self.emit(item, None, carry)
-        return self.tensors
+        tensors, rows = self.tensors, self.rows
+        for st in self.plan.steps:
+            on = st.on if st.on is True or st.on is False else bool(self.value(st.on, st.layer))
+            if not on:
+                # switched off in this layer: pass the first input through (the others, such as
+                # weights only some layers have, are not even looked up); a first input the layer
+                # does not have makes the node absent, an error only if something reads it
+                try:
+                    t = self.tensor(st.inputs[0], st.layer)
+                except (ModelError, SpecError):  # a weight or node this layer does not have
+                    t = ABSENT
+                if rows is not None and st.select and t is not ABSENT:
+                    t = self._rows_of(st.inputs[0], t)
+                tensors[st.name] = t
+                continue
+            if self.fuse and (st.in_glu or st.glu is not None):
+                if st.glu is not None:  # its silu input was skipped: both in one kernel
+                    tensors[st.name] = self._swiglu(st)
+                continue
+            srcs = [self.tensor(s, st.layer) for s in st.inputs]
+            if rows is not None:
+                if st.name == rows.root:  # its input is already those rows
+                    tensors[st.name] = srcs[0]
+                    continue
+                for i in st.select:
+                    srcs[i] = self._rows_of(st.inputs[i], srcs[i])
+            a = st.attrs
+            if st.dynamic:
+                a = dict(a)
+                for k, v in st.dynamic.items():
+                    a[k] = self.value(v, st.layer)
+            out = self.apply(st.op, srcs, a, st.layer)
+            lib.ggml_set_name(out, st.label)
+            tensors[st.name] = out
+        return tensors
 
-    def emit(self, node: Node, layer: int | None, carry) -> None:
-        name = node.name.format(L=layer) if layer is not None else node.name
-        if node.when is not None and not self.value(node.when, layer):
-            # switched off in this layer: pass the first input through (the others, such as
-            # weights only some layers have, are not even looked up); a first input the layer
-            # does not have makes the node absent, an error only if something reads it
-            try:
-                self.tensors[name] = self.tensor(node.inputs[0], layer, carry)
-            except (ModelError, SpecError):  # a weight or node this layer does not have
-                self.tensors[name] = ABSENT
-            return
-        srcs = [self.tensor(s, layer, carry) for s in node.inputs]
-        a = {k: self.value(v, layer) for k, v in node.attrs.items()}
-        out = self.apply(node.op, srcs, a, layer)
-        Ops.name(out, name)
-        self.tensors[name] = out
+    def _swiglu(self, st):
+        """``mul(silu(a), b)`` as one GLU node named as the mul, or as the two nodes when the
+        operands' layout does not suit the fused kernel."""
+        act, i = st.glu
+        a, b = self.tensor(act.inputs[0], st.layer), self.tensor(st.inputs[1 - i], st.layer)
+        if self.rows is not None:
+            if act.select:
+                a = self._rows_of(act.inputs[0], a)
+            if 1 - i in st.select:
+                b = self._rows_of(st.inputs[1 - i], b)
+        if Ops.swiglu_fits(a, b):
+            out = self.ops.swiglu(a, b)
+        else:
+            gate = self.apply("silu", [a], {}, st.layer)
+            lib.ggml_set_name(gate, act.label)
+            self.tensors[act.name] = gate
+            out = self.apply("mul", [gate, b] if i == 0 else [b, gate], {}, st.layer)
+        lib.ggml_set_name(out, st.label)
+        return out
+
+    def _rows_of(self, name: str, t):
+        """The output rows of ``t`` (``get_rows`` by out_ids), made once per source."""
+        got = self._selected.get(name)
+        if got is None:
+            if (t.type != GGMLType.F32 or t.ne[1] != self.values["n_tokens"] or t.ne[2] != 1 or t.ne[3] != 1
+                    or t.nb[0] != 4):
+                raise EarlyRowsUnfit(name)
+            got = self.ops.get_rows(t, self.inputs[self.rows.out_ids])
+            Ops.name(got, f"{name}-rows")
+            self._selected[name] = got
+        return got
 
     def apply(self, op: str, s: list, a: dict[str, Any], layer: int | None):
         o = self.ops

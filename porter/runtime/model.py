@@ -19,10 +19,11 @@ from porter.errors import ModelError, OptionError
 from porter.runtime._lib import ffi, lib
 from porter.runtime.core import Backend, Buffer, Context, _track, available_memory, get_data, write_input
 from porter.runtime.generation import GenerationMixin, GenerationStats
-from porter.runtime.graph import ABSENT, GraphBuilder, KVCache, kv_cache_bytes
+from porter.runtime.graph import ABSENT, EarlyRowsUnfit, GraphBuilder, KVCache, kv_cache_bytes
 from porter.runtime.loader import SPEC_KEY, TOKENIZER_KEY, _bf16_as_f16, _bf16_fits_f16, index_tables, load_gguf
 from porter.runtime.masks import alibi_mask, attention_masks
 from porter.runtime.ops import Ops
+from porter.runtime.plan import GraphPlan
 from porter.runtime.sampling import sample
 from porter.runtime.types import GGMLType
 from porter.spec import Spec
@@ -89,6 +90,11 @@ class Model(GenerationMixin):
         self.cache_type = cache_type
         self._kv: KVCache | None = None
         self._graphs: OrderedDict[tuple, _CachedGraph] = OrderedDict()
+        self._plan: GraphPlan | None = None  # the spec unrolled once (porter.runtime.plan)
+        # select the rows whose logits are read as early as the graph allows (llama.cpp's
+        # out_ids in the last layer); False: every layer runs on every token
+        self.early_rows = True
+        self.fuse = True  # silu + mul of gated MLPs in one kernel (porter.runtime.plan.fuse_swiglu)
         self._galloc = None  # one compute buffer for every cached graph (they run one at a time)
         self._galloc_finalizer = None
         self._tokenizer = None
@@ -237,7 +243,7 @@ class Model(GenerationMixin):
             raise OptionError(f"{what} and could not be allocated (a memory limit of this process?); {advice}") from None
 
     def _graph(self, n_tokens: int, n_kv: int, n_out: int, use_cache: bool, capture: tuple[str, ...] = ()):
-        key = (n_tokens, n_kv, n_out, use_cache, capture)
+        key = (n_tokens, n_kv, n_out, use_cache, capture, self.early_rows, self.fuse)
         cached = self._graphs.get(key)
         if cached is not None:
             self._graphs.move_to_end(key)
@@ -262,8 +268,18 @@ class Model(GenerationMixin):
         for t in inputs.values():
             lib.ggml_set_input(t)
         symbols = {"n_tokens": n_tokens, "n_kv": n_kv, "n_out": n_out}
-        builder = GraphBuilder(self.spec, ops, self.weights, inputs, symbols, self.kv if use_cache else None)
-        nodes = builder.build()
+        if self._plan is None:
+            self._plan = GraphPlan(self.spec, self.weights)
+        # captured graphs keep every node as the spec writes it (parity compares them by name)
+        early = self.early_rows and n_out < n_tokens and not capture and self._plan.rows is not None
+        builder = GraphBuilder(self.spec, ops, self.weights, inputs, symbols, self.kv if use_cache else None,
+                               plan=self._plan, early_rows=early, fuse=self.fuse and not capture)
+        try:
+            nodes = builder.build()
+        except EarlyRowsUnfit:  # a shape the plan could not foresee: this model builds graphs as written
+            ctx.close()
+            self.early_rows = False
+            return self._graph(n_tokens, n_kv, n_out, use_cache, capture)
         graph = lib.ggml_new_graph_custom(ctx.ptr, size, False)
         for t in builder.side_effects:  # recurrent-state writes, which no output reads
             lib.ggml_build_forward_expand(graph, t)

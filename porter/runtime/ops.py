@@ -249,6 +249,20 @@ class Ops:
     def silu(self, a):
         return self._unary("silu", lib.ggml_silu, a)
 
+    @staticmethod
+    def swiglu_fits(a, b) -> bool:
+        """Whether :meth:`swiglu` takes ``a`` and ``b``: F32, one shape, rows reachable as
+        ``data + i * nb[1]`` (the GLU kernel's addressing, which a size-1 dimension's stride,
+        left arbitrary by a permute, would send elsewhere)."""
+        return (a.type == b.type == GGMLType.F32 and all(a.ne[i] == b.ne[i] for i in range(4))
+                and _uniform_rows(a) and _uniform_rows(b))
+
+    def swiglu(self, a, b):
+        """``silu(a) * b`` in one kernel (ggml's GLU), bit for bit what the two ops give."""
+        if not self.swiglu_fits(a, b):
+            raise _fail("swiglu", "needs two F32 tensors of one shape with evenly spaced rows", a, b)
+        return lib.ggml_swiglu_split(self.c, a, b)
+
     def gelu_erf(self, a):
         """Exact GELU, x * Phi(x)."""
         return self._unary("gelu_erf", lib.ggml_gelu_erf, a)
