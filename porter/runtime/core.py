@@ -11,8 +11,9 @@ the shape reversed, with identical bytes.
 from __future__ import annotations
 
 import os
+import time
 import weakref
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 
 import numpy as np
@@ -99,16 +100,18 @@ class ThreadPolicy:
     core of one of them, the others spin until the scheduler brings it back, and a decode step
     (hundreds of barriers) collapses from milliseconds to hundreds of milliseconds. So before a
     graph runs, the cores taken by other runnable threads (``/proc/loadavg``, averaged over the
-    last few graphs so that one short-lived process does not flip it) are left to them: the
-    graph gets the remaining cores, at least one thread (a single thread meets no barrier).
-    ``adaptive=False`` (or ``PORTER_ADAPTIVE_THREADS=0``) always uses every thread.
+    samples of the last ``HORIZON`` seconds, so that one short-lived process does not flip it
+    and a busy moment long past is forgotten) are left to them: the graph gets the remaining
+    cores, at least one thread (a single thread meets no barrier). ``adaptive=False`` (or
+    ``PORTER_ADAPTIVE_THREADS=0``) always uses every thread.
     """
 
-    WINDOW = 8  # graphs averaged
+    HORIZON = 0.25  # seconds of samples averaged: ~40 decode steps of a small model, one or two prompts
 
-    def __init__(self, n_max: int, cores: int, adaptive: bool = True):
+    def __init__(self, n_max: int, cores: int, adaptive: bool = True, clock=time.monotonic):
         self.n_max, self.cores, self.adaptive = n_max, cores, adaptive
-        self._samples: list[int] = []
+        self._clock = clock
+        self._samples: deque[tuple[float, int]] = deque()
 
     def threads(self) -> int:
         if not self.adaptive or self.n_max == 1:
@@ -116,10 +119,12 @@ class ThreadPolicy:
         others = runnable_elsewhere()
         if others is None:
             return self.n_max
-        self._samples.append(others)
-        if len(self._samples) > self.WINDOW:
-            del self._samples[0]
-        busy = sum(self._samples) / len(self._samples)
+        now = self._clock()
+        samples = self._samples
+        samples.append((now, others))
+        while now - samples[0][0] > self.HORIZON:
+            samples.popleft()
+        busy = sum(n for _, n in samples) / len(samples)
         return max(1, min(self.n_max, self.cores - int(busy + 0.5)))
 
 

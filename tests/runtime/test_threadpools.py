@@ -30,3 +30,27 @@ def test_fewer_threads_give_the_same_answer(monkeypatch):
     np.testing.assert_array_equal(shared, full)
     np.testing.assert_array_equal(again, full)
     np.testing.assert_allclose(full, b @ a.T, rtol=1e-5, atol=1e-4)
+
+
+def test_policy_leaves_busy_cores_and_forgets_a_busy_moment(monkeypatch):
+    """Threads follow the average of what else ran over the last HORIZON seconds: a sustained
+    competitor takes its core, a spike long past is forgotten, one spike among many quiet
+    samples does not flip the count."""
+    from porter.runtime import core
+
+    now = [0.0]
+    others = [0]
+    monkeypatch.setattr(core, "runnable_elsewhere", lambda: others[0])
+    policy = core.ThreadPolicy(4, 4, clock=lambda: now[0])
+
+    def step(n_others: int, dt: float = 0.01) -> int:
+        others[0] = n_others
+        now[0] += dt
+        return policy.threads()
+
+    assert step(0) == 4
+    assert [step(2) for _ in range(30)][-1] == 2  # two competitors, sustained: two cores left
+    assert step(0, dt=1.0) == 4  # a second later the busy samples are past the horizon
+    assert [step(0) for _ in range(20)][-1] == 4
+    assert step(3) == 4  # one busy sample among twenty quiet ones
+    assert core.ThreadPolicy(4, 4, adaptive=False).threads() == 4
