@@ -112,6 +112,7 @@ class ThreadPolicy:
         self.n_max, self.cores, self.adaptive = n_max, cores, adaptive
         self._clock = clock
         self._samples: deque[tuple[float, int]] = deque()
+        self._total = 0  # of the samples' counts
 
     def threads(self) -> int:
         if not self.adaptive or self.n_max == 1:
@@ -122,9 +123,10 @@ class ThreadPolicy:
         now = self._clock()
         samples = self._samples
         samples.append((now, others))
+        self._total += others
         while now - samples[0][0] > self.HORIZON:
-            samples.popleft()
-        busy = sum(n for _, n in samples) / len(samples)
+            self._total -= samples.popleft()[1]
+        busy = self._total / len(samples)
         return max(1, min(self.n_max, self.cores - int(busy + 0.5)))
 
 
