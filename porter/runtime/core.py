@@ -99,20 +99,23 @@ class ThreadPolicy:
     ggml's workers meet at a spinning barrier after every op: when another process holds the
     core of one of them, the others spin until the scheduler brings it back, and a decode step
     (hundreds of barriers) collapses from milliseconds to hundreds of milliseconds. So before a
-    graph runs, the cores taken by other runnable threads (``/proc/loadavg``, averaged over the
-    samples of the last ``HORIZON`` seconds, so that one short-lived process does not flip it
-    and a busy moment long past is forgotten) are left to them: the graph gets the remaining
-    cores, at least one thread (a single thread meets no barrier). ``adaptive=False`` (or
-    ``PORTER_ADAPTIVE_THREADS=0``) always uses every thread.
+    graph runs, the cores taken by other runnable threads are left to them: the graph gets the
+    remaining cores, at least one thread (a single thread meets no barrier).
+
+    The count of other runnable threads (``/proc/loadavg``) is an instant's: a kernel thread
+    or a process that runs for a millisecond shows in it. So the policy acts only on evidence
+    that lasts: the median of the samples of the last ``HORIZON`` seconds, and only once there
+    are ``MIN_SAMPLES`` of them (a run of decode steps); a prompt's graph after a pause runs on
+    every thread. ``adaptive=False`` (or ``PORTER_ADAPTIVE_THREADS=0``) always uses every thread.
     """
 
-    HORIZON = 0.25  # seconds of samples averaged: ~40 decode steps of a small model, one or two prompts
+    HORIZON = 0.25  # seconds of samples: ~40 decode steps of a small model, ~8 of a 1B one
+    MIN_SAMPLES = 3
 
     def __init__(self, n_max: int, cores: int, adaptive: bool = True, clock=time.monotonic):
         self.n_max, self.cores, self.adaptive = n_max, cores, adaptive
         self._clock = clock
         self._samples: deque[tuple[float, int]] = deque()
-        self._total = 0  # of the samples' counts
 
     def threads(self) -> int:
         if not self.adaptive or self.n_max == 1:
@@ -123,11 +126,12 @@ class ThreadPolicy:
         now = self._clock()
         samples = self._samples
         samples.append((now, others))
-        self._total += others
         while now - samples[0][0] > self.HORIZON:
-            self._total -= samples.popleft()[1]
-        busy = self._total / len(samples)
-        return max(1, min(self.n_max, self.cores - int(busy + 0.5)))
+            samples.popleft()
+        if len(samples) < self.MIN_SAMPLES:
+            return self.n_max
+        busy = sorted(n for _, n in samples)[len(samples) // 2]
+        return max(1, min(self.n_max, self.cores - busy))
 
 
 class Backend:

@@ -32,10 +32,10 @@ def test_fewer_threads_give_the_same_answer(monkeypatch):
     np.testing.assert_allclose(full, b @ a.T, rtol=1e-5, atol=1e-4)
 
 
-def test_policy_leaves_busy_cores_and_forgets_a_busy_moment(monkeypatch):
-    """Threads follow the average of what else ran over the last HORIZON seconds: a sustained
-    competitor takes its core, a spike long past is forgotten, one spike among many quiet
-    samples does not flip the count."""
+def test_policy_acts_on_lasting_competition_only(monkeypatch):
+    """Threads follow the median of what else ran over the last HORIZON seconds, once there are
+    MIN_SAMPLES samples: a sustained competitor takes its core, a busy instant (a kernel thread
+    caught running) flips nothing, and a graph after a pause runs on every thread."""
     from porter.runtime import core
 
     now = [0.0]
@@ -50,7 +50,8 @@ def test_policy_leaves_busy_cores_and_forgets_a_busy_moment(monkeypatch):
 
     assert step(0) == 4
     assert [step(2) for _ in range(30)][-1] == 2  # two competitors, sustained: two cores left
-    assert step(0, dt=1.0) == 4  # a second later the busy samples are past the horizon
+    assert step(2, dt=1.0) == 4  # after a pause: too little recent evidence, every thread
     assert [step(0) for _ in range(20)][-1] == 4
-    assert step(3) == 4  # one busy sample among twenty quiet ones
+    assert step(3) == 4 and step(0) == 4  # a busy instant among quiet ones
+    assert [step(1, dt=1.0) for _ in range(5)] == [4] * 5  # one sample per horizon: long prompt graphs
     assert core.ThreadPolicy(4, 4, adaptive=False).threads() == 4
