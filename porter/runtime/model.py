@@ -55,7 +55,9 @@ class Model(GenerationMixin):
     :meth:`apply_chat_template`, :meth:`embed` (encoders). Logits: :meth:`forward` (continues the
     KV cache), :meth:`logits` (a fresh sequence), :meth:`reset`. Attributes: ``spec`` (the graph
     spec), ``metadata`` (the GGUF's keys porter reads), ``n_ctx`` (positions the cache holds),
-    ``n_vocab``, ``path``.
+    ``n_vocab``, ``path``; ``early_rows`` and ``fuse`` switch the graph rewrites of
+    :mod:`porter.runtime.plan` (on by default; off, graphs are built node for node as the spec
+    writes them, as they always are when intermediates are captured).
     """
 
     def __init__(self, spec: Spec, backend: Backend, weight_ctx: Context, weight_buffer: Buffer,
