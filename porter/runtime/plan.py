@@ -62,9 +62,11 @@ class GraphPlan:
                     carry = item.result.format(L=layer)
             else:
                 self.steps.append(self._step(item, None, carry))
-        readers = _readers(self.steps, spec)
-        self.rows = early_rows(self.steps, spec, weights, readers)
-        self.glus = fuse_swiglu(self.steps, spec, readers)
+        self.rows, self.glus = None, 0
+        if len({s.name for s in self.steps}) == len(self.steps):  # the rewrites find steps by name
+            readers = _readers(self.steps, spec)
+            self.rows = early_rows(self.steps, spec, weights, readers)
+            self.glus = fuse_swiglu(self.steps, readers)
 
     def value(self, v: Any, layer: int | None, values: dict | None = None) -> Any:
         """A spec value with its references resolved (``values``: hyperparameters and sizes)."""
@@ -149,8 +151,7 @@ def early_rows(steps: list[Step], spec: Spec, weights: dict, readers: dict[str, 
     The builder checks the moved selections' shapes ([features, tokens]) and builds the graph
     as written if one does not fit."""
     out_ids = {d.name for d in spec.inputs if d.kind == "out_ids"}
-    names = [s.name for s in steps]
-    if not out_ids or len(set(names)) != len(names):
+    if not out_ids:
         return None
     roots = [s for s in steps if s.op == "get_rows" and s.on is True and len(s.inputs) == 2 and s.inputs[1] in out_ids]
     if len(roots) != 1:
@@ -159,7 +160,7 @@ def early_rows(steps: list[Step], spec: Spec, weights: dict, readers: dict[str, 
     graph_inputs = {d.name for d in spec.inputs} | {"kv_slots"}
     joined = {root.name}
     rows_of: dict[str, tuple[int, ...]] = {}
-    for s in reversed(steps[:names.index(root.name)]):
+    for s in reversed(steps[:steps.index(root)]):
         who = readers.get(s.name)
         if not who or not who <= joined:
             continue
@@ -194,13 +195,11 @@ def _token_inputs(s: Step, weights: dict, graph_inputs: set[str]) -> tuple[int, 
     return None
 
 
-def fuse_swiglu(steps: list[Step], spec: Spec, readers: dict[str, set[str]]) -> int:
+def fuse_swiglu(steps: list[Step], readers: dict[str, set[str]]) -> int:
     """Mark each ``mul(silu(a), b)`` whose silu nothing else reads: the builder computes it in
     one kernel (``Ops.swiglu``, ggml's GLU, as llama.cpp's gated MLPs do), one node less per
     layer and bit for bit the same values. Returns how many pairs were marked."""
     by_name = {s.name: s for s in steps}
-    if len(by_name) != len(steps):
-        return 0
     count = 0
     for s in steps:
         if s.op != "mul" or s.on is not True or len(s.inputs) != 2:
