@@ -33,6 +33,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -247,7 +248,9 @@ class Worker:
         cmd = [sys.executable, str(HERE), "--worker", runtime, str(path), str(threads)]
         env = dict(os.environ, PYTHONPATH=PORTER_PATH) if runtime == "porter" and PORTER_PATH else None
         self.name = runtime
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # its messages go to a file, read if it fails: a pipe nobody reads would stall it once full
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      text=True, env=env)
         self.load = self._reply()["load"]
 
@@ -255,7 +258,8 @@ class Worker:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
-            raise RuntimeError(f"{self.name} worker failed:\n{self.proc.stderr.read()[-3000:]}")
+            self.log.seek(0)
+            raise RuntimeError(f"{self.name} worker failed:\n{self.log.read()[-3000:]}")
         return json.loads(line)
 
     def ask(self, *request) -> float:
@@ -268,6 +272,7 @@ class Worker:
             self.proc.stdin.write(json.dumps(["quit"]) + "\n")
             self.proc.stdin.close()
             self.proc.wait(timeout=120)
+        self.log.close()
 
 
 def load_times(path: Path, threads: int, reps: int) -> dict:
