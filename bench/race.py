@@ -111,8 +111,9 @@ def tinyllama_checkpoint() -> Path:
 
 
 def gguf_file(model: str, outtype: str) -> Path:
-    """porter's GGUF of a bench model (converted once, kept in .cache/bench)."""
-    path = CACHE / f"{model}.{outtype}.gguf"
+    """porter's GGUF of a bench model (converted once, kept in .cache/bench; ``by-layer``: written
+    layer by layer, as porter has written files since its runtime stacks neighbouring matrices)."""
+    path = CACHE / f"{model}.{outtype}.by-layer.gguf"
     if path.exists():
         return path
     from porter.pipeline import convert

@@ -280,6 +280,12 @@ class Architecture:
             self._knobs = self.resolved_knobs()
         return self._knobs
 
+    def _layered(self, pattern: str) -> list[tuple[int, str]]:
+        """(layer, name) for each name of ``pattern``; -1 for a model-wide tensor."""
+        if "{L}" in pattern:
+            return [(i, pattern.format(L=i)) for i in range(self.hp.num_layers)]
+        return [(-1, pattern)]
+
     def layer_names(self, pattern: str) -> list[str]:
         if "{L}" in pattern:
             return [pattern.format(L=i) for i in range(self.hp.num_layers)]
@@ -304,24 +310,29 @@ class Architecture:
         return self.source_name(gguf_name) is not None
 
     def tensor_plans(self) -> list[TensorPlan]:
-        plans = []
-        for pattern, _src in self.tensors.items():
-            for name in self.layer_names(pattern):
+        """The file's tensors, in the order they are written: the model-wide ones, then layer by
+        layer, each layer's in the tensor table's order. Matrices that read the same input (attn_q,
+        attn_k, attn_v; ffn_gate, ffn_up) thus lie next to each other in the file, which lets the
+        runtime multiply them as one matrix in place (:mod:`porter.runtime.fusion`)."""
+        keyed = []  # (layer or -1, position in the tables, plan)
+        for pos, (pattern, _src) in enumerate(self.tensors.items()):
+            for layer, name in self._layered(pattern):
                 src = self.source_name(name)
                 if src is None:
                     continue
                 shape = self.info.parameters[src]
-                plans.append(TensorPlan(
+                keyed.append((layer, pos, TensorPlan(
                     gguf_name=name, sources=[src],
                     transform=(lambda arrays, n=name: self.transform(n, arrays)),
                     keep_f32=len(shape) == 1 or name.endswith(("_norm.weight", "ffn_gate_inp.weight")),
-                ))
-        for pattern in self.experts:
-            for name in self.layer_names(pattern):
+                )))
+        for pos, pattern in enumerate(self.experts, start=len(self.tensors)):
+            for layer, name in self._layered(pattern):
                 srcs = self.expert_sources(name)
                 if srcs:
-                    plans.append(TensorPlan(gguf_name=name, sources=srcs,
-                                            transform=lambda arrays: np.stack(arrays)))
+                    keyed.append((layer, pos, TensorPlan(gguf_name=name, sources=srcs,
+                                                         transform=lambda arrays: np.stack(arrays))))
+        plans = [plan for _layer, _pos, plan in sorted(keyed, key=lambda k: k[:2])]
         if self.resolved_knobs_cache.get("rope_freq_factors") and self.rope_factors_in_gguf:
             factors = self.rope_args().freq_factors
             plans.append(TensorPlan(gguf_name="rope_freqs.weight", sources=[],

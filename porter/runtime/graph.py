@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from porter.errors import ModelError, SpecError
-from porter.runtime._lib import lib
+from porter.runtime._lib import ffi, lib
 from porter.runtime.ops import Ops
 from porter.runtime.plan import GraphPlan
 from porter.runtime.types import GGMLType
@@ -109,7 +109,8 @@ class GraphBuilder:
     (then ``kv_store`` passes keys and values of the current tokens straight through);
     ``early_rows``: select the output rows as early as the plan found they can be (fewer rows
     through the last layer's row-wise steps; raises :class:`EarlyRowsUnfit` when a shape does
-    not allow it); ``fuse``: compute the gated activations the plan marked in one kernel each.
+    not allow it); ``fuse``: compute the gated activations the plan marked in one kernel each, and
+    the products it stacked (``Step.part``) as one ``mul_mat`` each.
     """
 
     def __init__(self, spec: Spec, ops: Ops, weights: dict[str, Any], inputs: dict[str, Any],
@@ -124,6 +125,7 @@ class GraphBuilder:
         self.tensors: dict[str, Any] = {}
         self.side_effects: list[Any] = []  # state writes: in the graph though no output reads them
         self._selected: dict[str, Any] = {}  # early rows: source name -> its output rows
+        self._stacked: dict[str, Any] = {}  # stacked products built so far, by name
 
     def value(self, v: Any, layer: int | None) -> Any:
         return self.plan.value(v, layer, self.values)
@@ -163,6 +165,9 @@ class GraphBuilder:
                 if st.glu is not None:  # its silu input was skipped: both in one kernel
                     tensors[st.name] = self._swiglu(st)
                 continue
+            if self.fuse and st.part is not None:
+                tensors[st.name] = self._part(st)
+                continue
             srcs = [self.tensor(s, st.layer) for s in st.inputs]
             if rows is not None:
                 if st.name == rows.root:  # its input is already those rows
@@ -180,6 +185,23 @@ class GraphBuilder:
             tensors[st.name] = out
         return tensors
 
+    def _part(self, st):
+        """A product computed inside its stacked product: a view of its rows there."""
+        group, first = st.part
+        product = self._stacked.get(group.name)
+        if product is None:
+            x = self.tensor(group.x, st.layer)
+            if self.rows is not None and group.select:
+                x = self._rows_of(group.x, x)
+            product = self.ops.mul_mat(group.weight, x)
+            lib.ggml_set_name(product, group.label)
+            self._stacked[group.name] = product
+        rows = int(self.weights[st.inputs[0]].ne[1])
+        out = self.ops.view(product, [rows, product.ne[1], product.ne[2], product.ne[3]],
+                            [product.nb[1], product.nb[2], product.nb[3]], first * product.nb[0])
+        lib.ggml_set_name(out, st.label)
+        return out
+
     def _swiglu(self, st):
         """``mul(silu(a), b)`` as one GLU node named as the mul, or as the two nodes when the
         operands' layout does not suit the fused kernel."""
@@ -190,7 +212,9 @@ class GraphBuilder:
                 a = self._rows_of(act.inputs[0], a)
             if 1 - i in st.select:
                 b = self._rows_of(st.inputs[1 - i], b)
-        if Ops.swiglu_fits(a, b):
+        if i == 0 and _halves(a, b):  # gate and up stacked, gate first: the GLU of the product
+            out = self.ops.glu_halves(a.view_src)
+        elif Ops.swiglu_fits(a, b):
             out = self.ops.swiglu(a, b)
         else:
             gate = self.apply("silu", [a], {}, st.layer)
@@ -348,6 +372,14 @@ class GraphBuilder:
         (ne [N, P, H]; zeros when a sequence starts, or without a cache)."""
         P, H, N = s[0].ne[0], s[0].ne[1], s[3].ne[0]
         return self._on_state("ssm_scan", which, layer, [N, P, H], lambda st: self.ops.ssm_scan(*s, st))
+
+
+def _halves(a, b) -> bool:
+    """Whether ``a`` and ``b`` are the first and second half of the rows of one dense tensor."""
+    src = a.view_src
+    return (src != ffi.NULL and b.view_src == src and src.type == GGMLType.F32 and a.view_offs == 0
+            and b.view_offs == a.ne[0] * 4 and src.ne[0] == 2 * a.ne[0] and b.ne[0] == a.ne[0]
+            and all(a.ne[i] == b.ne[i] == src.ne[i] for i in (1, 2, 3)) and lib.ggml_is_contiguous(src))
 
 
 _SIMPLE = {"silu", "gelu_erf", "gelu_tanh", "relu", "sigmoid", "tanh", "exp", "sqr", "sqrt", "cont",

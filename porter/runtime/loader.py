@@ -224,7 +224,9 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
     rctx = Context(max(1, len(to_repack)))
     mctx = Context(max(1, len(in_place)))
     weights = {}
-    for name in expected:
+    # in the file's order, so that tensors next to each other there are next to each other in the
+    # copied and repacked buffers too (porter.runtime.fusion multiplies such neighbours as one)
+    for name in sorted(expected, key=lambda n: (by_name[n].shard, by_name[n].offset)):
         rt = by_name[name]
         ne = list(rt.ne)
         gtype = GGMLType.F16 if name in as_f16 else _gtype(rt.type)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from porter.errors import ModelError, OptionError
+from porter.errors import ModelError, OptionError, ShapeError
 from porter.runtime._lib import ffi, lib
 from porter.runtime.core import Backend, Buffer, Context, _track, available_memory, get_data, write_input
 from porter.runtime.generation import GenerationMixin, GenerationStats
@@ -96,7 +96,9 @@ class Model(GenerationMixin):
         # select the rows whose logits are read as early as the graph allows (llama.cpp's
         # out_ids in the last layer); False: every layer runs on every token
         self.early_rows = True
-        self.fuse = True  # silu + mul of gated MLPs in one kernel (porter.runtime.plan.fuse_swiglu)
+        # silu + mul of gated MLPs in one kernel (porter.runtime.plan.fuse_swiglu), products of one
+        # input whose weights are neighbours as one (porter.runtime.fusion)
+        self.fuse = True
         self._galloc = None  # one compute buffer for every cached graph (they run one at a time)
         self._galloc_finalizer = None
         self._tokenizer = None
@@ -271,7 +273,9 @@ class Model(GenerationMixin):
             lib.ggml_set_input(t)
         symbols = {"n_tokens": n_tokens, "n_kv": n_kv, "n_out": n_out}
         if self._plan is None:
-            self._plan = GraphPlan(self.spec, self.weights)
+            # stacked products only on the CPU backend alone (a split model's scheduler places
+            # each op by its weight's buffer; it is left as the spec writes it)
+            self._plan = GraphPlan(self.spec, self.weights, stack_matmuls=not hasattr(self.backend, "allocate"))
         # captured graphs keep every node as the spec writes it (parity compares them by name)
         early = self.early_rows and n_out < n_tokens and not capture and self._plan.rows is not None
         builder = GraphBuilder(self.spec, ops, self.weights, inputs, symbols, self.kv if use_cache else None,
@@ -281,6 +285,13 @@ class Model(GenerationMixin):
         except EarlyRowsUnfit:  # a shape the plan could not foresee: this model builds graphs as written
             ctx.close()
             self.early_rows = False
+            return self._graph(n_tokens, n_kv, n_out, use_cache, capture)
+        except ShapeError:
+            ctx.close()
+            stacked = self._plan.fused
+            if not builder.fuse or stacked is None or not stacked.groups:
+                raise
+            stacked.unstack()  # a reshape a strided product view cannot express: products on their own
             return self._graph(n_tokens, n_kv, n_out, use_cache, capture)
         graph = lib.ggml_new_graph_custom(ctx.ptr, size, False)
         for t in builder.side_effects:  # recurrent-state writes, which no output reads
@@ -507,6 +518,9 @@ class Model(GenerationMixin):
         for g in self._graphs.values():
             g.close()
         self._graphs.clear()
+        if self._plan is not None:
+            self._plan.close()
+            self._plan = None
         if self._galloc_finalizer is not None:
             self._galloc_finalizer()
             self._galloc = self._galloc_finalizer = None

@@ -111,6 +111,45 @@ def _check_conversion(op: str, src, dst_type: GGMLType, dst_contiguous: bool, ds
                     "quantized types convert to F32)", src)
 
 
+def _strides_for(a, ne: Sequence[int]) -> list[int] | None:
+    """Byte strides under which the elements of strided ``a`` read as shape ``ne`` without a
+    copy (numpy's rule: each group of old dimensions merged or split must be dense within
+    itself), or None. Only for types without blocks, with dense rows."""
+    size = lib.ggml_type_size(a.type)
+    if lib.ggml_blck_size(a.type) != 1 or a.nb[0] != size:
+        return None
+    old = [(int(a.ne[i]), int(a.nb[i])) for i in range(4) if a.ne[i] != 1]
+    new = [int(n) for n in ne]
+    nb = [0] * 4
+    oi = ni = 0
+    while oi < len(old) and ni < 4:
+        if new[ni] == 1:  # a size-1 dimension: any stride; keep ggml's dense convention
+            nb[ni] = nb[ni - 1] * new[ni - 1] if ni else size
+            ni += 1
+            continue
+        n_new, n_old, nj, oj = new[ni], old[oi][0], ni + 1, oi + 1
+        while n_new != n_old:
+            if n_new < n_old:
+                if nj == 4:
+                    return None
+                n_new, nj = n_new * new[nj], nj + 1
+            else:
+                if oj == len(old):
+                    return None
+                n_old, oj = n_old * old[oj][0], oj + 1
+        if any(old[k + 1][1] != old[k][1] * old[k][0] for k in range(oi, oj - 1)):
+            return None  # the old dimensions of this group are not dense within it
+        nb[ni] = old[oi][1]
+        for k in range(ni + 1, nj):
+            nb[k] = nb[k - 1] * new[k - 1]
+        oi, ni = oj, nj
+    if oi < len(old):
+        return None
+    for k in range(ni, 4):
+        nb[k] = nb[k - 1] * new[k - 1] if k else size
+    return nb if nb[0] == size else None
+
+
 class Ops:
     """Op constructors bound to one graph context."""
 
@@ -262,6 +301,13 @@ class Ops:
         if not self.swiglu_fits(a, b):
             raise _fail("swiglu", "needs two F32 tensors of one shape with evenly spaced rows", a, b)
         return lib.ggml_swiglu_split(self.c, a, b)
+
+    def glu_halves(self, a):
+        """``silu(a[:h]) * a[h:]`` along ne[0] (h = half of it) in one kernel: a gated MLP whose gate
+        and up products were computed as one (porter.runtime.fusion)."""
+        if a.type != GGMLType.F32 or a.ne[0] % 2 or not lib.ggml_is_contiguous(a):
+            raise _fail("glu_halves", "needs a dense F32 tensor with an even ne[0]", a)
+        return lib.ggml_swiglu(self.c, a)
 
     def gelu_erf(self, a):
         """Exact GELU, x * Phi(x)."""
@@ -440,7 +486,10 @@ class Ops:
         if len(ne) > 4 or math.prod(ne) != math.prod(ne_of(a)):
             raise _fail("reshape", f"cannot reshape to {ne}: element counts differ", a)
         if not lib.ggml_is_contiguous(a):
-            raise _fail("reshape", "source must be contiguous (cont it first)", a)
+            nb = _strides_for(a, ne)  # a strided source may still be reshaped as a view
+            if nb is None:
+                raise _fail("reshape", "source must be contiguous (cont it first)", a)
+            return lib.ggml_view_4d(self.c, a, *ne, nb[1], nb[2], nb[3], 0)
         return lib.ggml_reshape_4d(self.c, a, *ne)
 
     def view(self, a, ne: Sequence[int], nb: Sequence[int] | None = None, offset: int = 0):

@@ -7,7 +7,9 @@ calls themselves. :class:`GraphPlan` does that work once: each step knows its no
 name and inputs, whether it is switched on in its layer, and its attributes, of which only those
 that mention a runtime size (``$n_tokens``, ``$n_kv``, ``$n_out``) are evaluated per build.
 
-The plan also finds where the graph may select its output rows early (:func:`early_rows`).
+The plan also finds where the graph may select its output rows early (:func:`early_rows`), which
+gated activations run as one kernel (:func:`fuse_swiglu`) and, for a model's own weights, which
+products of one input run as one (:mod:`porter.runtime.fusion`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ class Step:
     first input passes through) or the ``when`` text when that depends on a runtime size;
     ``attrs`` holds the evaluated attributes, ``dynamic`` those evaluated per build."""
 
-    __slots__ = ("attrs", "dynamic", "glu", "in_glu", "inputs", "label", "layer", "name", "on", "op", "select")
+    __slots__ = ("attrs", "dynamic", "glu", "in_glu", "inputs", "label", "layer", "name", "on", "op", "part",
+                 "select")
 
     def __init__(self, name: str, op: str, layer: int | None, inputs: tuple, on, attrs: dict, dynamic: dict):
         self.name, self.op, self.layer, self.inputs = name, op, layer, inputs
@@ -42,13 +45,16 @@ class Step:
         self.select: tuple[int, ...] = ()  # inputs whose output rows are selected here (early rows)
         self.glu: tuple[Step, int] | None = None  # a mul: the silu step fused into it, at that input
         self.in_glu = False  # a silu computed inside the mul that reads it
+        self.part = None  # a mul_mat computed inside a stacked product: (FusedMatmul, first row)
 
 
 class GraphPlan:
     """The unrolled steps of ``spec`` (layer loop instantiated), checked for early output rows
-    against the model's ``weights``."""
+    against the model's ``weights``; with ``stack_matmuls`` (``weights`` are the model's loaded
+    tensors) products of one input whose weights are neighbours in memory are marked to run as one
+    (``fused``; :meth:`close` frees their headers)."""
 
-    def __init__(self, spec: Spec, weights: dict[str, Any]):
+    def __init__(self, spec: Spec, weights: dict[str, Any], stack_matmuls: bool = False):
         self.spec = spec
         self.values = dict(spec.hparams)
         self.steps: list[Step] = []
@@ -62,11 +68,19 @@ class GraphPlan:
                     carry = item.result.format(L=layer)
             else:
                 self.steps.append(self._step(item, None, carry))
-        self.rows, self.glus = None, 0
+        self.rows, self.glus, self.fused = None, 0, None
         if len({s.name for s in self.steps}) == len(self.steps):  # the rewrites find steps by name
             readers = _readers(self.steps, spec)
             self.rows = early_rows(self.steps, spec, weights, readers)
             self.glus = fuse_swiglu(self.steps, readers)
+            if stack_matmuls:
+                from porter.runtime.fusion import fuse_matmuls
+
+                self.fused = fuse_matmuls(self.steps, weights, readers)
+
+    def close(self) -> None:
+        if self.fused is not None:
+            self.fused.close()
 
     def value(self, v: Any, layer: int | None, values: dict | None = None) -> Any:
         """A spec value with its references resolved (``values``: hyperparameters and sizes)."""

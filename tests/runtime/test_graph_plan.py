@@ -1,6 +1,7 @@
-"""The unrolled graph plan's two rewrites, each checked to change no logit: early output rows
-(with a prompt, the rows whose logits are read are selected as early as the graph allows, as
-llama.cpp's out_ids in the last layer) and silu + mul of gated MLPs as one GLU kernel."""
+"""The unrolled graph plan's rewrites, each checked to change no logit: early output rows (with a
+prompt, the rows whose logits are read are selected as early as the graph allows, as llama.cpp's
+out_ids in the last layer), silu + mul of gated MLPs as one GLU kernel, and products of one input
+whose weights are neighbours in memory as one product (porter.runtime.fusion)."""
 
 from __future__ import annotations
 
@@ -93,13 +94,23 @@ def test_llama_last_layer_runs_on_the_output_row_only(tmp_path):
         assert nmse(hf_logits(pair.hf, ids)[-1:], last) <= 1e-6
 
 
-@pytest.mark.parity
-def test_gated_mlp_runs_as_one_kernel_with_the_same_logits(tmp_path):
-    """A tiny llama: every layer's silu(gate) * up is one GLU node, one node per layer fewer,
-    logits bit for bit those of the two nodes (prompt and decode)."""
-    from porter.runtime._lib import lib
+def _ops(graph) -> dict[str, int]:
+    from collections import Counter
 
-    with port_tiny("llama", {}, tmp_path, seed=4, n_ctx=64) as pair:
+    from porter.runtime._lib import ffi, lib
+
+    return Counter(ffi.string(lib.ggml_op_desc(lib.ggml_graph_node(graph, i))).decode()
+                   for i in range(lib.ggml_graph_n_nodes(graph)))
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("outtype", ["f32", "q4_0"])
+def test_gated_mlp_and_stacked_products_give_the_same_logits(tmp_path, outtype):
+    """A tiny llama (q4_0: its matrices repacked): each layer's q, k, v products are one product,
+    gate and up another, and silu(gate) * up one GLU node reading it; logits bit for bit those of
+    the graph as the spec writes it (prompt and decode)."""
+    with port_tiny("llama", {"hidden_size": 64, "intermediate_size": 96}, tmp_path, seed=4, n_ctx=64,
+                   outtype=outtype) as pair:
         m = pair.porter
         n_layer = int(m.spec.hparams["n_layer"])
         ids = np.random.default_rng(5).integers(0, m.n_vocab, 9).tolist()
@@ -108,8 +119,87 @@ def test_gated_mlp_runs_as_one_kernel_with_the_same_logits(tmp_path):
             m.fuse = fuse
             got[fuse] = (stepped_logits(m, ids, 6), m._graph(1, min(m.n_ctx, KV_BUCKET), 1, True))
         assert m._plan.glus == n_layer
-        fused, plain = got[True][1], got[False][1]
-        assert lib.ggml_graph_n_nodes(plain.graph) - lib.ggml_graph_n_nodes(fused.graph) == n_layer
-        names = {tensor_name(lib.ggml_graph_node(fused.graph, i)) for i in range(lib.ggml_graph_n_nodes(fused.graph))}
-        assert "ffn_gated-0" in names and "ffn_act-0" not in names
+        assert sorted(g.name for g in m._plan.fused.groups if g.name.endswith("-0")) == ["Qcur-0+Kcur-0+Vcur-0",
+                                                                                          "ffn_gate-0+ffn_up-0"]
+        assert len(m._plan.fused.groups) == 2 * n_layer
+        if outtype == "q4_0":
+            assert "blk.0.attn_q.weight" in m.repacked and "blk.0.ffn_up.weight" in m.repacked
+        fused, plain = _ops(got[True][1].graph), _ops(got[False][1].graph)
+        assert plain["MUL_MAT"] - fused["MUL_MAT"] == 3 * n_layer  # 7 products per layer become 4
+        assert fused["SWIGLU"] == plain["SILU"] == n_layer and fused["SILU"] == plain["SWIGLU"] == 0
         np.testing.assert_array_equal(got[True][0], got[False][0])
+
+
+STACK_SPEC = copy.deepcopy(SPEC)
+STACK_SPEC["weights"][1:2] = [{"name": "blk.{L}.wa.weight", "shape": ["$n_embd", "$n_embd"], "layered": True},
+                              {"name": "blk.{L}.wb.weight", "shape": ["$n_embd", "$n_embd"], "layered": True}]
+STACK_SPEC["graph"][1]["result"] = "sum-{L}"
+STACK_SPEC["graph"][1]["body"] = [
+    {"name": "a-{L}", "op": "mul_mat", "inputs": ["blk.{L}.wa.weight", "$carry"]},
+    {"name": "b-{L}", "op": "mul_mat", "inputs": ["blk.{L}.wb.weight", "$carry"]},
+    {"name": "sum-{L}", "op": "add", "inputs": ["a-{L}", "b-{L}"]}]
+
+
+@pytest.mark.parametrize("between", [False, True])
+def test_only_neighbours_in_memory_are_stacked(tmp_path, between):
+    """Two products of one input: stacked when their weights are neighbours in the file, not when
+    another tensor lies between them; the logits are numpy's either way."""
+    rng = np.random.default_rng(7)
+    w = {"token_embd.weight": rng.standard_normal((8, 4), dtype=np.float32)}
+    for i in range(2):
+        w[f"blk.{i}.wa.weight"] = rng.standard_normal((4, 4), dtype=np.float32)
+        if between:
+            w[f"blk.{i}.gap"] = np.zeros(8, np.float32)
+        w[f"blk.{i}.wb.weight"] = rng.standard_normal((4, 4), dtype=np.float32)
+    w["output.weight"] = rng.standard_normal((8, 4), dtype=np.float32)
+    ids = [1, 5, 2, 7]
+    with porter.load(write(tmp_path / "stack.gguf", spec=STACK_SPEC, weights=w), n_threads=1) as m:
+        logits = m.logits(ids)
+        assert len(m._plan.fused.groups if m._plan.fused else []) == (0 if between else 2)
+    x = w["token_embd.weight"][ids].astype(np.float64)
+    for i in range(2):
+        x = x @ w[f"blk.{i}.wa.weight"].T + x @ w[f"blk.{i}.wb.weight"].T
+    np.testing.assert_allclose(logits, x @ w["output.weight"].T, rtol=1e-4, atol=1e-4)
+
+
+def test_a_reshape_no_view_can_express_unstacks_the_products(tmp_path):
+    """A stacked product's view reshaped in a way no strided view can express (ne [4, 5] read as
+    [5, 4]): the model computes its products on their own instead, with the same logits."""
+    spec = copy.deepcopy(STACK_SPEC)
+    spec["graph"][1]["body"][2:2] = [
+        {"name": "t-{L}", "op": "reshape", "inputs": ["a-{L}"], "attrs": {"shape": ["$n_tokens", "$n_embd"]}},
+        {"name": "u-{L}", "op": "reshape", "inputs": ["t-{L}"], "attrs": {"shape": ["$n_embd", "$n_tokens"]}}]
+    spec["graph"][1]["body"][-1]["inputs"] = ["u-{L}", "b-{L}"]
+    rng = np.random.default_rng(8)
+    w = {"token_embd.weight": rng.standard_normal((8, 4), dtype=np.float32)}
+    for i in range(2):
+        w[f"blk.{i}.wa.weight"] = rng.standard_normal((4, 4), dtype=np.float32)
+        w[f"blk.{i}.wb.weight"] = rng.standard_normal((4, 4), dtype=np.float32)
+    w["output.weight"] = rng.standard_normal((8, 4), dtype=np.float32)
+    ids = [1, 5, 2, 7, 3]
+    with porter.load(write(tmp_path / "unstack.gguf", spec=spec, weights=w), n_threads=1) as m:
+        logits = m.logits(ids)
+        assert m._plan.fused.found == 2 and m._plan.fused.groups == []
+    x = w["token_embd.weight"][ids].astype(np.float64)
+    for i in range(2):
+        x = x @ w[f"blk.{i}.wa.weight"].T + x @ w[f"blk.{i}.wb.weight"].T
+    np.testing.assert_allclose(logits, x @ w["output.weight"].T, rtol=1e-4, atol=1e-4)
+
+
+def test_a_strided_tensor_reshapes_as_a_view():
+    """Ops.reshape of a strided window splits and merges dimensions without a copy, with numpy's
+    values, and refuses (ShapeError) a shape that would need one."""
+    from porter.errors import ShapeError
+    from porter.runtime.core import Backend, GraphRunner
+
+    a = np.arange(5 * 12, dtype=np.float32).reshape(5, 12)  # ggml ne [12, 5]
+    with Backend(1) as be, GraphRunner(be) as g:
+        x = g.input(a)
+        cols = g.ops.view(x, [6, 5], [x.nb[1], x.nb[2], x.nb[3]], 4 * 4)  # a[:, 4:10]
+        split = g.ops.reshape(cols, [3, 2, 5])
+        merged = g.ops.reshape(split, [6, 5])
+        out = g.compute([g.ops.cont(split), g.ops.cont(merged)])
+        with pytest.raises(ShapeError, match="contiguous"):
+            g.ops.reshape(cols, [30])  # rows 12 apart cannot read as one run of 30
+    np.testing.assert_array_equal(out[0], a[:, 4:10].reshape(5, 2, 3))
+    np.testing.assert_array_equal(out[1], a[:, 4:10])
