@@ -93,7 +93,8 @@ class FusedWeights:
             rows = sum(int(w.ne[1]) for w in ws)
             name = "+".join(s.name for s in members)
             t = self.ctx.new_tensor(ws[0].type, [int(ws[0].ne[0]), rows], name)
-            if lib.ggml_backend_tensor_alloc(ws[0].buffer, t, ws[0].data) != lib.GGML_STATUS_SUCCESS or t.extra != ws[0].extra:
+            placed = lib.ggml_backend_tensor_alloc(ws[0].buffer, t, ws[0].data) == lib.GGML_STATUS_SUCCESS
+            if not placed or t.extra != ws[0].extra:
                 continue  # ggml would hold the stacked matrix in another layout than its parts
             group = FusedMatmul(name, t, members[0].inputs[1], members, members[0].select)
             offset = 0
