@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import porter
-from porter.runtime.core import get_data, tensor_name
+from porter.runtime.core import get_data
 from porter.runtime.model import KV_BUCKET
 from porter.runtime.plan import GraphPlan
 from porter.testing.parity import port_tiny, stepped_logits
