@@ -280,12 +280,6 @@ class Architecture:
             self._knobs = self.resolved_knobs()
         return self._knobs
 
-    def _layered(self, pattern: str) -> list[tuple[int, str]]:
-        """(layer, name) for each name of ``pattern``; -1 for a model-wide tensor."""
-        if "{L}" in pattern:
-            return [(i, pattern.format(L=i)) for i in range(self.hp.num_layers)]
-        return [(-1, pattern)]
-
     def layer_names(self, pattern: str) -> list[str]:
         if "{L}" in pattern:
             return [pattern.format(L=i) for i in range(self.hp.num_layers)]
@@ -316,7 +310,8 @@ class Architecture:
         runtime multiply them as one matrix in place (:mod:`porter.runtime.fusion`)."""
         keyed = []  # (layer or -1, position in the tables, plan)
         for pos, (pattern, _src) in enumerate(self.tensors.items()):
-            for layer, name in self._layered(pattern):
+            for i, name in enumerate(self.layer_names(pattern)):
+                layer = i if "{L}" in pattern else -1
                 src = self.source_name(name)
                 if src is None:
                     continue
@@ -327,7 +322,8 @@ class Architecture:
                     keep_f32=len(shape) == 1 or name.endswith(("_norm.weight", "ffn_gate_inp.weight")),
                 )))
         for pos, pattern in enumerate(self.experts, start=len(self.tensors)):
-            for layer, name in self._layered(pattern):
+            for i, name in enumerate(self.layer_names(pattern)):
+                layer = i if "{L}" in pattern else -1
                 srcs = self.expert_sources(name)
                 if srcs:
                     keyed.append((layer, pos, TensorPlan(gguf_name=name, sources=srcs,

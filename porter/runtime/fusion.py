@@ -78,7 +78,8 @@ def _strided_ok(name: str, by_name: dict, readers: dict[str, set[str]], depth: i
 
 
 class FusedWeights:
-    """Finds the fusable products of a plan's steps and holds the stacked matrices' headers."""
+    """Finds the fusable products of a plan's steps, marks them (``Step.part``) and holds the
+    stacked matrices' headers (close it with the model)."""
 
     def __init__(self, steps: list, weights: dict, readers: dict[str, set[str]]):
         self.groups: list[FusedMatmul] = []
@@ -116,14 +117,15 @@ class FusedWeights:
         for group in by_input.values():
             ok = [s for s in group if _strided_ok(s.name, by_name, readers)]
             ok.sort(key=lambda s: int(ffi.cast("uintptr_t", weights[s.inputs[0]].data)))
-            run: list = []
-            for s in ok + [None]:  # maximal runs of neighbours in memory
-                if s is not None and (not run or _stackable([weights[r.inputs[0]] for r in run + [s]])):
-                    run.append(s)
-                    continue
-                if len(run) > 1:
-                    out.append(run)
-                run = [s] if s is not None and _stackable([weights[s.inputs[0]]]) else []
+            run: list = []  # maximal runs of neighbours in memory
+            for s in ok:
+                if run and not _stackable([weights[r.inputs[0]] for r in run + [s]]):
+                    if len(run) > 1:
+                        out.append(run)
+                    run = []
+                run.append(s)
+            if len(run) > 1:
+                out.append(run)
         return out
 
     def unstack(self) -> None:
@@ -138,10 +140,3 @@ class FusedWeights:
         if self.ctx is not None:
             self.ctx.close()
             self.ctx = None
-
-
-def fuse_matmuls(steps: list, weights: dict, readers: dict[str, set[str]]) -> FusedWeights:
-    """Mark every product whose weight can be stacked with those of other products of the same
-    input (``Step.part``); returns the holder of the stacked matrices (close it with the model)."""
-    return FusedWeights(steps, weights, readers)
-

@@ -74,9 +74,9 @@ class GraphPlan:
             self.rows = early_rows(self.steps, spec, weights, readers)
             self.glus = fuse_swiglu(self.steps, readers)
             if stack_matmuls:
-                from porter.runtime.fusion import fuse_matmuls
+                from porter.runtime.fusion import FusedWeights
 
-                self.fused = fuse_matmuls(self.steps, weights, readers)
+                self.fused = FusedWeights(self.steps, weights, readers)
 
     def close(self) -> None:
         if self.fused is not None:
