@@ -10,6 +10,7 @@ the shape reversed, with identical bytes.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import weakref
@@ -111,19 +112,30 @@ class ThreadPolicy:
 
     HORIZON = 0.25  # seconds of samples: ~40 decode steps of a small model, ~8 of a 1B one
     MIN_SAMPLES = 3
+    # at most one sample per INTERVAL seconds: the steps in between keep the last choice (a
+    # sample costs ~50 us right after a graph, 1-2% of a small model's decode step)
+    INTERVAL = 0.02
 
     def __init__(self, n_max: int, cores: int, adaptive: bool = True, clock=time.monotonic):
         self.n_max, self.cores, self.adaptive = n_max, cores, adaptive
         self._clock = clock
         self._samples: deque[tuple[float, int]] = deque()
+        self._last, self._choice = -math.inf, n_max
 
     def threads(self) -> int:
         if not self.adaptive or self.n_max == 1:
             return self.n_max
+        now = self._clock()
+        if now - self._last < self.INTERVAL:
+            return self._choice
+        self._last = now
+        self._choice = self._sample(now)
+        return self._choice
+
+    def _sample(self, now: float) -> int:
         others = runnable_elsewhere()
         if others is None:
             return self.n_max
-        now = self._clock()
         samples = self._samples
         samples.append((now, others))
         while now - samples[0][0] > self.HORIZON:
@@ -343,6 +355,21 @@ def get_data(t) -> np.ndarray:
     out = np.empty(shape, dtype=dtype)
     lib.ggml_backend_tensor_get(t, ffi.from_buffer(out), 0, out.nbytes)
     return out
+
+
+def host_view(t) -> np.ndarray | None:
+    """A flat numpy array over a tensor's own memory (no copy) when that memory is the host's, the
+    tensor contiguous and of a plain type; else None. Valid while the tensor's buffer is: for
+    graph inputs and outputs that :class:`Model` writes and reads at every step without a ggml
+    call (after a graph has streamed the weights through the caches, each call through cffi
+    costs microseconds)."""
+    if t.buffer == ffi.NULL or not lib.ggml_backend_buffer_is_host(t.buffer) or not lib.ggml_is_contiguous(t):
+        return None
+    dtype = NUMPY_DTYPE.get(type_of(t))
+    if dtype is None:
+        return None
+    memory = ffi.buffer(ffi.cast("char *", t.data), int(lib.ggml_nbytes(t)))
+    return np.frombuffer(memory, dtype=dtype)
 
 
 def nelements(t) -> int:

@@ -28,21 +28,26 @@ def attention_masks(spec: Spec, positions: np.ndarray, n_kv: int, n_valid: int) 
 
 
 def _one_query_masks(spec: Spec, q: int, n_kv: int, n_valid: int) -> dict[str, np.ndarray]:
-    """The masks of one query (a decode step), as runs of zeros in a row of -inf: what
-    :func:`attention_masks` computes, without its [n_tokens, n_kv] temporaries (this runs once
-    per generated token)."""
-    end = min(n_valid, q + 1) if spec.causal else n_valid
-
-    def row(start: int) -> np.ndarray:
-        out = np.full((1, n_kv), -np.inf, dtype=np.float16)
-        out[0, max(0, start):max(0, end)] = 0.0
-        return out
-
-    masks = {"kq_mask": row(0)}
-    window = spec.hparams.get("sliding_window")
+    """The masks of one query (a decode step): what :func:`attention_masks` computes, without
+    its [n_tokens, n_kv] temporaries."""
+    window = int(spec.hparams.get("sliding_window") or 0)
+    masks = {"kq_mask": np.empty((1, n_kv), np.float16)}
     if window:
-        masks["kq_mask_swa"] = row(q - int(window) + 1)
+        masks["kq_mask_swa"] = np.empty((1, n_kv), np.float16)
+    write_one_query_masks({k: v.reshape(-1) for k, v in masks.items()}, spec.causal, window, q, n_valid)
     return masks
+
+
+def write_one_query_masks(rows: dict[str, np.ndarray], causal: bool, window: int, q: int, n_valid: int) -> None:
+    """Fill the mask rows of query position ``q`` in place (``rows``: flat arrays by input kind,
+    ``kq_mask`` and ``kq_mask_swa`` where present): a run of zeros over the cells it may attend
+    in a row of -inf."""
+    end = min(n_valid, q + 1) if causal else n_valid
+    for kind, start in (("kq_mask", 0), ("kq_mask_swa", q - window + 1)):
+        row = rows.get(kind)
+        if row is not None:
+            row.fill(-np.inf)
+            row[max(0, start):max(0, end)] = 0.0
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:

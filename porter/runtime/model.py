@@ -7,7 +7,7 @@ in :mod:`porter.runtime.generation` and sampling in :mod:`porter.runtime.samplin
 from __future__ import annotations
 
 import logging
-import math
+import operator
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,11 +17,12 @@ import numpy as np
 
 from porter.errors import ModelError, OptionError, ShapeError
 from porter.runtime._lib import ffi, lib
-from porter.runtime.core import Backend, Buffer, Context, _track, available_memory, get_data, write_input
+from porter.runtime.core import (Backend, Buffer, Context, _track, available_memory, get_data, host_view,
+                                 write_input)
 from porter.runtime.generation import GenerationMixin, GenerationStats
 from porter.runtime.graph import ABSENT, EarlyRowsUnfit, GraphBuilder, KVCache, kv_cache_bytes
 from porter.runtime.loader import SPEC_KEY, TOKENIZER_KEY, _bf16_as_f16, _bf16_fits_f16, index_tables, load_gguf
-from porter.runtime.masks import alibi_mask, attention_masks
+from porter.runtime.masks import alibi_mask, attention_masks, write_one_query_masks
 from porter.runtime.ops import Ops
 from porter.runtime.plan import GraphPlan
 from porter.runtime.sampling import sample
@@ -29,6 +30,7 @@ from porter.runtime.types import GGMLType
 from porter.spec import Spec
 
 KV_BUCKET = 256  # decode graphs are reused while the cache fits the same bucket
+_STEP_INPUTS = frozenset(("tokens", "positions", "out_ids", "kv_slots", "kq_mask", "kq_mask_swa"))
 
 
 @dataclass
@@ -39,8 +41,27 @@ class _CachedGraph:
     inputs: dict
     outputs: dict
     n_kv: int
+    views: dict | None = None  # name -> numpy array over an input's or output's host memory
+
+    def host_views(self) -> dict:
+        """Inputs and outputs in host memory as numpy arrays (made once: every step then writes
+        and reads them with no ggml call); tensors elsewhere (a GPU, none) are left out."""
+        if self.views is None:
+            tensors = {**self.inputs, **self.outputs}
+            self.views = {name: v for name, t in tensors.items() if (v := host_view(t)) is not None}
+        return self.views
+
+    def step_views(self) -> dict | None:
+        """:meth:`host_views` when a decode step can run on them alone: every input with memory
+        is one :meth:`Model._decode_step` writes, in host memory, and so are the logits."""
+        views = self.host_views()
+        for name, t in self.inputs.items():
+            if name not in views and t.buffer != ffi.NULL or name not in _STEP_INPUTS:
+                return None
+        return views if "result_output" in views else None
 
     def close(self):
+        self.views = None
         if self.galloc is not None:
             lib.ggml_gallocr_free(self.galloc)
             self.galloc = None
@@ -72,6 +93,7 @@ class Model(GenerationMixin):
         self.path = path
         hp = spec.hparams
         self.n_vocab = int(hp["n_vocab"])
+        self._window = int(hp.get("sliding_window") or 0)  # of the kq_mask_swa input, if any
         # token ids index the table the tokens input reads (get_rows aborts past its rows)
         self.n_token_rows = min([int(weights[w].ne[1]) for w in index_tables(spec, "tokens") if w in weights]
                                 or [self.n_vocab])
@@ -356,11 +378,14 @@ class Model(GenerationMixin):
         with ``capture`` also the named intermediate nodes, as numpy arrays in ggml-reversed
         (numpy) order. ``token_types``: segment ids, for encoders that read them.
         """
+        if use_cache and not (capture or all_logits) and token_types is None and len(tokens) == 1:
+            logits = self._decode_step(tokens[0])
+            if logits is not None:
+                return logits
         tokens = np.asarray(tokens, dtype=np.int32)
         if tokens.ndim != 1 or tokens.size == 0:
             raise ValueError("forward needs a non-empty 1-D sequence of token ids")
-        if tokens.min() < 0 or tokens.max() >= self.n_token_rows:
-            raise ValueError(f"token ids must be in [0, {self.n_token_rows}); got {tokens.min()}..{tokens.max()}")
+        self._check_ids(int(tokens.min()), int(tokens.max()))
         n = tokens.size
         if self.max_positions is not None and n > self.max_positions:
             raise ValueError(f"{n} tokens exceed the model's {self.max_positions} learned positions")
@@ -370,13 +395,7 @@ class Model(GenerationMixin):
             if token_types.shape != tokens.shape or token_types.min() < 0 or token_types.max() >= limit:
                 raise ValueError(f"token_types must be {n} ids in [0, {limit})")
         start = self.kv.n_past if use_cache else 0
-        if use_cache and start + n > self.n_ctx:
-            raise ValueError(f"context full: {start} cached + {n} new tokens exceed n_ctx={self.n_ctx}; "
-                             "reset() or load with a larger n_ctx")
-        if use_cache:
-            n_kv = min(self.n_ctx, math.ceil((start + n) / KV_BUCKET) * KV_BUCKET)
-        else:
-            n_kv = n
+        n_kv = self._cache_cells(start, n) if use_cache else n
         positions = np.arange(start, start + n, dtype=np.int32)
         out_ids = np.arange(n, dtype=np.int32) if all_logits else np.array([n - 1], dtype=np.int32)
         g = self._graph(n, n_kv, out_ids.size, use_cache, tuple(capture))
@@ -390,24 +409,75 @@ class Model(GenerationMixin):
         feeds.update(self._masks(positions, n_kv, start + n))
         if hasattr(self.backend, "allocate"):  # a SplitBackend plans the graph unless it ran last
             self.backend.allocate(g)
+            views = {}
+        else:
+            views = g.host_views()
         for name, t in g.inputs.items():
-            if t.buffer != ffi.NULL:  # an input no node reads has no memory
+            view = views.get(name)
+            if view is not None:
+                feed = feeds[name]
+                if feed.size != view.size:
+                    raise ShapeError(f"input {name!r} holds {view.size} values; got {feed.size}")
+                view[:] = feed.ravel()
+            elif t.buffer != ffi.NULL:  # an input no node reads has no memory
                 write_input(t, feeds[name])
         self.backend.compute(g.graph)
         self.tokens_evaluated += n
         if use_cache:
             self.kv.n_past = start + n
-        if "result_output" in g.outputs:
-            logits = get_data(g.outputs["result_output"]).reshape(out_ids.size, -1)
-        elif "result_embd" in g.outputs:  # encoders: final hidden states of every token
-            logits = get_data(g.outputs["result_embd"]).reshape(n, -1)
-        else:
+        # logits of the rows out_ids reads; encoders: the final hidden states of every token
+        out, rows = ("result_output", out_ids.size) if "result_output" in g.outputs else ("result_embd", n)
+        if out not in g.outputs:
             logits = None
+        elif out in views:
+            logits = views[out].reshape(rows, -1).copy()
+        else:
+            logits = get_data(g.outputs[out]).reshape(rows, -1)
         if capture:
             captured = {name: get_data(t) for name, t in g.outputs.items() if name in capture}
             g.close()
             return logits, captured
         return logits
+
+    def _check_ids(self, lowest: int, highest: int) -> None:
+        if lowest < 0 or highest >= self.n_token_rows:
+            raise ValueError(f"token ids must be in [0, {self.n_token_rows}); got {lowest}..{highest}")
+
+    def _cache_cells(self, start: int, n: int) -> int:
+        """The KV cells a graph attends for ``n`` new tokens after ``start`` cached ones (whole
+        buckets, so a decode graph serves many steps); an error when they do not fit."""
+        if start + n > self.n_ctx:
+            raise ValueError(f"context full: {start} cached + {n} new tokens exceed n_ctx={self.n_ctx}; "
+                             "reset() or load with a larger n_ctx")
+        return min(self.n_ctx, -(-(start + n) // KV_BUCKET) * KV_BUCKET)
+
+    def _decode_step(self, token) -> np.ndarray | None:
+        """``forward([token])``, the step generation repeats, with its inputs written straight
+        into the graph's host memory: no allocation and no ggml call but the compute. (Once a
+        graph has streamed the weights through the caches, each Python operation is slow: this
+        saves ~0.1 ms of a small model's ~7 ms step.) None where the general path must run: the
+        first position (recurrent states are cleared there), ALiBi or segment inputs, a split or
+        GPU backend."""
+        start = self.kv.n_past
+        if start == 0 or hasattr(self.backend, "allocate"):
+            return None
+        token = operator.index(token)
+        self._check_ids(token, token)
+        g = self._graph(1, self._cache_cells(start, 1), 1, True)
+        views = g.step_views()
+        if views is None:
+            return None
+        views["tokens"][0] = token
+        for name in ("positions", "kv_slots"):
+            if name in views:
+                views[name][0] = start
+        if "out_ids" in views:
+            views["out_ids"][0] = 0
+        write_one_query_masks(views, self.spec.causal, self._window, start, start + 1)
+        self.backend.compute(g.graph)
+        self.tokens_evaluated += 1
+        self.kv.n_past = start + 1
+        return views["result_output"].reshape(1, -1).copy()
 
     def node_names(self) -> list[str]:
         """Every node of the graph in order (layer loop instantiated)."""
