@@ -18,11 +18,11 @@ Rows:
 * ``tg busy``: decode while the bench keeps every core busy with competing processes (q8_0).
 
 Measurements come in pairs: one runtime's, then at once the other's (who goes first
-alternates), ``--reps`` pairs per row. A row's ratio is the median of its pairs' ratios and the
-``pairs`` column their range: on a shared machine speed drifts by 10-20% over minutes, which
-pairs cancel and the range shows. The issue's targets are printed next to the ratios. Usage:
+alternates), ``--reps`` pairs per row (``--close-reps`` for pp128 and tg, the rows held to
+1.0x). A row's ratio is the median of its pairs' ratios and the ``pairs`` column their range:
+on a shared machine speed drifts by 10-20% over minutes, which pairs cancel and the range shows. The issue's targets are printed next to the ratios. Usage:
 
-    python bench/race.py [--models smollm2,tinyllama] [--types q8_0,q4_0] [--reps 5] [--quick]
+    python bench/race.py [--models smollm2,tinyllama] [--types q8_0,q4_0] [--reps 5] [--close-reps 15] [--quick]
 """
 
 from __future__ import annotations
@@ -334,6 +334,9 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2,tinyllama")
     ap.add_argument("--types", default="q8_0,q4_0")
     ap.add_argument("--reps", type=int, default=5, help="measurement pairs per row (default 5)")
+    ap.add_argument("--close-reps", type=int, default=15,
+                    help="pairs for the rows held to 1.0x (pp128, tg; default 15): short rows, where the two "
+                         "runtimes run the same kernels and a median of 5 pairs moves by +-5%% between runs")
     ap.add_argument("--threads", type=int, default=0, help="default: the physical cores")
     ap.add_argument("--quick", action="store_true", help="no long-context rows")
     ap.add_argument("--no-busy", action="store_true", help="no rows under competition")
@@ -380,7 +383,8 @@ def main() -> None:
                     if kind == "tg":
                         for w in workers:
                             w.ask("depth", depth)
-                    got = measure(workers, (kind, n) if kind == "pp" else (kind, n, depth), args.reps)
+                    reps = max(args.reps, args.close_reps) if TARGETS.get(name) == 1.0 else args.reps
+                    got = measure(workers, (kind, n) if kind == "pp" else (kind, n, depth), reps)
                     rows.append((model, outtype, name, got["porter"], got["llama"], True))
                     loads.append(machine_load())
                 if outtype == "q8_0" and not args.no_busy:
@@ -399,7 +403,7 @@ def main() -> None:
     from porter.runtime._lib import GGML_VERSION, build_info, cpu_features
 
     table = Table(title=f"porter vs stock llama.cpp (default build), {threads} threads, F16 KV cache, flash "
-                        f"attention; medians of {args.reps} measurement pairs"
+                        f"attention; medians of measurement pairs"
                         + (f", -ngl {args.ngl} (GPU)" if args.ngl not in ("", "0") else ""))
     for col in ("model", "weights", "row", "porter", "llama.cpp", "ratio", "pairs", "target"):
         table.add_column(col, justify="right")
@@ -416,12 +420,12 @@ def main() -> None:
         mark = "" if met is None else (" ok" if met else " MISSED")
         fmt = "{:.3f}" if name == "load s" else "{:.1f}"
         shown = f"{ratio:.2f}x time" if name == "load s" else f"{ratio:.2f}x"
-        spread = f"{min(pairs):.2f}-{max(pairs):.2f}" if len(pairs) > 1 else ""
+        spread = f"{min(pairs):.2f}-{max(pairs):.2f} ({len(pairs)})" if len(pairs) > 1 else ""
         table.add_row(model, outtype, name, fmt.format(statistics.median(ours)), fmt.format(statistics.median(theirs)),
                       shown, spread, target + mark)
     console.print(table)
     console.print("ratio: the median of the pairs' ratios (porter / llama.cpp for speeds, so > 1 is porter ahead; "
-                  "porter's time / llama.cpp's for load); pairs: their range")
+                  "porter's time / llama.cpp's for load); pairs: their range (and how many)")
     info = build_info()
     if PORTER_PATH:
         console.print(f"porter: the tree in {PORTER_PATH} (with whatever ggml it loads)")
