@@ -7,7 +7,6 @@ in :mod:`porter.runtime.generation` and sampling in :mod:`porter.runtime.samplin
 from __future__ import annotations
 
 import logging
-import operator
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ class _CachedGraph:
     outputs: dict
     n_kv: int
     views: dict | None = None  # name -> numpy array over an input's or output's host memory
+    steps: bool | None = None  # whether Model._decode_step can run this graph (known once views are)
 
     def host_views(self) -> dict:
         """Inputs and outputs in host memory as numpy arrays (made once: every step then writes
@@ -49,19 +49,19 @@ class _CachedGraph:
         if self.views is None:
             tensors = {**self.inputs, **self.outputs}
             self.views = {name: v for name, t in tensors.items() if (v := host_view(t)) is not None}
+            # a decode step writes the inputs it knows, each in host memory (or unread: no memory)
+            self.steps = "result_output" in self.views and all(
+                name in _STEP_INPUTS and (name in self.views or t.buffer == ffi.NULL)
+                for name, t in self.inputs.items())
         return self.views
 
     def step_views(self) -> dict | None:
-        """:meth:`host_views` when a decode step can run on them alone: every input with memory
-        is one :meth:`Model._decode_step` writes, in host memory, and so are the logits."""
+        """:meth:`host_views` when :meth:`Model._decode_step` can run on them alone, else None."""
         views = self.host_views()
-        for name, t in self.inputs.items():
-            if name not in views and t.buffer != ffi.NULL or name not in _STEP_INPUTS:
-                return None
-        return views if "result_output" in views else None
+        return views if self.steps else None
 
     def close(self):
-        self.views = None
+        self.views = self.steps = None
         if self.galloc is not None:
             lib.ggml_gallocr_free(self.galloc)
             self.galloc = None
@@ -459,9 +459,9 @@ class Model(GenerationMixin):
         first position (recurrent states are cleared there), ALiBi or segment inputs, a split or
         GPU backend."""
         start = self.kv.n_past
-        if start == 0 or hasattr(self.backend, "allocate"):
-            return None
-        token = operator.index(token)
+        if start == 0 or hasattr(self.backend, "allocate") or not isinstance(token, (int, np.integer)):
+            return None  # (not an integer: the general path says what is wrong)
+        token = int(token)
         self._check_ids(token, token)
         g = self._graph(1, self._cache_cells(start, 1), 1, True)
         views = g.step_views()

@@ -40,6 +40,8 @@ def test_a_decode_step_checks_what_forward_checks(tmp_path):
         m.forward([1, 2, 3])
         with pytest.raises(ValueError, match="token ids must be in"):
             m.forward([m.n_token_rows])
+        with pytest.raises(ValueError, match="1-D sequence"):  # one token, but not an id
+            m.forward([[5]])
         assert m.kv.n_past == 3
         m.forward([4] * 5)
         with pytest.raises(ValueError, match="context full"):
