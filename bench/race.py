@@ -23,6 +23,7 @@ alternates), ``--reps`` pairs per row (``--close-reps`` for pp128 and tg, the ro
 on a shared machine speed drifts by 10-20% over minutes, which pairs cancel and the range shows. The issue's targets are printed next to the ratios. Usage:
 
     python bench/race.py [--models smollm2,tinyllama] [--types q8_0,q4_0] [--reps 5] [--close-reps 15] [--quick]
+                         [--json run.json] [--from-json run.json]
 """
 
 from __future__ import annotations
@@ -324,6 +325,47 @@ class Competition:
             p.wait()
 
 
+def median_interval(pairs: list[float], level: float = 0.95, resamples: int = 2000) -> tuple[float, float]:
+    """A bootstrap interval of the median of ``pairs`` (fixed seed: the same run prints the same
+    interval): how far the row's ratio could move with other draws of the same noise."""
+    rng = np.random.default_rng(0)
+    medians = np.median(rng.choice(np.asarray(pairs), size=(resamples, len(pairs))), axis=1)
+    lo, hi = np.quantile(medians, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def report(console, rows: list, threads: int, ngl: str = "") -> None:
+    """The table of ratios: per row porter's and llama.cpp's medians, the median of the pairs'
+    ratios with its 95% interval, the number of pairs and the issue's target."""
+    from rich.table import Table
+
+    table = Table(title=f"porter vs stock llama.cpp (default build), {threads} threads, F16 KV cache, flash "
+                        f"attention; medians of measurement pairs"
+                        + (f", -ngl {ngl} (GPU)" if ngl not in ("", "0") else ""))
+    for col in ("model", "weights", "row", "porter", "llama.cpp", "ratio", "95% CI", "pairs", "target"):
+        table.add_column(col, justify="right")
+    for model, outtype, name, ours, theirs, _higher in rows:
+        # pair by pair, porter's measurement over llama.cpp's next to it (speeds: > 1 porter
+        # ahead; times: porter's time over llama.cpp's); the row's ratio is their median
+        pairs = [p / q for p, q in zip(ours, theirs)]
+        ratio = statistics.median(pairs)
+        key = name.split(" (")[0]
+        if name == "load s":
+            target, met = "<= 2x", ratio <= 2
+        else:
+            target, met = (f">= {TARGETS[key]:.1f}x", ratio >= TARGETS[key]) if key in TARGETS else ("", None)
+        mark = "" if met is None else (" ok" if met else " MISSED")
+        fmt = "{:.3f}" if name == "load s" else "{:.1f}"
+        shown = f"{ratio:.2f}x time" if name == "load s" else f"{ratio:.2f}x"
+        interval = "{:.2f}-{:.2f}".format(*median_interval(pairs)) if len(pairs) > 2 else ""
+        table.add_row(model, outtype, name, fmt.format(statistics.median(ours)), fmt.format(statistics.median(theirs)),
+                      shown, interval, str(len(pairs)), target + mark)
+    console.print(table)
+    console.print("ratio: the median of the pairs' ratios (porter / llama.cpp for speeds, so > 1 is porter ahead; "
+                  "porter's time / llama.cpp's for load); 95% CI: a bootstrap interval of that median over the "
+                  "pairs (where the ratio could land with other draws of this machine's noise)")
+
+
 def machine_load() -> str:
     with open("/proc/loadavg") as fh:
         return " ".join(fh.read().split()[:3])
@@ -344,6 +386,7 @@ def main() -> None:
     ap.add_argument("--ngl", default=None, help="layers on the GPU for both runtimes (N or all; default: all when "
                     "porter's ggml reports a GPU, else none). llama.cpp must be a GPU build too: see the Makefile")
     ap.add_argument("--porter-from", help="race the porter found in this source tree (before/after numbers)")
+    ap.add_argument("--from-json", type=Path, help="print the table of a run saved with --json (no measuring)")
     ap.add_argument("--worker", nargs=3, metavar=("RUNTIME", "GGUF", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -351,9 +394,12 @@ def main() -> None:
         return
 
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(width=120)
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        report(console, saved["rows"], saved["threads"], saved.get("ngl", ""))
+        return
     global PORTER_PATH
     PORTER_PATH = args.porter_from
     threads = args.threads or physical_cores()
@@ -402,30 +448,7 @@ def main() -> None:
 
     from porter.runtime._lib import GGML_VERSION, build_info, cpu_features
 
-    table = Table(title=f"porter vs stock llama.cpp (default build), {threads} threads, F16 KV cache, flash "
-                        f"attention; medians of measurement pairs"
-                        + (f", -ngl {args.ngl} (GPU)" if args.ngl not in ("", "0") else ""))
-    for col in ("model", "weights", "row", "porter", "llama.cpp", "ratio", "pairs", "target"):
-        table.add_column(col, justify="right")
-    for model, outtype, name, ours, theirs, higher in rows:
-        # pair by pair, porter's measurement over llama.cpp's next to it (speeds: > 1 porter
-        # ahead; times: porter's time over llama.cpp's); the row's ratio is their median
-        pairs = [p / q for p, q in zip(ours, theirs)]
-        ratio = statistics.median(pairs)
-        key = name.split(" (")[0]
-        if name == "load s":
-            target, met = "<= 2x", ratio <= 2
-        else:
-            target, met = (f">= {TARGETS[key]:.1f}x", ratio >= TARGETS[key]) if key in TARGETS else ("", None)
-        mark = "" if met is None else (" ok" if met else " MISSED")
-        fmt = "{:.3f}" if name == "load s" else "{:.1f}"
-        shown = f"{ratio:.2f}x time" if name == "load s" else f"{ratio:.2f}x"
-        spread = f"{min(pairs):.2f}-{max(pairs):.2f} ({len(pairs)})" if len(pairs) > 1 else ""
-        table.add_row(model, outtype, name, fmt.format(statistics.median(ours)), fmt.format(statistics.median(theirs)),
-                      shown, spread, target + mark)
-    console.print(table)
-    console.print("ratio: the median of the pairs' ratios (porter / llama.cpp for speeds, so > 1 is porter ahead; "
-                  "porter's time / llama.cpp's for load); pairs: their range (and how many)")
+    report(console, rows, threads, args.ngl)
     info = build_info()
     if PORTER_PATH:
         console.print(f"porter: the tree in {PORTER_PATH} (with whatever ggml it loads)")
@@ -434,7 +457,7 @@ def main() -> None:
     console.print(f"llama.cpp: {llamacpp.system_info()}")
     console.print(f"machine load average (1/5/15 min) before and after each row: {' | '.join(loads)}")
     if args.json:
-        args.json.write_text(json.dumps({"threads": threads, "rows": rows, "loads": loads}, indent=1))
+        args.json.write_text(json.dumps({"threads": threads, "ngl": args.ngl, "rows": rows, "loads": loads}, indent=1))
 
 
 if __name__ == "__main__":
