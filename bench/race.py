@@ -19,8 +19,10 @@ Rows:
 
 Measurements come in pairs: one runtime's, then at once the other's (who goes first
 alternates), ``--reps`` pairs per row (``--close-reps`` for pp128 and tg, the rows held to
-1.0x). A row's ratio is the median of its pairs' ratios and the ``pairs`` column their range:
-on a shared machine speed drifts by 10-20% over minutes, which pairs cancel and the range shows. The issue's targets are printed next to the ratios. Usage:
+1.0x). A row's ratio is the median of its pairs' ratios, printed with a 95% bootstrap interval:
+on a shared machine speed drifts by 10-20% over minutes, which pairs cancel, and bursts of noise
+move single pairs, which the interval shows. The issue's targets are printed next to the
+ratios. Usage:
 
     python bench/race.py [--models smollm2,tinyllama] [--types q8_0,q4_0] [--reps 5] [--close-reps 15] [--quick]
                          [--json run.json] [--from-json run.json]
