@@ -65,7 +65,7 @@ def test_csv_and_json_agree_on_rows(tiny_gguf):
 
 
 def test_prompt_plus_generation_rows(tiny_gguf):
-    args = [str(tiny_gguf), "-p", "16", "-n", "8", "-pg", "16,8", "-pg", "0,0", "-pg", "32,4", "-r", "3", "-t", "1"]
+    args = [str(tiny_gguf), "-p", "16", "-n", "8", "-pg", "16,8", "-pg", "0,0", "-pg", "32,4", "-r", "5", "-t", "1"]
     tests = ["pp16", "tg8", "pp16+tg8", "pp32+tg4"]  # llama-bench's order; 0,0 skipped as llama-bench skips it
     out = run(*args)
     assert out.exit_code == 0, out.output
@@ -83,12 +83,14 @@ def test_prompt_plus_generation_rows(tiny_gguf):
     records = {r["test"]: r for r in json.loads(out.stdout)}
     assert list(records) == tests
     pg = records["pp16+tg8"]
-    assert len(pg["samples_ns"]) == 3
-    assert pg["avg_ts"] == pytest.approx(sum(24 * 1e9 / ns for ns in pg["samples_ns"]) / 3)  # 16 + 8 tokens a run
-    # a run is one prompt pass and 8 generation steps: well over twice the prompt pass alone, and
-    # within a generous bound of the two tests' sum (medians: a busy machine can stall one sample)
-    median = {t: sorted(r["samples_ns"])[1] for t, r in records.items()}
-    assert 2 * median["pp16"] < median["pp16+tg8"] < 5 * (median["pp16"] + median["tg8"])
+    assert len(pg["samples_ns"]) == 5
+    assert pg["avg_ts"] == pytest.approx(sum(24 * 1e9 / ns for ns in pg["samples_ns"]) / 5)  # 16 + 8 tokens a run
+    # a run is one prompt pass and 8 generation steps: about the two tests' sum (measured 1.0-1.5x
+    # of it). On this tiny model the two parts take about as long (~0.1 ms each), so a run of either
+    # alone would be 0.4-0.6x the sum; generous bounds, on medians (a busy machine stalls samples)
+    median = {t: sorted(r["samples_ns"])[2] for t, r in records.items()}
+    both = median["pp16"] + median["tg8"]
+    assert 0.7 * both < median["pp16+tg8"] < 3 * both, median
 
 
 def test_bad_options_are_refused(tiny_gguf):
