@@ -50,7 +50,7 @@ class _CachedGraph:
             tensors = {**self.inputs, **self.outputs}
             self.views = {name: v for name, t in tensors.items() if (v := host_view(t)) is not None}
             # a decode step writes the inputs it knows, each in host memory (or unread: no memory)
-            self.steps = "result_output" in self.views and all(
+            self.steps = "tokens" in self.views and "result_output" in self.views and all(
                 name in _STEP_INPUTS and (name in self.views or t.buffer == ffi.NULL)
                 for name, t in self.inputs.items())
         return self.views
