@@ -30,6 +30,7 @@ from porter.spec import Spec
 
 KV_BUCKET = 256  # decode graphs are reused while the cache fits the same bucket
 _STEP_INPUTS = frozenset(("tokens", "positions", "out_ids", "kv_slots", "kq_mask", "kq_mask_swa"))
+_RESULTS = ("result_output", "result_embd")  # logits; encoders: the final hidden states
 
 
 @dataclass
@@ -40,14 +41,15 @@ class _CachedGraph:
     inputs: dict
     outputs: dict
     n_kv: int
-    views: dict | None = None  # name -> numpy array over an input's or output's host memory
+    views: dict | None = None  # name -> numpy array over an input's or result's host memory
     steps: bool | None = None  # whether Model._decode_step can run this graph (known once views are)
 
     def host_views(self) -> dict:
-        """Inputs and outputs in host memory as numpy arrays (made once: every step then writes
-        and reads them with no ggml call); tensors elsewhere (a GPU, none) are left out."""
+        """Inputs and results in host memory as numpy arrays (made once: every step then writes
+        and reads them with no ggml call); tensors elsewhere (a GPU, none) are left out, and so
+        are captured intermediates (read once, with get_data)."""
         if self.views is None:
-            tensors = {**self.inputs, **self.outputs}
+            tensors = {**self.inputs, **{k: t for k, t in self.outputs.items() if k in _RESULTS}}
             self.views = {name: v for name, t in tensors.items() if (v := host_view(t)) is not None}
             # a decode step writes the inputs it knows, each in host memory (or unread: no memory)
             self.steps = "tokens" in self.views and "result_output" in self.views and all(
