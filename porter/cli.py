@@ -26,10 +26,15 @@ def _versions() -> str:
     why = f"; fell back: {'; '.join(info['fallback_because'])}" if info.get("fallback_because") else ""
     from porter.runtime.devices import has_rpc, registry_devices
 
+    from porter.runtime import hugepages
+
     devices = ", ".join(f"{d.name} ({d.description})" for d in registry_devices())
+    huge = (f"{'on' if hugepages.default() else 'off'} (kernel THP: {hugepages.thp_mode() or 'none'}"
+            f"{'; PORTER_HUGE_PAGES is set' if os.environ.get('PORTER_HUGE_PAGES') else ''})")
     return (f"porter {__version__}\nggml {GGML_VERSION}, {variant} build ({info.get('source', 'source unknown')}; "
             f"{ggml_dir()}{why})\nCPU: {' '.join(cpu_features())}\n"
-            f"devices: {devices}; RPC backend: {'yes' if has_rpc() else 'no (rebuild: make ggml)'}")
+            f"devices: {devices}; RPC backend: {'yes' if has_rpc() else 'no (rebuild: make ggml)'}\n"
+            f"huge pages for weights and KV cache: {huge}")
 
 
 class _Group(click.Group):

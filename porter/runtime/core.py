@@ -280,10 +280,14 @@ class Context:
 class Buffer:
     """A backend buffer holding all tensors of a context (typically: a model's weights)."""
 
-    def __init__(self, ctx: Context, buffer_type, what: str = "the weight buffer"):
+    def __init__(self, ctx: Context, buffer_type, what: str = "the weight buffer", huge_pages: bool = False):
         self.ptr = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx.ptr, buffer_type)
         if self.ptr == ffi.NULL:
             raise MemoryError(f"ggml could not allocate {what}")
+        if huge_pages and lib.ggml_backend_buffer_is_host(self.ptr):  # before anything touches it
+            from porter.runtime import hugepages
+
+            hugepages.advise(int(ffi.cast("uintptr_t", lib.ggml_backend_buffer_get_base(self.ptr))), self.size)
         self._finalizer = _track(self, "buffer", lib.ggml_backend_buffer_free, self.ptr)
         self.ctx = ctx  # the metadata must outlive the data
 

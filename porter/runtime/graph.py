@@ -62,7 +62,7 @@ class KVCache:
     """Per-layer cache tensors (K, V, and any extra ones), ne [width, n_ctx], in one backend
     buffer (None for a layer without that cache)."""
 
-    def __init__(self, backend, spec: Spec, n_ctx: int, gtype: GGMLType = GGMLType.F32):
+    def __init__(self, backend, spec: Spec, n_ctx: int, gtype: GGMLType = GGMLType.F32, huge_pages: bool = False):
         from porter.runtime.core import Buffer, Context
 
         self.n_ctx = n_ctx
@@ -77,7 +77,8 @@ class KVCache:
                               for i, w in enumerate(ws)] for name, ws in states.items()}
         self.k, self.v = self.caches["k"], self.caches["v"]
         need = kv_cache_bytes(spec, n_ctx, gtype)
-        self.buffer = Buffer(self.ctx, backend.buffer_type, f"the KV cache ({need / 2**20:.0f} MiB for n_ctx={n_ctx})")
+        self.buffer = Buffer(self.ctx, backend.buffer_type, f"the KV cache ({need / 2**20:.0f} MiB for n_ctx={n_ctx})",
+                             huge_pages=huge_pages)
         lib.ggml_backend_buffer_clear(self.buffer.ptr, 0)
         self.n_past = 0  # positions 0..n_past-1 hold valid entries
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from porter.errors import ModelError
-from porter.runtime import repack
+from porter.runtime import hugepages, repack
 from porter.runtime._lib import ffi, lib
 from porter.runtime.core import Backend, Buffer, Context, _track, set_data
 from porter.runtime.gguf_file import GGUFFile
@@ -76,6 +76,7 @@ class MappedWeights:
     def __init__(self, reader: GGUFFile, ctx: Context):
         self.reader, self.ctx = reader, ctx
         self.ptrs = []
+        self.migrations: list[hugepages.Migration] = []
         self._finalizers = []
         for shard in reader.shards:
             if not any(t.shard == len(self.ptrs) for t in reader.tensors.values()):
@@ -95,11 +96,26 @@ class MappedWeights:
         if status != lib.GGML_STATUS_SUCCESS:
             raise MemoryError("ggml could not place a weight in the mapped file")
 
+    def move_to_huge_pages(self, infos) -> None:
+        """Start moving the span of each shard that holds ``infos`` (TensorInfo) onto huge pages
+        (:class:`porter.runtime.hugepages.Migration`; the tensors keep their addresses)."""
+        for i, shard in enumerate(self.reader.shards):
+            mine = [t for t in infos if t.shard == i and t.nbytes > 0]
+            if not mine:
+                continue
+            base = int(ffi.cast("uintptr_t", shard.pointer()))
+            lo, hi = min(t.offset for t in mine), max(t.offset + t.nbytes for t in mine)
+            migration = hugepages.Migration.start(base + lo, hi - lo, owner=shard)
+            if migration is not None:
+                self.migrations.append(migration)
+
     @property
     def nbytes(self) -> int:
         return self.reader.size
 
     def close(self) -> None:
+        for migration in self.migrations:  # before the map it copies from and into goes
+            migration.stop()
         for finalize in self._finalizers:
             finalize()
         self.ctx.close()
@@ -107,12 +123,17 @@ class MappedWeights:
 
 
 def load_gguf(path: str | Path, *, n_threads: int | None = None, use_repack: bool = True,
-              bf16_as_f16: bool = True, use_mmap: bool = True, backend=None) -> LoadedGGUF:
+              bf16_as_f16: bool = True, use_mmap: bool = True, backend=None,
+              huge_pages: bool | None = None) -> LoadedGGUF:
     """Read a GGUF (porter's, or a stock llama.cpp file) and upload its weights; for a split file
     ``path`` is its first shard (``NAME-00001-of-00003.gguf``), the others are found beside it.
 
     ``use_mmap``: weights that need no conversion (neither repacked nor BF16 -> F16) stay in the
     memory-mapped file, which the returned ``mapped`` keeps open; otherwise all are copied.
+
+    ``huge_pages`` (default :func:`porter.runtime.hugepages.default`): weights on 2 MiB pages;
+    copied and repacked ones at once, mapped ones that every token reads moved there in the
+    background (:mod:`porter.runtime.hugepages`).
 
     ``bf16_as_f16``: ggml's BF16 matrix product rounds the activations to bfloat16 (8-bit
     significand), which alone costs logits NMSE ~1e-4 on SmolLM2. BF16 matrices whose values
@@ -127,7 +148,8 @@ def load_gguf(path: str | Path, *, n_threads: int | None = None, use_repack: boo
         raise ModelError(f"{path}: no such GGUF file")
     reader = GGUFFile(path)
     try:
-        loaded = _load(reader, path, n_threads, use_repack, bf16_as_f16, use_mmap, backend)
+        loaded = _load(reader, path, n_threads, use_repack, bf16_as_f16, use_mmap, backend,
+                       hugepages.default() if huge_pages is None else huge_pages)
     except BaseException:
         reader.close()
         raise
@@ -137,7 +159,7 @@ def load_gguf(path: str | Path, *, n_threads: int | None = None, use_repack: boo
 
 
 def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16: bool,
-          use_mmap: bool, backend=None) -> LoadedGGUF:
+          use_mmap: bool, backend=None, huge_pages: bool = False) -> LoadedGGUF:
     text = _field_value(reader, SPEC_KEY)
     rebuilt = None
     if text is None:  # a stock llama.cpp file: its plugin renders the spec from the file's keys
@@ -238,8 +260,8 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
         weights[name] = ctx.new_tensor(GGMLType.F32, list(reversed(values.shape)), name)
     if lib.ggml_get_first_tensor(ctx.ptr) == ffi.NULL:  # ggml allocates no buffer for no tensors
         ctx.new_tensor(GGMLType.F32, [1], "porter.placeholder")
-    buffer = Buffer(ctx, backend.buffer_type)
-    rbuffer = Buffer(rctx, repack.repack_buffer_type()) if to_repack else None
+    buffer = Buffer(ctx, backend.buffer_type, huge_pages=huge_pages)
+    rbuffer = Buffer(rctx, repack.repack_buffer_type(), huge_pages=huge_pages) if to_repack else None
     mapped = MappedWeights(reader, mctx) if in_place else None
     placed = {}
     if remote:
@@ -256,6 +278,10 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
         mctx.close()
     for name in in_place:
         mapped.place(weights[name], by_name[name])
+    if huge_pages and mapped is not None:
+        # what every token reads (not the tables only get_rows picks a few rows of)
+        rows_only = repack.weights_used_only_as(spec, {("get_rows", 0)})
+        mapped.move_to_huge_pages([by_name[n] for n in in_place if layer_pattern(spec, n) not in rows_only])
     for name, values in inline.items():
         set_data(weights[name], values)
     for name in expected:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from porter.errors import ModelError, OptionError, ShapeError
+from porter.runtime import hugepages
 from porter.runtime._lib import ffi, lib
 from porter.runtime.core import (Backend, Buffer, Context, _track, available_memory, get_data, host_view,
                                  write_input)
@@ -128,18 +129,20 @@ class Model(GenerationMixin):
         self._tokenizer = None
         self.tokens_evaluated = 0  # every token forward has run (a conversation's reuse shows here)
         self._chat = None
+        self.huge_pages = False  # the KV cache on 2 MiB pages (porter.runtime.hugepages); load() decides
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, *, n_threads: int | None = None, n_ctx: int | None = None,
              cache_type: str = "f32", use_repack: bool = True, bf16_as_f16: bool = True,
              use_mmap: bool = True, rpc: Sequence[str] | None = None, devices: Sequence[str] | None = None,
-             n_gpu_layers: int | str | None = None) -> "Model":
+             n_gpu_layers: int | str | None = None, huge_pages: bool | None = None) -> "Model":
         """Load the GGUF at ``path`` (porter's, or a stock llama.cpp file whose spec a plugin
         rebuilds) and return the Model. ``n_threads``: default the physical cores; ``n_ctx``:
         the KV cache's length (default the model's, at most 2048); ``cache_type``: f32, f16 or
         q8_0 keys and values; see :func:`porter.runtime.loader.load_gguf` for ``use_repack``,
-        ``bf16_as_f16`` and ``use_mmap``; ``rpc``: ``host:port`` of ggml RPC servers to split the
+        ``bf16_as_f16``, ``use_mmap`` and ``huge_pages`` (weights and KV cache on 2 MiB pages:
+        :mod:`porter.runtime.hugepages`); ``rpc``: ``host:port`` of ggml RPC servers to split the
         layers across, with the local CPU (:mod:`porter.runtime.sched`); ``devices`` and
         ``n_gpu_layers``: which devices hold which layers (:mod:`porter.runtime.placement`)."""
         if rpc or devices is not None or n_gpu_layers is not None:
@@ -151,11 +154,12 @@ class Model(GenerationMixin):
                            bf16_as_f16=bf16_as_f16, use_mmap=use_mmap)
         else:
             g = load_gguf(path, n_threads=n_threads, use_repack=use_repack, bf16_as_f16=bf16_as_f16,
-                          use_mmap=use_mmap)
+                          use_mmap=use_mmap, huge_pages=huge_pages)
         model = cls(g.spec, g.backend, g.weight_ctx, g.weight_buffer, g.weights, g.metadata, Path(path),
                     n_ctx, GGMLType.parse(cache_type))
         model._repack = (g.repack_ctx, g.repack_buffer)
         model._mapped = g.mapped
+        model.huge_pages = hugepages.default() if huge_pages is None else huge_pages
         model.repacked = g.repacked
         model.bf16_as_f16 = g.bf16_as_f16
         model.placed = g.placed
@@ -266,7 +270,8 @@ class Model(GenerationMixin):
         if have is not None and need > have:
             raise OptionError(f"{what}, {have / 2**30:.1f} GiB are available; {advice}")
         try:
-            return getattr(self.backend, "kv_cache_type", KVCache)(self.backend, self.spec, self.n_ctx, self.cache_type)
+            return getattr(self.backend, "kv_cache_type", KVCache)(self.backend, self.spec, self.n_ctx, self.cache_type,
+                                                                  huge_pages=self.huge_pages)
         except MemoryError:  # within the machine's free memory, beyond what this process may take
             raise OptionError(f"{what} and could not be allocated (a memory limit of this process?); {advice}") from None
 

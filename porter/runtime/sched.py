@@ -223,7 +223,7 @@ class SplitBackend:
 class SplitKVCache(KVCache):
     """The KV cache with each layer's tensors on that layer's device (one buffer per device)."""
 
-    def __init__(self, backend: SplitBackend, spec, n_ctx: int, gtype):
+    def __init__(self, backend: SplitBackend, spec, n_ctx: int, gtype, huge_pages: bool = False):
         from porter.runtime.types import GGMLType
 
         self.n_ctx = n_ctx
@@ -248,7 +248,8 @@ class SplitKVCache(KVCache):
         self._parts = []
         for device, ctx in sorted(contexts.items()):
             buft, where = backend.slot_buffer_type(device), backend.slot_label(device)
-            buffer = Buffer(ctx, buft, f"the KV cache {where} (of {need / 2**20:.0f} MiB for n_ctx={n_ctx})")
+            buffer = Buffer(ctx, buft, f"the KV cache {where} (of {need / 2**20:.0f} MiB for n_ctx={n_ctx})",
+                            huge_pages=huge_pages)
             lib.ggml_backend_buffer_clear(buffer.ptr, 0)
             self._parts.append((buffer, ctx))
         self.n_past = 0
