@@ -158,6 +158,11 @@ class PorterRunner:
         self.load = time.perf_counter() - t
         self.n_vocab = self.m.n_vocab
 
+    def settle(self) -> None:
+        """Wait for porter's weights to be on huge pages: the move runs in the background after
+        load (load time does not include it) and would take CPU from llama.cpp's measurements."""
+        getattr(self.m, "settle", lambda: True)()  # (a --porter-from tree may predate it)
+
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` cached positions (later ones are masked, then overwritten)."""
         self.m.kv.n_past = n
@@ -190,6 +195,9 @@ class LlamaRunner:
         self.load = time.perf_counter() - t
         self.n_vocab = self.m.n_vocab()
 
+    def settle(self) -> None:  # nothing runs in the background
+        pass
+
     def _next(self) -> int:  # Llama.eval keeps no logits (unless logits_all): read llama.cpp's own
         return int(np.argmax(np.ctypeslib.as_array(self.m._ctx.get_logits(), shape=(self.n_vocab,))))
 
@@ -216,6 +224,7 @@ def serve(runtime: str, path: str, threads: str) -> None:
     print(json.dumps({"load": runner.load}), flush=True)
     ids = prompt_ids(N_CTX - 64, runner.n_vocab)
     runner.prefill(ids[:8])  # warm-up
+    runner.settle()
     for line in sys.stdin:
         req = json.loads(line)
         out = 0.0

@@ -243,6 +243,13 @@ class Model(GenerationMixin):
     def _token_text(self, tid):
         return "" if tid is None else self.tokenizer.id_to_token(int(tid)) or ""
 
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until the weights the file maps have moved onto huge pages (the background move
+        :mod:`porter.runtime.hugepages` starts at load; the model computes the same meanwhile).
+        Whether all of it is over within ``timeout`` seconds."""
+        moves = getattr(self._mapped, "migrations", None) or []  # no map: nothing moves
+        return all(move.done.wait(timeout) for move in moves)
+
     # -- forward ---------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the conversation (the KV cache)."""

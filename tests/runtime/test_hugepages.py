@@ -119,7 +119,7 @@ def test_a_model_whose_weights_moved_computes_what_transformers_does(tmp_path):
         (move,) = m._mapped.migrations
         before = {n: address(t.data) for n, t in m.weights.items()}
         first = m.logits(ids)  # graphs built (and maybe run) while the move goes on
-        assert move.done.wait(60) and move.moved >= 4 * MiB
+        assert m.settle(60) and move.done.is_set() and move.moved >= 4 * MiB
         assert {n: address(t.data) for n, t in m.weights.items()} == before
         down = address(m.weights["blk.1.ffn_down.weight"].data)
         assert huge_bytes(down, down + 1) > 0  # a matrix every token reads is on huge pages now
