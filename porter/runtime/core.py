@@ -277,6 +277,13 @@ class Context:
         self._finalizer()
 
 
+def cpu_buffer(buffer) -> bool:
+    """Whether a buffer is the CPU's own memory: plain, mapped, repacked (a repacked buffer does
+    not call itself host memory: its bytes are not in ggml's standard layout)."""
+    name = ffi.string(lib.ggml_backend_buft_name(lib.ggml_backend_buffer_get_type(buffer))).decode()
+    return name == "CPU" or name.startswith("CPU_")
+
+
 class Buffer:
     """A backend buffer holding all tensors of a context (typically: a model's weights)."""
 
@@ -284,7 +291,7 @@ class Buffer:
         self.ptr = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx.ptr, buffer_type)
         if self.ptr == ffi.NULL:
             raise MemoryError(f"ggml could not allocate {what}")
-        if huge_pages and lib.ggml_backend_buffer_is_host(self.ptr):  # before anything touches it
+        if huge_pages and cpu_buffer(self.ptr):  # before anything touches it
             from porter.runtime import hugepages
 
             hugepages.advise(int(ffi.cast("uintptr_t", lib.ggml_backend_buffer_get_base(self.ptr))), self.size)

@@ -19,7 +19,7 @@ model then unstacks its products (:meth:`FusedWeights.unstack`) and builds it as
 from __future__ import annotations
 
 from porter.runtime._lib import ffi, lib
-from porter.runtime.core import Context
+from porter.runtime.core import Context, cpu_buffer
 
 # ops that read a [features, tokens] view with strided rows correctly (ggml reads them through
 # nb[1..3]); reshape and permute pass the view on (a reshape of a strided view is itself a view:
@@ -41,11 +41,6 @@ class FusedMatmul:
         self.label = name.encode()[:63]
 
 
-def _host_buffer(buffer) -> bool:
-    name = ffi.string(lib.ggml_backend_buft_name(lib.ggml_backend_buffer_get_type(buffer))).decode()
-    return name == "CPU" or name.startswith("CPU_")  # the CPU's own buffers: mapped, copied, repacked
-
-
 def _stackable(ws: list) -> bool:
     """Whether matrices ``ws`` (in memory order) form one matrix of their rows stacked."""
     first = ws[0]
@@ -57,7 +52,7 @@ def _stackable(ws: list) -> bool:
     for a, b in zip(ws, ws[1:]):
         if int(ffi.cast("uintptr_t", a.data)) + lib.ggml_nbytes(a) != int(ffi.cast("uintptr_t", b.data)):
             return False
-    return _host_buffer(first.buffer)
+    return cpu_buffer(first.buffer)  # the CPU's own buffers: mapped, copied, repacked
 
 
 def _strided_ok(name: str, by_name: dict, readers: dict[str, set[str]], depth: int = 0) -> bool:

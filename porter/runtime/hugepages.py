@@ -105,17 +105,30 @@ def advise(address: int, size: int) -> bool:
     return _LIBC.madvise(lo, n, _MADV_HUGEPAGE) == 0
 
 
+def spans(ranges, gap: int = 64 << 10) -> list[tuple[int, int]]:
+    """(address, size) ranges merged where less than ``gap`` bytes lie between them (alignment,
+    a norm's weights: copied along rather than cutting a huge page out), in address order."""
+    out: list[list[int]] = []
+    for lo, size in sorted(ranges):
+        if out and lo - out[-1][1] < gap:
+            out[-1][1] = max(out[-1][1], lo + size)
+        else:
+            out.append([lo, lo + size])
+    return [(lo, hi - lo) for lo, hi in out]
+
+
 class Migration:
-    """Moves [address, address + size) of a private file mapping onto anonymous huge pages, in a
-    background thread (see the module's docstring). ``owner``: whatever keeps the mapping alive
-    (held until the move is over); :meth:`stop` before unmapping it. ``done`` is set when over,
-    ``moved`` the bytes now on huge pages."""
+    """Moves ranges of private file mappings onto anonymous huge pages, in a background thread
+    (see the module's docstring). ``ranges``: (address, size) pairs; only their whole 2 MiB pages
+    move. ``owner``: whatever keeps the mappings alive (held until the move is over); call
+    :meth:`stop` before unmapping them. ``done`` is set when over, ``moved``: the bytes now on
+    huge pages, ``size``: the bytes it set out to move."""
 
     CHUNK = 32 << 20  # bytes copied between checks for stop()
 
-    def __init__(self, address: int, size: int, owner):
-        # only whole 2 MiB pages can become huge: the rest stays as it is
-        self.address, self.size = _inner(address, size)
+    def __init__(self, ranges, owner):
+        self.ranges = [r for r in (_inner(a, n) for a, n in ranges) if r[1] > 0]
+        self.size = sum(n for _, n in self.ranges)
         self.moved = 0
         self.done = threading.Event()
         self._stop = threading.Event()
@@ -125,17 +138,21 @@ class Migration:
         self._thread.start()
 
     @classmethod
-    def start(cls, address: int, size: int, owner) -> "Migration | None":
-        """A migration of the range, or None when it holds no whole 2 MiB page or this is not Linux."""
-        if _LIBC is None or _inner(address, size)[1] == 0:
+    def start(cls, ranges, owner) -> "Migration | None":
+        """A migration of the ranges, or None when they hold no whole 2 MiB page or this is not Linux."""
+        if _LIBC is None or not any(_inner(a, n)[1] for a, n in ranges):
             return None
-        return cls(address, size, owner)
+        return cls(ranges, owner)
 
     def _run(self) -> None:
         try:
             if hasattr(os, "setpriority"):  # Linux: a thread's own nice value; compute comes first
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-            self._move()
+            for address, n in self.ranges:
+                if self._stop.is_set():
+                    break
+                self._move(address, n)
+                self.moved += n
         except Exception as exc:  # the weights stay where they are: slower, never wrong
             _log.debug("huge pages: weights stay on the file's pages (%s)", exc)
         finally:
@@ -143,31 +160,31 @@ class Migration:
             atexit.unregister(self.stop)
             self.done.set()
 
-    def _move(self) -> None:
-        libc, n = _LIBC, self.size
-        # anonymous memory at the same offset within a 2 MiB page as the target, so that mremap
-        # moves whole huge pages (a misaligned move would split them)
+    def _move(self, address: int, n: int) -> None:
+        """Copy [address, address + n) (2 MiB-aligned) into new huge pages, then put those at address."""
+        libc = _LIBC
+        # 2 MiB-aligned anonymous memory, as the target is: mremap then moves whole huge pages
+        # (a move to another offset within a 2 MiB page would split them)
         raw = libc.mmap(None, n + HUGE, _PROT_READ | _PROT_WRITE, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
         if raw in (None, _MAP_FAILED):
             raise OSError(ctypes.get_errno(), "mmap of anonymous memory failed")
-        start = -(-raw // HUGE) * HUGE
+        start, placed = -(-raw // HUGE) * HUGE, False
         try:
             if libc.madvise(start, n, _MADV_HUGEPAGE) != 0:
                 raise OSError(ctypes.get_errno(), "madvise(MADV_HUGEPAGE) refused")
             for off in range(0, n, self.CHUNK):
                 if self._stop.is_set():
-                    return
-                ctypes.memmove(start + off, self.address + off, min(self.CHUNK, n - off))  # releases the GIL
+                    raise InterruptedError("stopped")
+                ctypes.memmove(start + off, address + off, min(self.CHUNK, n - off))  # releases the GIL
             if self._stop.is_set():
-                return
-            got = libc.mremap(start, n, n, _MREMAP_MAYMOVE | _MREMAP_FIXED, self.address)
-            if got != self.address:
+                raise InterruptedError("stopped")
+            if libc.mremap(start, n, n, _MREMAP_MAYMOVE | _MREMAP_FIXED, address) != address:
                 raise OSError(ctypes.get_errno(), "mremap onto the mapped weights failed")
-            self.moved = n
+            placed = True
         finally:
             # what is left of the anonymous allocation: all of it unless mremap took [start, start + n)
-            pieces = [(raw, start - raw), (start + n, raw + n + HUGE - start - n)]
-            if not self.moved:
+            pieces = [(raw, start - raw), (start + n, raw + HUGE - start)]
+            if not placed:
                 pieces.append((start, n))
             for addr, length in pieces:
                 if length:

@@ -76,7 +76,7 @@ class MappedWeights:
     def __init__(self, reader: GGUFFile, ctx: Context):
         self.reader, self.ctx = reader, ctx
         self.ptrs = []
-        self.migrations: list[hugepages.Migration] = []
+        self.migration: hugepages.Migration | None = None  # onto huge pages (move_to_huge_pages)
         self._finalizers = []
         for shard in reader.shards:
             if not any(t.shard == len(self.ptrs) for t in reader.tensors.values()):
@@ -97,25 +97,21 @@ class MappedWeights:
             raise MemoryError("ggml could not place a weight in the mapped file")
 
     def move_to_huge_pages(self, infos) -> None:
-        """Start moving the span of each shard that holds ``infos`` (TensorInfo) onto huge pages
+        """Start moving the spans of the map that hold ``infos`` (TensorInfo) onto huge pages
         (:class:`porter.runtime.hugepages.Migration`; the tensors keep their addresses)."""
+        ranges = []
         for i, shard in enumerate(self.reader.shards):
-            mine = [t for t in infos if t.shard == i and t.nbytes > 0]
-            if not mine:
-                continue
-            base = int(ffi.cast("uintptr_t", shard.pointer()))
-            lo, hi = min(t.offset for t in mine), max(t.offset + t.nbytes for t in mine)
-            migration = hugepages.Migration.start(base + lo, hi - lo, owner=shard)
-            if migration is not None:
-                self.migrations.append(migration)
+            base = int(ffi.cast("uintptr_t", shard.pointer())) if any(t.shard == i for t in infos) else 0
+            ranges += hugepages.spans((base + t.offset, t.nbytes) for t in infos if t.shard == i and t.nbytes > 0)
+        self.migration = hugepages.Migration.start(ranges, owner=self.reader)
 
     @property
     def nbytes(self) -> int:
         return self.reader.size
 
     def close(self) -> None:
-        for migration in self.migrations:  # before the map it copies from and into goes
-            migration.stop()
+        if self.migration is not None:  # before the map it copies from and into goes
+            self.migration.stop()
         for finalize in self._finalizers:
             finalize()
         self.ctx.close()

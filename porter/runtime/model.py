@@ -247,8 +247,8 @@ class Model(GenerationMixin):
         """Wait until the weights the file maps have moved onto huge pages (the background move
         :mod:`porter.runtime.hugepages` starts at load; the model computes the same meanwhile).
         Whether all of it is over within ``timeout`` seconds."""
-        moves = getattr(self._mapped, "migrations", None) or []  # no map: nothing moves
-        return all(move.done.wait(timeout) for move in moves)
+        move = getattr(self._mapped, "migration", None)  # no map, or nothing to move: None
+        return move is None or move.done.wait(timeout)
 
     # -- forward ---------------------------------------------------------------------------------
     def reset(self) -> None:

@@ -74,9 +74,10 @@ def test_a_mapping_moves_onto_huge_pages_at_the_same_address(tmp_path):
     view = np.frombuffer(m, np.uint8)
     base = address(ffi.from_buffer(m))
     assert huge_bytes(base, base + len(m)) == 0
-    move = hugepages.Migration.start(base, len(m), owner=m)
+    move = hugepages.Migration.start([(base, len(m))], owner=m)
     assert move.done.wait(60)
-    assert move.moved >= 10 * MiB and base <= move.address < base + 2 * MiB
+    (start, _), = move.ranges
+    assert move.moved == move.size >= 10 * MiB and base <= start < base + 2 * MiB
     assert huge_bytes(base, base + len(m)) >= move.moved  # the same addresses, now on huge pages
     np.testing.assert_array_equal(view, data)  # the same bytes, the unmoved edges included
     del view
@@ -88,7 +89,7 @@ def test_a_stopped_move_leaves_the_mapping_as_it_was(tmp_path, monkeypatch):
     monkeypatch.setattr(hugepages.Migration, "CHUNK", 1 * MiB)
     data, m = _mapped_file(tmp_path, 16 * MiB)
     base = address(ffi.from_buffer(m))
-    move = hugepages.Migration.start(base, len(m), owner=m)
+    move = hugepages.Migration.start([(base, len(m))], owner=m)
     move.stop()  # at once: most likely mid-copy
     assert move.done.is_set() and move.moved in (0, move.size)
     np.testing.assert_array_equal(np.frombuffer(m, np.uint8), data)
@@ -102,7 +103,8 @@ def test_the_switch(monkeypatch):
     assert hugepages.default() is True
     monkeypatch.delenv("PORTER_HUGE_PAGES")
     assert hugepages.default() is (hugepages.thp_mode() in ("always", "madvise"))
-    assert hugepages.Migration.start(2 * MiB + 4096, 2 * MiB, owner=None) is None  # no whole 2 MiB page in it
+    assert hugepages.Migration.start([(2 * MiB + 4096, 2 * MiB)], owner=None) is None  # no whole 2 MiB page in it
+    assert hugepages.spans([(10, 5), (0, 4), (3 * MiB, 1)], gap=MiB) == [(0, 15), (3 * MiB, 1)]
 
 
 # a llama big enough that its matrices span whole 2 MiB pages (f32: ~10 MiB)
@@ -116,7 +118,7 @@ def test_a_model_whose_weights_moved_computes_what_transformers_does(tmp_path):
     ids = np.random.default_rng(3).integers(0, BIG["vocab_size"], 12).tolist()
     with port_tiny("llama", BIG, tmp_path, seed=4, n_ctx=64) as pair:
         m = pair.porter
-        (move,) = m._mapped.migrations
+        move = m._mapped.migration
         before = {n: address(t.data) for n, t in m.weights.items()}
         first = m.logits(ids)  # graphs built (and maybe run) while the move goes on
         assert m.settle(60) and move.done.is_set() and move.moved >= 4 * MiB
@@ -128,6 +130,25 @@ def test_a_model_whose_weights_moved_computes_what_transformers_does(tmp_path):
         import porter
 
         with porter.load(pair.gguf, n_ctx=64, huge_pages=False) as plain:
-            assert plain._mapped.migrations == []
+            assert plain._mapped.migration is None
             np.testing.assert_array_equal(plain.logits(ids), first)
         porter.load(pair.gguf, n_ctx=64).close()  # closed while its move has barely begun
+
+
+@needs_thp
+def test_repacked_weights_fault_in_huge_and_scattered_small_ones_stay(tmp_path):
+    from porter.testing.parity import port_tiny
+
+    sizes = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 2, "vocab_size": 4096,
+             "tie_word_embeddings": False}
+    with port_tiny("llama", sizes, tmp_path, outtype="q4_0", seed=5, n_ctx=32) as pair:
+        m = pair.porter
+        assert m.repacked, "ggml repacks q4_0 matrices on this CPU"
+        rbuffer = m._repack[1]
+        base = address(lib.ggml_backend_buffer_get_base(rbuffer.ptr))
+        m.logits([1, 2, 3])
+        assert huge_bytes(base, base + rbuffer.size) >= 2 * MiB
+        # what stays mapped and is read every token: the norms, far apart across the file (the
+        # repacked matrices lie between them), and the q6_K output head (1.7 MiB): no whole
+        # 2 MiB page of them to move
+        assert m._mapped.migration is None
