@@ -287,20 +287,23 @@ def cpu_buffer(buffer) -> bool:
 class Buffer:
     """A backend buffer holding all tensors of a context (typically: a model's weights)."""
 
-    def __init__(self, ctx: Context, buffer_type, what: str = "the weight buffer", huge_pages: bool = False):
+    def __init__(self, ctx: Context, buffer_type, what: str = "the weight buffer"):
         self.ptr = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx.ptr, buffer_type)
         if self.ptr == ffi.NULL:
             raise MemoryError(f"ggml could not allocate {what}")
-        if huge_pages and cpu_buffer(self.ptr):  # before anything touches it
-            from porter.runtime import hugepages
-
-            hugepages.advise(int(ffi.cast("uintptr_t", lib.ggml_backend_buffer_get_base(self.ptr))), self.size)
         self._finalizer = _track(self, "buffer", lib.ggml_backend_buffer_free, self.ptr)
         self.ctx = ctx  # the metadata must outlive the data
 
     @property
     def size(self) -> int:
         return int(lib.ggml_backend_buffer_get_size(self.ptr))
+
+    def cpu_range(self) -> list[tuple[int, int]]:
+        """[(address, size)] of the buffer when it is the CPU's own memory, else [] (for
+        :class:`porter.runtime.hugepages.Migration`)."""
+        if not cpu_buffer(self.ptr):
+            return []
+        return [(int(ffi.cast("uintptr_t", lib.ggml_backend_buffer_get_base(self.ptr))), self.size)]
 
     def close(self) -> None:
         self._finalizer()

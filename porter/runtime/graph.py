@@ -77,9 +77,9 @@ class KVCache:
                               for i, w in enumerate(ws)] for name, ws in states.items()}
         self.k, self.v = self.caches["k"], self.caches["v"]
         need = kv_cache_bytes(spec, n_ctx, gtype)
-        self.buffer = Buffer(self.ctx, backend.buffer_type, f"the KV cache ({need / 2**20:.0f} MiB for n_ctx={n_ctx})",
-                             huge_pages=huge_pages)
+        self.buffer = Buffer(self.ctx, backend.buffer_type, f"the KV cache ({need / 2**20:.0f} MiB for n_ctx={n_ctx})")
         lib.ggml_backend_buffer_clear(self.buffer.ptr, 0)
+        self.migration = self._to_huge_pages([self.buffer]) if huge_pages else None
         self.n_past = 0  # positions 0..n_past-1 hold valid entries
 
     def clear_states(self) -> None:
@@ -93,7 +93,16 @@ class KVCache:
     def nbytes(self) -> int:
         return self.buffer.size
 
+    def _to_huge_pages(self, buffers):
+        """Start collapsing the CPU's buffers among ``buffers`` onto huge pages (in the background:
+        porter.runtime.hugepages)."""
+        from porter.runtime.hugepages import Migration
+
+        return Migration.start(owner=buffers, collapse=[r for b in buffers for r in b.cpu_range()])
+
     def close(self) -> None:
+        if self.migration is not None:  # before the memory it works on goes
+            self.migration.stop()
         self.buffer.close()
         self.ctx.close()
 

@@ -18,7 +18,7 @@ import numpy as np
 from porter.errors import ModelError
 from porter.runtime import hugepages, repack
 from porter.runtime._lib import ffi, lib
-from porter.runtime.core import Backend, Buffer, Context, _track, set_data
+from porter.runtime.core import Backend, Buffer, Context, _track, available_memory, set_data
 from porter.runtime.gguf_file import GGUFFile
 from porter.runtime.types import GGMLType
 from porter.spec import Node, Repeat, Spec, expr, loads
@@ -66,6 +66,7 @@ class LoadedGGUF:
     bf16_as_f16: list[str] = field(default_factory=list)
     mapped: "MappedWeights | None" = None
     placed: dict = field(default_factory=dict)  # weight name -> the device that holds it, with --rpc
+    migration: "hugepages.Migration | None" = None  # the weights' move onto huge pages (stop before freeing)
 
 
 class MappedWeights:
@@ -76,7 +77,6 @@ class MappedWeights:
     def __init__(self, reader: GGUFFile, ctx: Context):
         self.reader, self.ctx = reader, ctx
         self.ptrs = []
-        self.migration: hugepages.Migration | None = None  # onto huge pages (move_to_huge_pages)
         self._finalizers = []
         for shard in reader.shards:
             if not any(t.shard == len(self.ptrs) for t in reader.tensors.values()):
@@ -96,22 +96,21 @@ class MappedWeights:
         if status != lib.GGML_STATUS_SUCCESS:
             raise MemoryError("ggml could not place a weight in the mapped file")
 
-    def move_to_huge_pages(self, infos) -> None:
-        """Start moving the spans of the map that hold ``infos`` (TensorInfo) onto huge pages
-        (:class:`porter.runtime.hugepages.Migration`; the tensors keep their addresses)."""
+    def spans(self, infos) -> list[tuple[int, int]]:
+        """(address, size) spans of the map holding ``infos`` (TensorInfo), neighbours merged."""
         ranges = []
         for i, shard in enumerate(self.reader.shards):
-            base = int(ffi.cast("uintptr_t", shard.pointer())) if any(t.shard == i for t in infos) else 0
-            ranges += hugepages.spans((base + t.offset, t.nbytes) for t in infos if t.shard == i and t.nbytes > 0)
-        self.migration = hugepages.Migration.start(ranges, owner=self.reader)
+            mine = [(t.offset, t.nbytes) for t in infos if t.shard == i and t.nbytes > 0]
+            if mine:
+                base = int(ffi.cast("uintptr_t", shard.pointer()))
+                ranges += hugepages.spans((base + offset, n) for offset, n in mine)
+        return ranges
 
     @property
     def nbytes(self) -> int:
         return self.reader.size
 
     def close(self) -> None:
-        if self.migration is not None:  # before the map it copies from and into goes
-            self.migration.stop()
         for finalize in self._finalizers:
             finalize()
         self.ctx.close()
@@ -127,9 +126,9 @@ def load_gguf(path: str | Path, *, n_threads: int | None = None, use_repack: boo
     ``use_mmap``: weights that need no conversion (neither repacked nor BF16 -> F16) stay in the
     memory-mapped file, which the returned ``mapped`` keeps open; otherwise all are copied.
 
-    ``huge_pages`` (default :func:`porter.runtime.hugepages.default`): weights on 2 MiB pages;
-    copied and repacked ones at once, mapped ones that every token reads moved there in the
-    background (:mod:`porter.runtime.hugepages`).
+    ``huge_pages`` (default :func:`porter.runtime.hugepages.default`): the weights every token
+    reads move onto 2 MiB pages in the background (the returned ``migration``;
+    :mod:`porter.runtime.hugepages`).
 
     ``bf16_as_f16``: ggml's BF16 matrix product rounds the activations to bfloat16 (8-bit
     significand), which alone costs logits NMSE ~1e-4 on SmolLM2. BF16 matrices whose values
@@ -256,8 +255,8 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
         weights[name] = ctx.new_tensor(GGMLType.F32, list(reversed(values.shape)), name)
     if lib.ggml_get_first_tensor(ctx.ptr) == ffi.NULL:  # ggml allocates no buffer for no tensors
         ctx.new_tensor(GGMLType.F32, [1], "porter.placeholder")
-    buffer = Buffer(ctx, backend.buffer_type, huge_pages=huge_pages)
-    rbuffer = Buffer(rctx, repack.repack_buffer_type(), huge_pages=huge_pages) if to_repack else None
+    buffer = Buffer(ctx, backend.buffer_type)
+    rbuffer = Buffer(rctx, repack.repack_buffer_type()) if to_repack else None
     mapped = MappedWeights(reader, mctx) if in_place else None
     placed = {}
     if remote:
@@ -274,10 +273,6 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
         mctx.close()
     for name in in_place:
         mapped.place(weights[name], by_name[name])
-    if huge_pages and mapped is not None:
-        # what every token reads (not the tables only get_rows picks a few rows of)
-        rows_only = repack.weights_used_only_as(spec, {("get_rows", 0)})
-        mapped.move_to_huge_pages([by_name[n] for n in in_place if layer_pattern(spec, n) not in rows_only])
     for name, values in inline.items():
         set_data(weights[name], values)
     for name in expected:
@@ -291,8 +286,20 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
             raise ModelError(f"{path}: tensor {name} holds {data.nbytes} bytes, expected {nbytes} (truncated file?)")
         lib.ggml_backend_tensor_set(t, ffi.from_buffer(data), 0, nbytes)
         del raw, data
+    migration = None
+    if huge_pages:  # last: nothing may fail (and free what it works on) once it runs
+        # mapped weights every token reads (not the tables get_rows only picks a few rows of)
+        rows_only = repack.weights_used_only_as(spec, {("get_rows", 0)})
+        streamed = [by_name[n] for n in in_place if layer_pattern(spec, n) not in rows_only]
+        remap = mapped.spans(streamed) if mapped is not None else []
+        free = available_memory()
+        if free is not None and sum(n for _, n in remap) > free // 2:
+            remap = []  # the copies would crowd out the page cache (and all else): the map stays as it is
+        anonymous = [b for b in (buffer, rbuffer) if b is not None]
+        migration = hugepages.Migration.start(owner=(reader, anonymous), remap=remap,
+                                              collapse=[r for b in anonymous for r in b.cpu_range()])
     return LoadedGGUF(spec, metadata, backend, ctx, buffer, weights, rctx, rbuffer,
-                      sorted(to_repack), sorted(as_f16), mapped, placed)
+                      sorted(to_repack), sorted(as_f16), mapped, placed, migration)
 
 
 # hparams that count or size something (an int, or a per-layer list of ints) and those that scale

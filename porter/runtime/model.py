@@ -130,6 +130,7 @@ class Model(GenerationMixin):
         self.tokens_evaluated = 0  # every token forward has run (a conversation's reuse shows here)
         self._chat = None
         self.huge_pages = False  # the KV cache on 2 MiB pages (porter.runtime.hugepages); load() decides
+        self._migration = None  # the weights' move onto huge pages, started by load
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -159,6 +160,7 @@ class Model(GenerationMixin):
                     n_ctx, GGMLType.parse(cache_type))
         model._repack = (g.repack_ctx, g.repack_buffer)
         model._mapped = g.mapped
+        model._migration = g.migration
         model.huge_pages = hugepages.default() if huge_pages is None else huge_pages
         model.repacked = g.repacked
         model.bf16_as_f16 = g.bf16_as_f16
@@ -244,11 +246,11 @@ class Model(GenerationMixin):
         return "" if tid is None else self.tokenizer.id_to_token(int(tid)) or ""
 
     def settle(self, timeout: float | None = None) -> bool:
-        """Wait until the weights the file maps have moved onto huge pages (the background move
-        :mod:`porter.runtime.hugepages` starts at load; the model computes the same meanwhile).
-        Whether all of it is over within ``timeout`` seconds."""
-        move = getattr(self._mapped, "migration", None)  # no map, or nothing to move: None
-        return move is None or move.done.wait(timeout)
+        """Wait until the weights and the KV cache are on huge pages (the background move
+        :mod:`porter.runtime.hugepages` starts at load and with the cache; the model computes the
+        same meanwhile). Whether all of it is over within ``timeout`` seconds."""
+        moves = [m for m in (self._migration, getattr(self._kv, "migration", None)) if m is not None]
+        return all(m.done.wait(timeout) for m in moves)
 
     # -- forward ---------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -599,6 +601,8 @@ class Model(GenerationMixin):
     def close(self) -> None:
         """Free the weights, the KV cache and the compute graphs now (the model is unusable
         afterwards); leaving a ``with`` block calls it."""
+        if self._migration is not None:  # before the memory it works on goes
+            self._migration.stop()
         for g in self._graphs.values():
             g.close()
         self._graphs.clear()

@@ -248,10 +248,10 @@ class SplitKVCache(KVCache):
         self._parts = []
         for device, ctx in sorted(contexts.items()):
             buft, where = backend.slot_buffer_type(device), backend.slot_label(device)
-            buffer = Buffer(ctx, buft, f"the KV cache {where} (of {need / 2**20:.0f} MiB for n_ctx={n_ctx})",
-                            huge_pages=huge_pages)
+            buffer = Buffer(ctx, buft, f"the KV cache {where} (of {need / 2**20:.0f} MiB for n_ctx={n_ctx})")
             lib.ggml_backend_buffer_clear(buffer.ptr, 0)
             self._parts.append((buffer, ctx))
+        self.migration = self._to_huge_pages([b for b, _ in self._parts]) if huge_pages else None
         self.n_past = 0
 
     @property
@@ -259,6 +259,8 @@ class SplitKVCache(KVCache):
         return sum(b.size for b, _ in self._parts)
 
     def close(self) -> None:
+        if self.migration is not None:  # before the memory it works on goes
+            self.migration.stop()
         for buffer, ctx in self._parts:
             buffer.close()
             ctx.close()

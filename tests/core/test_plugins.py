@@ -54,6 +54,7 @@ def test_cli_lists_plugins_and_versions():
     assert "porter 0.1.0" in r.output and f"ggml {EXPECTED_GGML_VERSION}" in r.output
     assert "native build" in r.output or "portable build" in r.output  # which build runs
     assert "CPU: " in r.output and ("AVX" in r.output or "NEON" in r.output)  # what the ggml build uses
+    assert "huge pages for weights and KV cache: " in r.output  # porter.runtime.hugepages: on or off, and why
 
 
 def test_generated_specs_are_current(tmp_path):
