@@ -17,9 +17,10 @@ def load(path, *, n_threads: int | None = None, n_ctx: int | None = None, cache_
     cores; ``n_ctx``: the KV cache's length (default the model's, at most 2048); ``cache_type``:
     f32, f16 or q8_0 keys and values; ``use_repack``: ggml's CPU-repacked weight layouts;
     ``bf16_as_f16``: BF16 weights that fit F16 run as F16; ``use_mmap``: map the file instead of
-    reading it; ``huge_pages``: weights and KV cache on 2 MiB pages (default: when the kernel offers
-    them; ``PORTER_HUGE_PAGES=0`` turns them off); ``rpc``: ``host:port`` strings of ggml RPC servers (``porter rpc-server``) to split
-    the layers across, with the local CPU; ``devices`` (names as ``porter devices`` prints them:
+    reading it; ``huge_pages``: weights and KV cache moved onto 2 MiB pages in the background
+    (default: when the kernel offers them; ``PORTER_HUGE_PAGES=0`` turns them off); ``rpc``:
+    ``host:port`` strings of ggml RPC servers (``porter rpc-server``) to split the layers across,
+    with the local CPU; ``devices`` (names as ``porter devices`` prints them:
     CPU, RPC0, ...) and ``n_gpu_layers`` (a count or "all": the last layers go to the non-CPU
     devices) choose where layers go, as llama.cpp's ``--device`` and ``-ngl``
     (:mod:`porter.runtime.placement`). Use it as a context manager (or call ``close()``) to

@@ -24,9 +24,8 @@ def _versions() -> str:
     info = build_info()
     variant = info.get("variant", "unknown")
     why = f"; fell back: {'; '.join(info['fallback_because'])}" if info.get("fallback_because") else ""
-    from porter.runtime.devices import has_rpc, registry_devices
-
     from porter.runtime import hugepages
+    from porter.runtime.devices import has_rpc, registry_devices
 
     devices = ", ".join(f"{d.name} ({d.description})" for d in registry_devices())
     huge = (f"{'on' if hugepages.default() else 'off'} (kernel THP: {hugepages.thp_mode() or 'none'}"

@@ -152,7 +152,7 @@ class Model(GenerationMixin):
 
             g = load_split(path, list(rpc or ()), devices=None if devices is None else list(devices),
                            n_gpu_layers=parse_n_gpu_layers(n_gpu_layers), n_threads=n_threads, use_repack=use_repack,
-                           bf16_as_f16=bf16_as_f16, use_mmap=use_mmap)
+                           bf16_as_f16=bf16_as_f16, use_mmap=use_mmap, huge_pages=huge_pages)
         else:
             g = load_gguf(path, n_threads=n_threads, use_repack=use_repack, bf16_as_f16=bf16_as_f16,
                           use_mmap=use_mmap, huge_pages=huge_pages)

@@ -268,7 +268,7 @@ class SplitKVCache(KVCache):
 
 
 def load_split(path, endpoints: list[str] = (), *, devices=None, n_gpu_layers=None, n_threads=None, use_repack=True,
-               bf16_as_f16=True, use_mmap=True):
+               bf16_as_f16=True, use_mmap=True, huge_pages=None):
     """:func:`porter.runtime.loader.load_gguf` with the layers placed across devices (the RPC
     servers at ``endpoints`` connected first; ``devices``, ``n_gpu_layers``: see
     :mod:`porter.runtime.placement`); the returned ``backend`` is a :class:`SplitBackend`."""
@@ -277,7 +277,7 @@ def load_split(path, endpoints: list[str] = (), *, devices=None, n_gpu_layers=No
     backend = SplitBackend(endpoints, n_threads, devices=devices, n_gpu_layers=n_gpu_layers)
     try:
         return load_gguf(path, n_threads=n_threads, use_repack=use_repack, bf16_as_f16=bf16_as_f16,
-                         use_mmap=use_mmap, backend=backend)
+                         use_mmap=use_mmap, backend=backend, huge_pages=huge_pages)
     except BaseException:
         backend.close()
         raise
