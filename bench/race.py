@@ -2,7 +2,10 @@
 
 Both runtimes run the same GGUF files (written by porter), each loaded once in its own child
 process, with the same thread count (the physical cores), the same context size, F16 keys and
-values (llama.cpp's default cache type) and flash attention. llama.cpp is the
+values (llama.cpp's default cache type) and flash attention; porter with its defaults too
+(weights and KV cache moved onto 2 MiB pages in the background after load: its worker waits for
+that before the first measurement, so the move never runs during llama.cpp's turns, and the load
+row does not include it, as a user's first token does not wait for it). llama.cpp is the
 ``llama-cpp-python`` that ``make bench`` builds with llama.cpp's own defaults (native,
 llamafile, OpenMP, CPU repacking).
 
