@@ -42,8 +42,7 @@ import sys
 import threading
 from pathlib import Path
 
-HUGE = 2 << 20  # x86-64 and arm64 (4 KiB granule) PMD size
-PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+HUGE = 2 << 20  # a PMD page on x86-64 and on arm64 with 4 KiB pages
 _THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 _MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25
 _PROT_READ, _PROT_WRITE = 1, 2
