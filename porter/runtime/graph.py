@@ -96,9 +96,9 @@ class KVCache:
     def _to_huge_pages(self, buffers):
         """Start collapsing the CPU's buffers among ``buffers`` onto huge pages (in the background:
         porter.runtime.hugepages)."""
-        from porter.runtime.hugepages import Migration
+        from porter.runtime.hugepages import Migration, buffer_ranges
 
-        return Migration.start(owner=buffers, collapse=[r for b in buffers for r in b.cpu_range()])
+        return Migration.start(owner=buffers, collapse=buffer_ranges(buffers))
 
     def close(self) -> None:
         if self.migration is not None:  # before the memory it works on goes

@@ -91,9 +91,13 @@ def _libc():
 _LIBC = _libc()
 
 
+def _round_up(address: int) -> int:
+    return -(-address // HUGE) * HUGE
+
+
 def _inner(address: int, size: int) -> tuple[int, int]:
     """The 2 MiB-aligned part of [address, address + size): (start, length), length 0 if none."""
-    lo = -(-address // HUGE) * HUGE
+    lo = _round_up(address)
     hi = (address + size) // HUGE * HUGE
     return lo, max(0, hi - lo)
 
@@ -108,6 +112,12 @@ def spans(ranges, gap: int = 64 << 10) -> list[tuple[int, int]]:
         else:
             out.append([lo, lo + size])
     return [(lo, hi - lo) for lo, hi in out]
+
+
+def buffer_ranges(buffers) -> list[tuple[int, int]]:
+    """(address, size) of the CPU's own memory among ggml ``buffers`` (porter.runtime.core.Buffer),
+    what a :class:`Migration` collapses."""
+    return [r for b in buffers for r in b.cpu_range()]
 
 
 class Migration:
@@ -167,7 +177,7 @@ class Migration:
         raw = libc.mmap(None, n + HUGE, _PROT_READ | _PROT_WRITE, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
         if raw in (None, _MAP_FAILED):
             raise OSError(ctypes.get_errno(), "mmap of anonymous memory failed")
-        start, placed = -(-raw // HUGE) * HUGE, False
+        start, placed = _round_up(raw), False
         try:
             if libc.madvise(start, n, _MADV_HUGEPAGE) != 0:
                 raise OSError(ctypes.get_errno(), "madvise(MADV_HUGEPAGE) refused")

@@ -297,7 +297,7 @@ def _load(reader: GGUFFile, path: Path, n_threads, use_repack: bool, bf16_as_f16
             remap = []  # the copies would crowd out the page cache (and all else): the map stays as it is
         anonymous = [b for b in (buffer, rbuffer) if b is not None]
         migration = hugepages.Migration.start(owner=(reader, anonymous), remap=remap,
-                                              collapse=[r for b in anonymous for r in b.cpu_range()])
+                                              collapse=hugepages.buffer_ranges(anonymous))
     return LoadedGGUF(spec, metadata, backend, ctx, buffer, weights, rctx, rbuffer,
                       sorted(to_repack), sorted(as_f16), mapped, placed, migration)
 

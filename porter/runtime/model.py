@@ -146,6 +146,7 @@ class Model(GenerationMixin):
         :mod:`porter.runtime.hugepages`); ``rpc``: ``host:port`` of ggml RPC servers to split the
         layers across, with the local CPU (:mod:`porter.runtime.sched`); ``devices`` and
         ``n_gpu_layers``: which devices hold which layers (:mod:`porter.runtime.placement`)."""
+        huge_pages = hugepages.default() if huge_pages is None else huge_pages  # weights and KV cache alike
         if rpc or devices is not None or n_gpu_layers is not None:
             from porter.runtime.placement import parse_n_gpu_layers
             from porter.runtime.sched import load_split
@@ -161,7 +162,7 @@ class Model(GenerationMixin):
         model._repack = (g.repack_ctx, g.repack_buffer)
         model._mapped = g.mapped
         model._migration = g.migration
-        model.huge_pages = hugepages.default() if huge_pages is None else huge_pages
+        model.huge_pages = huge_pages
         model.repacked = g.repacked
         model.bf16_as_f16 = g.bf16_as_f16
         model.placed = g.placed
